@@ -1,0 +1,43 @@
+"""Names and numbers shared by the operator, the trainer and the server, so they agree by construction."""
+
+from typing import Final
+
+GROUP: Final = "kiln.dev"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "TrainingJob"
+PLURAL: Final = "trainingjobs"
+SINGULAR: Final = "trainingjob"
+SHORT_NAMES: Final = ("tj",)
+
+# Exit code of the trainer for an invalid config or data set (sysexits' EX_CONFIG). The operator's Job
+# podFailurePolicy fails the job at once on it instead of retrying something that can never work.
+EXIT_CONFIG_ERROR: Final = 78
+
+# Files and folders inside a trainer's output directory.
+MODEL_CARD_FILE: Final = "model-card.json"
+MODELS_DIR: Final = "models"
+CHECKPOINTS_DIR: Final = "checkpoints"
+MODEL_FILE: Final = "model.onnx"
+OPTIMIZED_MODEL_FILE: Final = "model.optimized.onnx"
+
+# Where the artifacts volume is mounted in trainer and serving pods; a job writes under
+# ARTIFACTS_MOUNT/<namespace>/<name>.
+ARTIFACTS_MOUNT: Final = "/artifacts"
+DATA_MOUNT: Final = "/data"
+CONFIG_MOUNT: Final = "/etc/kiln"
+CONFIG_FILE: Final = "trainingjob.yaml"
+
+# Ports.
+SERVING_HTTP_PORT: Final = 8080
+TRAINER_METRICS_PORT: Final = 9400
+OPERATOR_METRICS_PORT: Final = 9401
+OPERATOR_HEALTH_PORT: Final = 8081
+DDP_MASTER_PORT: Final = 29500
+
+# Environment the operator gives trainer pods.
+ENV_TRAININGJOB_NAME: Final = "KILN_TRAININGJOB_NAME"
+ENV_TRAININGJOB_NAMESPACE: Final = "KILN_TRAININGJOB_NAMESPACE"
+
+LABEL_TRAININGJOB: Final = f"{GROUP}/trainingjob"
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
