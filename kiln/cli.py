@@ -22,8 +22,13 @@ def _load(module: str, name: str) -> tuple[Callable[[argparse.ArgumentParser], N
     try:
         mod = importlib.import_module(module)
     except ImportError as err:
-        extra = {"train": "trainer", "compile": "trainer", "serve": "serving", "operator": "operator",
-                 "run": "trainer,serving"}.get(name, "all")
+        extra = {
+            "train": "trainer",
+            "compile": "trainer",
+            "serve": "serving",
+            "operator": "operator",
+            "run": "trainer,serving",
+        }.get(name, "all")
         sys.stderr.write(f"kiln {name}: missing dependency ({err.name}); install kiln[{extra}]\n")
         raise SystemExit(1) from None
     return mod.add_arguments, mod.run

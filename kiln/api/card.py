@@ -13,8 +13,9 @@ from pydantic import Field
 from kiln.api.base import ApiModel
 from kiln.api.status import Metrics
 
-Datatype = Literal["FP32", "FP16", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
-                   "UINT64", "BOOL"]
+Datatype = Literal[
+    "FP32", "FP16", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "BOOL"
+]
 StopReason = Literal["epochs", "target-accuracy", "early-stopping"]
 
 

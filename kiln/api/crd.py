@@ -27,13 +27,19 @@ SPEC_RULES: list[Schema] = [
     },
 ]
 PROPERTY_RULES: dict[str, list[Schema]] = {
-    section: [{"rule": "self == oldSelf", "message": f"{section} is immutable after creation; create a new "
-               "TrainingJob to change it"}]
+    section: [
+        {
+            "rule": "self == oldSelf",
+            "message": f"{section} is immutable after creation; create a new TrainingJob to change it",
+        }
+    ]
     for section in IMMUTABLE_SECTIONS
 }
 PROPERTY_RULES["data"].append(
-    {"rule": f"!(self.dataset in [{_needs_path}]) || has(self.path)",
-     "message": "data.path is required for datasets cifar10 and imagefolder"}
+    {
+        "rule": f"!(self.dataset in [{_needs_path}]) || has(self.path)",
+        "message": "data.path is required for datasets cifar10 and imagefolder",
+    }
 )
 
 PRINTER_COLUMNS: list[Schema] = [
@@ -55,14 +61,15 @@ def _structural(node: Any, defs: Schema) -> Any:
     if not isinstance(node, dict):
         return node
     node = dict(node)
-    if "$ref" in node:  # inline the definition; siblings (description, default) win
-        target = defs[node.pop("$ref").split("/")[-1]]
-        node = {**target, **node}
-    if "anyOf" in node:  # X | None -> X
-        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
-        if len(options) != 1:
-            raise ValueError(f"unsupported union in schema: {options}")
-        node = {**options[0], **node}
+    while "$ref" in node or "anyOf" in node:
+        if "$ref" in node:  # inline the definition; siblings (description, default) win
+            target = defs[node.pop("$ref").split("/")[-1]]
+            node = {**target, **node}
+        if "anyOf" in node:  # X | None -> X
+            options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+            if len(options) != 1:
+                raise ValueError(f"unsupported union in schema: {options}")
+            node = {**options[0], **node}
     if node.get("default", 0) is None:
         del node["default"]
     for bound, strict in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
@@ -108,27 +115,37 @@ def trainingjob_crd() -> Schema:
         "metadata": {"name": f"{PLURAL}.{GROUP}", "labels": {"app.kubernetes.io/part-of": "kiln"}},
         "spec": {
             "group": GROUP,
-            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": SINGULAR,
-                      "shortNames": list(SHORT_NAMES), "categories": ["kiln", "all"]},
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": list(SHORT_NAMES),
+                "categories": ["kiln", "all"],
+            },
             "scope": "Namespaced",
-            "versions": [{
-                "name": VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": PRINTER_COLUMNS,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "A TrainingJob trains an image classifier, compiles it to ONNX and serves it.",
-                    "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
-                        "spec": spec,
-                        "status": status,
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A TrainingJob trains an image classifier, compiles it to ONNX and serves it.",
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec,
+                                "status": status,
+                            },
+                        }
                     },
-                }},
-            }],
+                }
+            ],
         },
     }
 

@@ -81,21 +81,40 @@ class NormalizeSpec(ApiModel):
 class DataSpec(ApiModel):
     """Where the data comes from and how it is prepared."""
 
-    dataset: Dataset = Field("digits", description="cifar10 (python-format folder), imagefolder, digits "
-                             "(scikit-learn's bundled 8x8 digits) or fake (random images for smoke runs).")
-    path: str | None = Field(None, max_length=4096, description="Dataset folder. Required for cifar10 and "
-                             "imagefolder; relative paths are resolved inside the data volume when one is set.")
-    volume: VolumeSource | None = Field(None, description="A Kubernetes volume source holding the data, "
-                                        "mounted read-only (e.g. {persistentVolumeClaim: {claimName: cifar10}}).")
-    image_size: int | None = Field(None, ge=8, le=1024, description="Square input size in pixels. Defaults to "
-                                   "32 (cifar10, digits, fake) or 224 (imagefolder).")
-    validation_split: float = Field(0.2, gt=0, lt=1, description="Fraction of the training data held out for "
-                                    "validation (a deterministic split from training.seed).")
+    dataset: Dataset = Field(
+        "digits",
+        description="cifar10 (python-format folder), imagefolder, digits "
+        "(scikit-learn's bundled 8x8 digits) or fake (random images for smoke runs).",
+    )
+    path: str | None = Field(
+        None,
+        max_length=4096,
+        description="Dataset folder. Required for cifar10 and "
+        "imagefolder; relative paths are resolved inside the data volume when one is set.",
+    )
+    volume: VolumeSource | None = Field(
+        None,
+        description="A Kubernetes volume source holding the data, "
+        "mounted read-only (e.g. {persistentVolumeClaim: {claimName: cifar10}}).",
+    )
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="Square input size in pixels. Defaults to 32 (cifar10, digits, fake) or 224 (imagefolder).",
+    )
+    validation_split: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="Fraction of the training data held out for validation (a deterministic split from training.seed).",
+    )
     augment: AugmentSpec = Field(default_factory=AugmentSpec, json_schema_extra=NESTED)
     normalize: NormalizeSpec | None = Field(None, description="Defaults to the dataset's usual mean/std.")
     num_workers: int = Field(2, ge=0, le=64, description="DataLoader worker processes.")
-    max_samples: int | None = Field(None, ge=1, description="Use at most this many training samples "
-                                    "(before the split); for smoke runs.")
+    max_samples: int | None = Field(
+        None, ge=1, description="Use at most this many training samples (before the split); for smoke runs."
+    )
 
 
 class OptimizerSpec(ApiModel):
@@ -133,12 +152,18 @@ class TrainingSpec(ApiModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing for the cross-entropy loss.")
     gradient_clip_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
     mixed_precision: Literal["auto", "bf16", "fp16", "none"] = Field(
-        "auto", description="auto: bf16 on CUDA when supported, else fp16 with a scaler; never on CPU.")
+        "auto", description="auto: bf16 on CUDA when supported, else fp16 with a scaler; never on CPU."
+    )
     early_stopping: EarlyStoppingSpec | None = Field(None, description="Early stopping on validation accuracy.")
-    target_accuracy: float | None = Field(None, gt=0, le=1, description="Stop once validation accuracy "
-                                          "reaches this fraction.")
-    overfit_gap: float = Field(0.15, gt=0, le=1, description="Warn about overfitting when training accuracy "
-                               "exceeds validation accuracy by more than this.")
+    target_accuracy: float | None = Field(
+        None, gt=0, le=1, description="Stop once validation accuracy reaches this fraction."
+    )
+    overfit_gap: float = Field(
+        0.15,
+        gt=0,
+        le=1,
+        description="Warn about overfitting when training accuracy exceeds validation accuracy by more than this.",
+    )
     seed: int = Field(42, ge=0, description="Seed for the split, initialisation and shuffling.")
     checkpoint_every: int = Field(1, ge=1, description="Write a checkpoint every this many epochs.")
     keep_checkpoints: int = Field(2, ge=1, le=100, description="Latest checkpoints kept (plus the best).")
@@ -166,15 +191,23 @@ class CalibrationSpec(ApiModel):
 class ExportSpec(ApiModel):
     """The compile step: ONNX export and quantized variants."""
 
-    opset: int | None = Field(None, ge=13, le=30, description="ONNX opset; defaults to 18 (or what the "
-                              "installed onnxruntime supports).")
+    opset: int | None = Field(
+        None, ge=13, le=30, description="ONNX opset; defaults to 18 (or what the installed onnxruntime supports)."
+    )
     variants: list[Variant] = Field(
-        ["fp32", "int8-static"], min_length=1, max_length=4,
+        ["fp32", "int8-static"],
+        min_length=1,
+        max_length=4,
         json_schema_extra={"x-kubernetes-list-type": "set"},
-        description="Variants to build; fp32 is always built (it is the reference for the others).")
+        description="Variants to build; fp32 is always built (it is the reference for the others).",
+    )
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, json_schema_extra=NESTED)
-    max_accuracy_drop: float = Field(0.02, ge=0, le=1, description="A variant whose accuracy is more than this "
-                                     "below fp32 is kept but rejected for serving.")
+    max_accuracy_drop: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="A variant whose accuracy is more than this below fp32 is kept but rejected for serving.",
+    )
 
 
 class ResourcesSpec(ApiModel):
@@ -185,8 +218,9 @@ class ResourcesSpec(ApiModel):
     cpu: str | None = Field(None, max_length=32, description="CPU request and limit per worker (e.g. '2').")
     memory: str | None = Field(None, max_length=32, description="Memory request and limit per worker (e.g. '4Gi').")
     node_selector: dict[str, str] | None = Field(None, description="Node selector for trainer pods.")
-    tolerations: list[Annotated[dict[str, Any], Field(json_schema_extra={
-        "x-kubernetes-preserve-unknown-fields": True})]] | None = Field(None, description="Tolerations.")
+    tolerations: (
+        list[Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]] | None
+    ) = Field(None, description="Tolerations.")
     priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass for trainer pods.")
     image: str | None = Field(None, max_length=1024, description="Trainer image override.")
 
@@ -194,32 +228,39 @@ class ResourcesSpec(ApiModel):
 class RunPolicySpec(ApiModel):
     """Retries, deadlines and suspension of the trainer Job."""
 
-    backoff_limit: int = Field(3, ge=0, le=1000, description="Retries of failed trainer pods; each resumes "
-                               "from the last checkpoint.")
+    backoff_limit: int = Field(
+        3, ge=0, le=1000, description="Retries of failed trainer pods; each resumes from the last checkpoint."
+    )
     active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job after this long.")
-    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the finished trainer Job "
-                                                   "after this long.")
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the finished trainer Job after this long."
+    )
     suspend: bool = Field(False, description="Suspend (true) or resume (false) training.")
 
 
 class ArtifactsSpec(ApiModel):
     """Where checkpoints and compiled models go."""
 
-    volume: VolumeSource | None = Field(None, description="A Kubernetes volume source; defaults to the PVC named "
-                                        "in the operator's configuration.")
+    volume: VolumeSource | None = Field(
+        None, description="A Kubernetes volume source; defaults to the PVC named in the operator's configuration."
+    )
 
 
 class ServingSpec(ApiModel):
     """The inference endpoint rolled out once the model is compiled."""
 
     enabled: bool = Field(True, description="Serve the compiled model when training ends.")
-    variant: ServingVariant = Field("auto", description="Variant to serve; auto picks the fastest one whose "
-                                    "accuracy is within export.maxAccuracyDrop of fp32.")
+    variant: ServingVariant = Field(
+        "auto",
+        description="Variant to serve; auto picks the fastest one whose "
+        "accuracy is within export.maxAccuracyDrop of fp32.",
+    )
     replicas: int = Field(1, ge=0, le=1000, description="Serving replicas.")
     gpu: bool = Field(False, description="Serve on a GPU (one nvidia.com/gpu per replica).")
     max_batch_size: int = Field(32, ge=1, le=4096, description="Largest batch dynamic batching builds.")
-    max_queue_delay_microseconds: int = Field(2000, ge=0, le=10_000_000, description="Longest a request waits "
-                                              "for others to batch with; 0 disables batching.")
+    max_queue_delay_microseconds: int = Field(
+        2000, ge=0, le=10_000_000, description="Longest a request waits for others to batch with; 0 disables batching."
+    )
     cpu: str | None = Field(None, max_length=32, description="CPU request and limit per replica.")
     memory: str | None = Field(None, max_length=32, description="Memory request and limit per replica.")
     image: str | None = Field(None, max_length=1024, description="Serving image override.")

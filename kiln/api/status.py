@@ -15,8 +15,9 @@ ConditionType = Literal["Created", "Running", "Trained", "Exported", "Serving", 
 class Condition(ApiModel):
     """A Kubernetes-style condition; read by type and status, never by position."""
 
-    type: str = Field(..., max_length=64, description="Created, Running, Trained, Exported, Serving, Failed "
-                      "or Suspended.")
+    type: str = Field(
+        ..., max_length=64, description="Created, Running, Trained, Exported, Serving, Failed or Suspended."
+    )
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
     reason: str | None = Field(None, max_length=128, description="CamelCase reason for the last transition.")
     message: str | None = Field(None, max_length=32768, description="Human-readable details.")
@@ -61,8 +62,9 @@ class ModelStatus(ApiModel):
 class TrainingJobStatus(ApiModel):
     """What is true now, for `kubectl get tj` and `kubectl describe tj`."""
 
-    phase: Phase | None = Field(None, description="Pending, Running, Exporting, Serving, Succeeded, Failed "
-                                "or Suspended.")
+    phase: Phase | None = Field(
+        None, description="Pending, Running, Exporting, Serving, Succeeded, Failed or Suspended."
+    )
     conditions: list[Condition] | None = Field(None, description="Conditions, one per type.")
     start_time: str | None = Field(None, description="When the operator first saw the job.")
     completion_time: str | None = Field(None, description="When the job succeeded or failed.")
