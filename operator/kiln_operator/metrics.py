@@ -1,0 +1,94 @@
+"""The operator's Prometheus metrics (prefix kiln_operator_, base units, small fixed label sets).
+
+kopf exports no metrics of its own; `serve` starts prometheus_client's HTTP server from the startup handler.
+"""
+
+import functools
+import threading
+import time
+from collections.abc import Callable
+from typing import Final, ParamSpec, TypeVar
+
+import kopf
+import prometheus_client
+from prometheus_client import Counter, Gauge, Histogram
+
+from kiln import api
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+TRAININGJOBS: Final = Gauge("kiln_operator_trainingjobs", "TrainingJobs by phase.", ["phase"])
+PHASE_TRANSITIONS: Final = Counter("kiln_operator_phase_transitions", "TrainingJob phase transitions.", ["from", "to"])
+HANDLER_DURATION: Final = Histogram(
+    "kiln_operator_handler_duration_seconds", "Time spent in a kopf handler.", ["handler"]
+)
+HANDLER_ERRORS: Final = Counter(
+    "kiln_operator_handler_errors",
+    "Handler failures: unexpected exceptions and permanent errors (kopf.TemporaryError is a planned retry).",
+    ["handler"],
+)
+TIME_TO_SERVING: Final = Histogram(
+    "kiln_operator_time_to_serving_seconds",
+    "From a TrainingJob's creation to its first available serving replica.",
+    buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200, 86400),
+)
+
+_phases: dict[tuple[str, str], str] = {}
+_phases_lock = threading.Lock()
+
+
+def serve(port: int, host: str = "0.0.0.0") -> None:
+    """Expose /metrics on host:port from a background thread."""
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+    prometheus_client.start_http_server(port, addr=host)
+
+
+def instrumented(handler: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Time a handler and count its failures under one label."""
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            start = time.monotonic()
+            try:
+                return fn(*args, **kwargs)
+            except kopf.TemporaryError:
+                raise
+            except Exception:
+                HANDLER_ERRORS.labels(handler).inc()
+                raise
+            finally:
+                HANDLER_DURATION.labels(handler).observe(time.monotonic() - start)
+
+        return wrapper
+
+    return decorate
+
+
+def _publish_phases() -> None:
+    counts = dict.fromkeys(api.PHASES, 0)
+    for phase in _phases.values():
+        if phase in counts:
+            counts[phase] += 1
+    for phase, count in counts.items():
+        TRAININGJOBS.labels(phase).set(count)
+
+
+def record_phase(namespace: str, name: str, phase: str | None) -> None:
+    """Remember a job's current phase (None forgets it) and refresh the by-phase gauge."""
+    with _phases_lock:
+        if phase:
+            _phases[(namespace, name)] = phase
+        else:
+            _phases.pop((namespace, name), None)
+        _publish_phases()
+
+
+def tracked_jobs() -> int:
+    with _phases_lock:
+        return len(_phases)
+
+
+def record_transition(old: str | None, new: str) -> None:
+    PHASE_TRANSITIONS.labels(old or "None", new).inc()

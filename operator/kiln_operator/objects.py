@@ -1,0 +1,186 @@
+"""Parts every child object shares: deterministic names, labels, the owner reference, pod security.
+
+Names are derived from the TrainingJob's name only, so a restarted operator finds (and never duplicates)
+what it created before; creation treats 409 AlreadyExists as success.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Final
+
+from kiln.api import constants
+
+Manifest = dict[str, Any]
+
+# A trainer pod's hostname is "<name>-trainer-<index>" and must stay a DNS label (63 characters) for up to
+# 1024 workers, so TrainingJob names are capped here rather than truncated into possible collisions.
+MAX_NAME_LENGTH: Final = 50
+MANAGER: Final = "kiln-operator"
+LABEL_NAME: Final = "app.kubernetes.io/name"
+LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+TRAINER: Final = "trainer"
+SERVING: Final = "serving"
+# The container names the status logic reads exit codes and waiting reasons from.
+TRAINER_CONTAINER: Final = "trainer"
+SERVING_CONTAINER: Final = "server"
+GPU_RESOURCE: Final = "nvidia.com/gpu"
+USER_ID: Final = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """The TrainingJob every child points back to; its uid makes garbage collection exact."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> "Owner":
+        meta = body["metadata"]
+        return cls(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def service_account_name(name: str) -> str:
+    """ServiceAccount, Role and RoleBinding share this name."""
+    return f"{name}-trainer"
+
+
+def job_name(name: str) -> str:
+    return f"{name}-trainer"
+
+
+def workers_service_name(name: str) -> str:
+    """The headless Service giving trainer pods stable DNS names when there are several workers."""
+    return f"{name}-workers"
+
+
+def serving_name(name: str) -> str:
+    """Deployment and Service of the model server share this name."""
+    return f"{name}-serving"
+
+
+def endpoint(name: str, namespace: str) -> str:
+    """The in-cluster Open Inference Protocol URL of the served model."""
+    return f"http://{serving_name(name)}.{namespace}.svc:{constants.SERVING_HTTP_PORT}/v2/models/{name}"
+
+
+def artifacts_dir(name: str, namespace: str) -> str:
+    """Where a job's checkpoints, compiled models and model card live on the artifacts volume."""
+    return f"{constants.ARTIFACTS_MOUNT}/{namespace}/{name}"
+
+
+def check_name(name: str) -> None:
+    """Refuse names whose derived child names would not be valid DNS labels."""
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"metadata.name: {len(name)} characters is too long; at most {MAX_NAME_LENGTH} so trainer pod "
+            f"hostnames ('{job_name('<name>')}-<index>') stay valid DNS labels"
+        )
+
+
+def labels(name: str, component: str) -> dict[str, str]:
+    """Recommended Kubernetes labels plus the one the operator watches children by."""
+    return {
+        LABEL_NAME: "kiln",
+        LABEL_INSTANCE: name,
+        constants.LABEL_COMPONENT: component,
+        LABEL_MANAGED_BY: MANAGER,
+        constants.LABEL_TRAININGJOB: name,
+    }
+
+
+def selector(name: str, component: str) -> dict[str, str]:
+    """The immutable subset of labels that selects a component's pods."""
+    return {constants.LABEL_TRAININGJOB: name, constants.LABEL_COMPONENT: component}
+
+
+def label_selector(name: str, component: str) -> str:
+    """The same selector as a query string for list calls."""
+    return ",".join(f"{k}={v}" for k, v in selector(name, component).items())
+
+
+def metadata(owner: Owner, name: str, component: str, annotations: Mapping[str, str] | None = None) -> Manifest:
+    """Metadata of a child: namespaced, labelled and adopted (controller owner, blocks owner deletion)."""
+    meta: Manifest = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels(owner.name, component),
+        "ownerReferences": [
+            {
+                "apiVersion": constants.API_VERSION,
+                "kind": constants.KIND,
+                "name": owner.name,
+                "uid": owner.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def pod_security_context() -> Manifest:
+    """The restricted Pod Security Standard: non-root, fixed uid/gid, RuntimeDefault seccomp."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": USER_ID,
+        "runAsGroup": USER_ID,
+        "fsGroup": USER_ID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> Manifest:
+    """No privilege escalation, no capabilities, a read-only root file system (writes go to /tmp)."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def tmp_volume() -> tuple[Manifest, Manifest]:
+    """The writable emptyDir at /tmp that a read-only root file system needs (HOME and TMPDIR point here)."""
+    return {"name": "tmp", "emptyDir": {}}, {"name": "tmp", "mountPath": "/tmp"}
+
+
+def home_env() -> list[Manifest]:
+    return [{"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"}]
+
+
+def resources(cpu: str | None, memory: str | None, gpus: int) -> Manifest:
+    """Requests equal limits for CPU and memory (Guaranteed when both are set); GPUs are limits only."""
+    amounts: dict[str, str] = {}
+    if cpu:
+        amounts["cpu"] = cpu
+    if memory:
+        amounts["memory"] = memory
+    limits = dict(amounts)
+    if gpus:
+        limits[GPU_RESOURCE] = str(gpus)
+    result: Manifest = {}
+    if amounts:
+        result["requests"] = amounts
+    if limits:
+        result["limits"] = limits
+    return result
+
+
+def prometheus_annotations(port: int) -> dict[str, str]:
+    """The conventional scrape annotations Prometheus' kubernetes_sd relabelling reads."""
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+
+
+def artifacts_volume(volume: Mapping[str, Any] | None, default_pvc: str) -> Manifest:
+    """The artifacts volume: the spec's volume source, else the operator's PVC."""
+    source = dict(volume) if volume else {"persistentVolumeClaim": {"claimName": default_pvc}}
+    return {"name": "artifacts", **source}

@@ -1,0 +1,240 @@
+"""Level-triggered reconciliation of one TrainingJob: read what exists, create what is missing, write status.
+
+Every trigger (the TrainingJob's own handlers, and watch events of its Job, Pods and Deployment) calls
+`reconcile`, which re-reads everything, so it does not matter which event fired or whether one was missed:
+the next one repairs it. Runs for one TrainingJob are coalesced: while one runs, further triggers only mark
+it dirty and return, and the running thread goes once more with a fresh read. So a burst of pod events
+costs one or two runs and one thread, and two threads never write an older observation over a newer one.
+All state lives in the TrainingJob (status and kopf's annotations) and
+in the children's deterministic names, so an operator restart loses nothing and duplicates nothing.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import kopf
+import pydantic
+
+from kiln import api
+from kiln.api import trainingjob
+from kiln_operator import config, kube, metrics, objects, serving_objects, status, trainer_objects
+
+log = logging.getLogger(__name__)
+
+Body = Mapping[str, Any]
+# Transient API failures are retried inside one run, so a lost trigger does not leave a stale status.
+ATTEMPTS: Final = 3
+WARNING_PHASES: Final = ("Failed",)
+# The condition whose message explains a phase in its transition Event.
+SUMMARY_CONDITION: Final = {
+    "Pending": "Created",
+    "Running": "Running",
+    "Exporting": "Exported",
+    "Serving": "Serving",
+    "Succeeded": "Serving",
+    "Failed": "Failed",
+    "Suspended": "Suspended",
+}
+
+_guard = threading.Lock()
+_running: set[tuple[str, str]] = set()
+_dirty: set[tuple[str, str]] = set()
+
+
+class InvalidSpec(ValueError):
+    """A TrainingJob that can never run; the message names every bad field."""
+
+
+def forget(namespace: str, name: str) -> None:
+    """Drop what is kept in memory about a deleted TrainingJob."""
+    with _guard:
+        _dirty.discard((namespace, name))
+    metrics.record_phase(namespace, name, None)
+
+
+def validate(body: Body) -> api.TrainingJobSpec:
+    """The typed spec, or InvalidSpec naming every bad field (the CRD's schema cannot check everything)."""
+    name = body["metadata"]["name"]
+    try:
+        objects.check_name(name)
+        return api.TrainingJobSpec.model_validate(body.get("spec") or {})
+    except pydantic.ValidationError as err:
+        message = trainingjob.format_validation_error(err, f"{body['metadata'].get('namespace')}/{name}")
+        raise InvalidSpec(message.replace("\n", " ").replace("  ", " ")) from None
+    except ValueError as err:
+        raise InvalidSpec(str(err)) from None
+
+
+def ensure_trainer(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec) -> list[str]:
+    """Create whichever trainer objects are missing; returns the kinds created (those that existed are kept)."""
+    owner = objects.Owner.from_body(body)
+    children = trainer_objects.build_trainer_objects(owner, spec, cfg)
+    return [child["kind"] for child in children if client.create_if_absent(child)]
+
+
+def apply_serving(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec) -> None:
+    """Create or converge the serving Deployment and Service to the current spec and model."""
+    owner = objects.Owner.from_body(body)
+    model = (body.get("status") or {}).get("model")
+    client.apply(serving_objects.build_service(owner))
+    client.apply(serving_objects.build_deployment(owner, spec, cfg, model))
+
+
+def remove_serving(client: kube.Kube, namespace: str, name: str) -> bool:
+    """Delete the serving Deployment and Service (serving was disabled); True if anything was deleted."""
+    serving = objects.serving_name(name)
+    deleted = client.delete("apps/v1", "Deployment", namespace, serving)
+    return client.delete("v1", "Service", namespace, serving) or deleted
+
+
+def suspend_job(client: kube.Kube, namespace: str, name: str, suspend: bool) -> bool:
+    """Set the trainer Job's spec.suspend unless it already has that value or has finished."""
+    job = client.get("batch/v1", "Job", namespace, objects.job_name(name))
+    if job is None or status.assess_training(job, [], {}).state in ("Succeeded", "Failed"):
+        return False
+    if bool((job.get("spec") or {}).get("suspend")) == suspend:
+        return False
+    client.patch("batch/v1", "Job", namespace, objects.job_name(name), {"spec": {"suspend": suspend}})
+    return True
+
+
+def _announce(body: Body, event_type: str, reason: str, message: str) -> None:
+    """A Kubernetes Event on the TrainingJob (kopf posts it in the background)."""
+    meta = body["metadata"]
+    ref: kopf.RawBody = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid", "")},
+    }
+    try:
+        kopf.event(kopf.Body(ref), type=event_type, reason=reason, message=message[:1024])
+    except LookupError:  # outside a running operator (tests, scripts): log only
+        pass
+    log.log(logging.WARNING if event_type == "Warning" else logging.INFO, "%s: %s", reason, message)
+
+
+def _seconds_since(timestamp: str | None) -> float | None:
+    if not timestamp:
+        return None
+    created = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    return (datetime.now(UTC) - created).total_seconds()
+
+
+def write_status(client: kube.Kube, body: Body, desired: Mapping[str, Any], latest_failure: str = "") -> str | None:
+    """Patch what changed; count, announce and time phase transitions. Returns the phase (None: deleted)."""
+    meta, current = body["metadata"], body.get("status") or {}
+    namespace, name = meta["namespace"], meta["name"]
+    patch = status.status_patch(current, desired)
+    if patch:
+        try:
+            client.patch_trainingjob_status(namespace, name, patch)
+        except Exception as err:
+            if kube.is_not_found(err):  # deleted while this run was reading
+                return None
+            raise
+    old, new = current.get("phase"), str(desired["phase"])
+    metrics.record_phase(namespace, name, new)
+    if (desired.get("restarts") or 0) > (current.get("restarts") or 0):
+        detail = f": {latest_failure}" if latest_failure else ""
+        _announce(body, "Warning", "WorkerFailed", f"{desired['restarts']} trainer restart(s) so far{detail}")
+    if old != new:
+        metrics.record_transition(old, new)
+        conditions = {c["type"]: c for c in desired.get("conditions") or []}
+        summary = conditions.get(SUMMARY_CONDITION.get(new, ""), {}).get("message", "")
+        _announce(body, "Warning" if new in WARNING_PHASES else "Normal", new, f"{old or 'New'} -> {new}: {summary}")
+        if new == "Serving" and not current.get("completionTime"):
+            elapsed = _seconds_since(meta.get("creationTimestamp"))
+            if elapsed is not None:
+                metrics.TIME_TO_SERVING.observe(elapsed)
+    return new
+
+
+def _reconcile_once(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str) -> str | None:
+    body = client.get_trainingjob(namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    current, generation = body.get("status") or {}, body["metadata"].get("generation")
+    try:
+        spec = validate(body)
+    except InvalidSpec as err:
+        return write_status(client, body, status.assess_invalid(current, generation, str(err), status.now_rfc3339()))
+
+    # Training: the Job and its pods; re-create the Job (and its helpers) if it vanished before finishing.
+    job_name = objects.job_name(name)
+    job = client.get("batch/v1", "Job", namespace, job_name)
+    if job is None and status.assess_training(None, [], current).state == "Missing":
+        ensure_trainer(client, cfg, body, spec)
+        job = client.get("batch/v1", "Job", namespace, job_name)
+    pods = client.list_objects("v1", "Pod", namespace, objects.label_selector(name, objects.TRAINER))
+    training = status.assess_training(job, pods, current)
+
+    # Serving: only once the model is reported; create it when missing, remove it when disabled.
+    deployment, serving_pods = None, []
+    if training.state == "Succeeded" and current.get("model"):
+        deployment = client.get("apps/v1", "Deployment", namespace, objects.serving_name(name))
+        if spec.serving.enabled and deployment is None:
+            apply_serving(client, cfg, body, spec)
+            deployment = client.get("apps/v1", "Deployment", namespace, objects.serving_name(name))
+        elif not spec.serving.enabled and deployment is not None:
+            remove_serving(client, namespace, name)
+            deployment = None
+        if deployment is not None:
+            selector = objects.label_selector(name, objects.SERVING)
+            serving_pods = client.list_objects("v1", "Pod", namespace, selector)
+
+    observation = status.Observation(
+        name=name,
+        namespace=namespace,
+        generation=generation,
+        status=current,
+        serving_enabled=spec.serving.enabled,
+        serving_replicas=spec.serving.replicas,
+        job=job,
+        trainer_pods=pods,
+        deployment=deployment,
+        serving_pods=serving_pods,
+    )
+    exits = status.terminations(pods)
+    latest_failure = exits[-1].describe() if exits else ""
+    return write_status(client, body, status.assess(observation, status.now_rfc3339()), latest_failure)
+
+
+def _reconcile_with_retries(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str) -> str | None:
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return _reconcile_once(client, cfg, namespace, name)
+        except Exception as err:
+            if attempt == ATTEMPTS or not kube.is_transient(err):
+                raise
+            log.info("reconcile %s/%s failed (%s), retrying", namespace, name, err)
+            time.sleep(0.5 * attempt)
+    return None
+
+
+def reconcile(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str) -> str | None:
+    """Bring one TrainingJob's children and status up to date; returns its phase.
+
+    Returns None at once when the job is gone, or when another thread is reconciling it (that thread then
+    runs again, so this trigger is not lost).
+    """
+    key = (namespace, name)
+    with _guard:
+        if key in _running:
+            _dirty.add(key)
+            return None
+        _running.add(key)
+    try:
+        while True:
+            phase = _reconcile_with_retries(client, cfg, namespace, name)
+            with _guard:  # checked and cleared atomically with the mark set by other threads
+                if key not in _dirty:
+                    _running.discard(key)
+                    return phase
+                _dirty.discard(key)
+    finally:
+        with _guard:
+            _running.discard(key)
