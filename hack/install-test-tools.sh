@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real control plane the integration tests run (kube-apiserver, kube-controller-manager,
-# kube-scheduler, etcd) and helm from the Go module proxy, and caches them per version so later runs
+# kube-scheduler, etcd, plus a matching kubectl) and helm from the Go module proxy, and caches them per version so later runs
 # on the same machine skip the build. Prints the folder holding the binaries on its last line.
 #
 # Kubernetes' own go.mod replaces its staging modules with local folders, so `go install` is refused;
@@ -47,15 +47,17 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubectl"
 )
 GO
   say "resolving modules"
   go mod tidy -e >/dev/null 2>&1 || true
   go get "k8s.io/kubernetes/cmd/kube-apiserver@v$KUBE_VERSION" \
     "k8s.io/kubernetes/cmd/kube-controller-manager@v$KUBE_VERSION" \
-    "k8s.io/kubernetes/cmd/kube-scheduler@v$KUBE_VERSION"
+    "k8s.io/kubernetes/cmd/kube-scheduler@v$KUBE_VERSION" "k8s.io/kubernetes/cmd/kubectl@v$KUBE_VERSION"
   local v=k8s.io/component-base/version
-  for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+    [ -x "$bin/$cmd" ] && continue
     say "building $cmd v$KUBE_VERSION (a cold build takes several minutes on 2 cores)"
     go build -trimpath -o "$bin/$cmd.tmp" \
       -ldflags "-s -w -X $v.gitVersion=v$KUBE_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean" \
@@ -93,8 +95,11 @@ build_helm() {
 start=$(date +%s)
 [ -x "$bin/etcd" ] || (build_etcd)
 [ -x "$bin/helm" ] || (build_helm)
-if [ ! -x "$bin/kube-apiserver" ] || [ ! -x "$bin/kube-controller-manager" ] || [ ! -x "$bin/kube-scheduler" ]; then
-  (build_kube)
-fi
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  if [ ! -x "$bin/$cmd" ]; then
+    (build_kube)
+    break
+  fi
+done
 say "binaries ready in $bin ($(( $(date +%s) - start ))s)"
 echo "$bin"

@@ -37,7 +37,7 @@ PROPERTY_RULES: dict[str, list[Schema]] = {
 }
 PROPERTY_RULES["data"].append(
     {
-        "rule": f"!(self.dataset in [{_needs_path}]) || has(self.path)",
+        "rule": f"!has(self.dataset) || !(self.dataset in [{_needs_path}]) || has(self.path)",
         "message": "data.path is required for datasets cifar10 and imagefolder",
     }
 )

@@ -1,0 +1,156 @@
+{{/*
+The chart name, or nameOverride.
+*/}}
+{{- define "kiln.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The full name of the operator's objects: fullnameOverride, else the release name when it already
+contains the chart name, else "<release>-<chart>". Truncated to the 63 characters DNS names allow.
+*/}}
+{{- define "kiln.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+chart-version, as the helm.sh/chart label wants it.
+*/}}
+{{- define "kiln.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels every object carries.
+*/}}
+{{- define "kiln.labels" -}}
+helm.sh/chart: {{ include "kiln.chart" . }}
+{{ include "kiln.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kiln
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Labels that select the operator's pods.
+*/}}
+{{- define "kiln.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kiln.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels the operator puts on trainer and serving pods (kiln_operator builders), for selecting them.
+*/}}
+{{- define "kiln.workloadSelectorLabels" -}}
+app.kubernetes.io/name: kiln
+{{- end }}
+
+{{/*
+The operator's ServiceAccount.
+*/}}
+{{- define "kiln.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kiln.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+An image reference from {registry, repository, tag}: the registry falls back to global.imageRegistry,
+the tag to the chart's appVersion. Call with (dict "image" .Values.x.image "context" $).
+*/}}
+{{- define "kiln.image" -}}
+{{- $registry := .image.registry | default .context.Values.global.imageRegistry }}
+{{- $tag := .image.tag | default .context.Chart.AppVersion }}
+{{- if $registry }}
+{{- printf "%s/%s:%s" $registry .image.repository $tag }}
+{{- else }}
+{{- printf "%s:%s" .image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/*
+Namespaces holding the per-namespace objects TrainingJobs use: workloadNamespaces, else watchNamespaces,
+else "default". Rendered as a YAML list; read it back with fromYamlArray.
+*/}}
+{{- define "kiln.workloadNamespaces" -}}
+{{- $namespaces := .Values.workloadNamespaces | default .Values.watchNamespaces | default (list "default") }}
+{{- toYaml (uniq $namespaces) }}
+{{- end }}
+
+{{/*
+Whether a monitoring.coreos.com/v1 object should render: enabled, and the API exists or force is set.
+Call with (dict "config" .Values.metrics.serviceMonitor "context" $); prints "true" or nothing.
+*/}}
+{{- define "kiln.monitoringEnabled" -}}
+{{- if and .config.enabled (or .config.force (.context.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) -}}
+true
+{{- end }}
+{{- end }}
+
+{{/*
+What the operator may do inside a namespace it watches: the rules of a ClusterRole bound cluster-wide
+(all namespaces) or of a Role in each watched namespace. No Secrets, no wildcards.
+*/}}
+{{- define "kiln.operatorRules" -}}
+# TrainingJobs: watch them, record kopf's progress (annotations, finalizers) and status, and hand trainers
+# get/patch on their own TrainingJob (an operator can only grant what it holds).
+- apiGroups: ["kiln.dev"]
+  resources: ["trainingjobs"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["kiln.dev"]
+  resources: ["trainingjobs/status"]
+  verbs: ["get", "patch", "update"]
+# Children carry owner references with blockOwnerDeletion, which OwnerReferencesPermissionEnforcement
+# allows only to who may update the owner's finalizers.
+- apiGroups: ["kiln.dev"]
+  resources: ["trainingjobs/finalizers"]
+  verbs: ["update"]
+# What the operator creates for each TrainingJob: its config, the trainer's identity and role, the trainer
+# Job, the headless (DDP) and serving Services, the serving Deployment.
+- apiGroups: [""]
+  resources: ["configmaps", "serviceaccounts", "services"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+{{- if .Values.workloads.serving.autoscaling.enabled }}
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+{{- end }}
+# Trainer and serving pods and their logs, read to report progress and failures.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
+# Events on TrainingJobs (kopf posts through the core API, kubectl reads both).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
