@@ -8,6 +8,9 @@ from collections.abc import Mapping
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 # A Kubernetes quantity such as "2", "500m", "4Gi" or "1.5".
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?([numkKMGTPE]|[KMGTPE]i|[eE][0-9]+)?$")
+# A Secret name: a DNS-1123 subdomain.
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_BOOLEANS = {"true": True, "false": False}
 
 
 class ConfigError(ValueError):
@@ -16,7 +19,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class OperatorConfig:
-    """Images, pull policy, the default artifacts PVC, default pod resources and the watched namespaces."""
+    """What goes into the pods and objects the operator builds, and the namespaces it watches."""
 
     trainer_image: str = "kiln-trainer:0.1.0"
     trainer_gpu_image: str = "kiln-trainer-gpu:0.1.0"
@@ -29,6 +32,13 @@ class OperatorConfig:
     serving_cpu: str | None = None
     serving_memory: str | None = None
     watch_namespaces: tuple[str, ...] = ()
+    # Secrets (in each TrainingJob's namespace) trainer and serving pods pull their images with.
+    image_pull_secrets: tuple[str, ...] = ()
+    # A CPU-utilisation HorizontalPodAutoscaler beside each serving Deployment (see serving_objects).
+    serving_hpa_enabled: bool = False
+    serving_hpa_min_replicas: int = 1
+    serving_hpa_max_replicas: int = 4
+    serving_hpa_target_cpu_utilization: int = 70
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
@@ -45,10 +55,36 @@ class OperatorConfig:
                 raise ConfigError(f"{var}={value!r} is not a Kubernetes quantity (e.g. '2', '500m', '4Gi')")
             return value or None
 
+        def flag(var: str, default: bool) -> bool:
+            value = env.get(var, "").strip().lower()
+            if value and value not in _BOOLEANS:
+                raise ConfigError(f"{var}={env[var]!r} must be true or false")
+            return _BOOLEANS.get(value, default)
+
+        def integer(var: str, default: int, low: int, high: int) -> int:
+            value = env.get(var, "").strip()
+            if not value:
+                return default
+            if not re.fullmatch("[0-9]+", value) or not low <= int(value) <= high:
+                raise ConfigError(f"{var}={value!r} must be a whole number from {low} to {high}")
+            return int(value)
+
         pull_policy = text("KILN_IMAGE_PULL_POLICY", defaults.image_pull_policy)
         if pull_policy not in PULL_POLICIES:
             raise ConfigError(f"KILN_IMAGE_PULL_POLICY={pull_policy!r} must be one of {', '.join(PULL_POLICIES)}")
         namespaces = tuple(ns.strip() for ns in env.get("KILN_WATCH_NAMESPACES", "").split(",") if ns.strip())
+        secrets = tuple(
+            dict.fromkeys(n.strip() for n in env.get("KILN_IMAGE_PULL_SECRETS", "").split(",") if n.strip())
+        )
+        for secret in secrets:
+            if len(secret) > 253 or not _SECRET_NAME.match(secret):
+                raise ConfigError(f"KILN_IMAGE_PULL_SECRETS: {secret!r} is not a Secret name (a DNS-1123 subdomain)")
+        min_replicas = integer("KILN_SERVING_HPA_MIN_REPLICAS", defaults.serving_hpa_min_replicas, 1, 1000)
+        max_replicas = integer("KILN_SERVING_HPA_MAX_REPLICAS", defaults.serving_hpa_max_replicas, 1, 1000)
+        if max_replicas < min_replicas:
+            raise ConfigError(
+                f"KILN_SERVING_HPA_MAX_REPLICAS={max_replicas} is below KILN_SERVING_HPA_MIN_REPLICAS={min_replicas}"
+            )
         return cls(
             trainer_image=text("KILN_TRAINER_IMAGE", defaults.trainer_image),
             trainer_gpu_image=text("KILN_TRAINER_GPU_IMAGE", defaults.trainer_gpu_image),
@@ -61,4 +97,11 @@ class OperatorConfig:
             serving_cpu=quantity("KILN_SERVING_CPU"),
             serving_memory=quantity("KILN_SERVING_MEMORY"),
             watch_namespaces=namespaces,
+            image_pull_secrets=secrets,
+            serving_hpa_enabled=flag("KILN_SERVING_HPA_ENABLED", defaults.serving_hpa_enabled),
+            serving_hpa_min_replicas=min_replicas,
+            serving_hpa_max_replicas=max_replicas,
+            serving_hpa_target_cpu_utilization=integer(
+                "KILN_SERVING_HPA_TARGET_CPU_UTILIZATION", defaults.serving_hpa_target_cpu_utilization, 1, 100
+            ),
         )

@@ -94,7 +94,8 @@ def create_training_job(
 @kopf.on.field(*TRAININGJOBS, field="spec.serving")
 @metrics.instrumented("roll_serving_deployment")
 def roll_serving_deployment(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """A serving.* edit rolls the Deployment (server-side apply), or removes it when serving is disabled."""
+    """A serving.* edit rolls the Deployment (server-side apply) and converges its HPA, or removes both
+    when serving is disabled."""
     if not (body.get("status") or {}).get("model"):
         return  # nothing to serve yet; the model's arrival rolls it out with the current spec
     client, cfg, namespace = _context(memo, namespace)
@@ -105,7 +106,7 @@ def roll_serving_deployment(body: kopf.Body, name: str, namespace: str | None, m
     if spec.serving.enabled:
         reconciler.apply_serving(client, cfg, body, spec)
     else:
-        reconciler.remove_serving(client, namespace, name)
+        reconciler.remove_serving(client, cfg, namespace, name)
     reconciler.reconcile(client, cfg, namespace, name)
 
 

@@ -33,6 +33,7 @@ PLURALS: Final = {
     "RoleBinding": "rolebindings",
     "Job": "jobs",
     "Deployment": "deployments",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     constants.KIND: constants.PLURAL,
 }
 
@@ -161,11 +162,11 @@ class Kube:
             raise
         return True
 
-    def apply(self, obj: Mapping[str, Any]) -> Manifest:
+    def apply(self, obj: Mapping[str, Any], field_manager: str = FIELD_MANAGER) -> Manifest:
         """Server-side apply: create or converge to exactly these fields, owned by the operator."""
         meta = obj["metadata"]
         url = path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
-        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+        query = [("fieldManager", field_manager), ("force", "true")]
         return self.request("PATCH", url, json.dumps(obj), query=query, content_type=APPLY_PATCH)
 
     def patch(

@@ -5,7 +5,7 @@ what it created before; creation treats 409 AlreadyExists as success.
 """
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from kiln.api import constants
@@ -178,6 +178,11 @@ def resources(cpu: str | None, memory: str | None, gpus: int) -> Manifest:
 def prometheus_annotations(port: int) -> dict[str, str]:
     """The conventional scrape annotations Prometheus' kubernetes_sd relabelling reads."""
     return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+
+
+def image_pull_secrets(names: Iterable[str]) -> list[Manifest]:
+    """A pod's imagePullSecrets: references to Secrets in the pod's own namespace."""
+    return [{"name": name} for name in names]
 
 
 def artifacts_volume(volume: Mapping[str, Any] | None, default_pvc: str) -> Manifest:

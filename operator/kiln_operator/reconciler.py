@@ -77,17 +77,53 @@ def ensure_trainer(client: kube.Kube, cfg: config.OperatorConfig, body: Body, sp
 
 
 def apply_serving(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec) -> None:
-    """Create or converge the serving Deployment and Service to the current spec and model."""
+    """Create or converge the serving Service, Deployment and HPA to the current spec, model and config.
+
+    HPAs are touched only when the operator autoscales (the chart grants their verbs only then). Replicas
+    follow serving_objects' rules: fixed replicas are applied after a stale HPA is gone; an autoscaled
+    Deployment is created with the HPA's minimum and then applied without replicas.
+    """
     owner = objects.Owner.from_body(body)
     model = (body.get("status") or {}).get("model")
+    name = objects.serving_name(owner.name)
     client.apply(serving_objects.build_service(owner))
-    client.apply(serving_objects.build_deployment(owner, spec, cfg, model))
+    deployment = serving_objects.build_deployment(owner, spec, cfg, model)
+    if not serving_objects.autoscaled(spec, cfg):
+        if cfg.serving_hpa_enabled:  # scaled to zero or no CPU request: fixed replicas, no HPA
+            client.delete(serving_objects.HPA_API_VERSION, serving_objects.HPA_KIND, owner.namespace, name)
+        client.apply(deployment)
+        return
+    autoscaler = serving_objects.build_autoscaler(owner, spec, cfg)
+    if not client.create_if_absent(serving_objects.with_replicas(deployment, autoscaler["spec"]["minReplicas"])):
+        live = client.get("apps/v1", "Deployment", owner.namespace, name)
+        if live is not None and serving_objects.applies_replicas(live):
+            client.apply(serving_objects.build_replicas_handoff(live), serving_objects.HANDOFF_MANAGER)
+        client.apply(deployment)
+    client.apply(autoscaler)
 
 
-def remove_serving(client: kube.Kube, namespace: str, name: str) -> bool:
-    """Delete the serving Deployment and Service (serving was disabled); True if anything was deleted."""
+def autoscaler_drifted(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec) -> bool:
+    """Whether the serving HPA is out of step: present when it should not be, missing when it should (autoscaling
+    turned on since the Deployment was made, or the HPA deleted), or with other bounds or target than the config.
+    False without asking the API server when the operator does not autoscale."""
+    if not cfg.serving_hpa_enabled:
+        return False
+    owner = objects.Owner.from_body(body)
+    name = objects.serving_name(owner.name)
+    live = client.get(serving_objects.HPA_API_VERSION, serving_objects.HPA_KIND, owner.namespace, name)
+    if not serving_objects.autoscaled(spec, cfg):
+        return live is not None
+    desired = serving_objects.build_autoscaler(owner, spec, cfg)
+    return live is None or not serving_objects.autoscaler_matches(live, desired)
+
+
+def remove_serving(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str) -> bool:
+    """Delete the serving HPA, Deployment and Service (serving was disabled); True if anything was deleted."""
     serving = objects.serving_name(name)
-    deleted = client.delete("apps/v1", "Deployment", namespace, serving)
+    deleted = False
+    if cfg.serving_hpa_enabled:  # first, so it never scales a Deployment that is going away
+        deleted = client.delete(serving_objects.HPA_API_VERSION, serving_objects.HPA_KIND, namespace, serving)
+    deleted = client.delete("apps/v1", "Deployment", namespace, serving) or deleted
     return client.delete("v1", "Service", namespace, serving) or deleted
 
 
@@ -172,15 +208,16 @@ def _reconcile_once(client: kube.Kube, cfg: config.OperatorConfig, namespace: st
     pods = client.list_objects("v1", "Pod", namespace, objects.label_selector(name, objects.TRAINER))
     training = status.assess_training(job, pods, current)
 
-    # Serving: only once the model is reported; create it when missing, remove it when disabled.
+    # Serving: only once the model is reported; create it when missing (or its HPA out of step with the
+    # config), remove it when disabled.
     deployment, serving_pods = None, []
     if training.state == "Succeeded" and current.get("model"):
         deployment = client.get("apps/v1", "Deployment", namespace, objects.serving_name(name))
-        if spec.serving.enabled and deployment is None:
+        if spec.serving.enabled and (deployment is None or autoscaler_drifted(client, cfg, body, spec)):
             apply_serving(client, cfg, body, spec)
             deployment = client.get("apps/v1", "Deployment", namespace, objects.serving_name(name))
         elif not spec.serving.enabled and deployment is not None:
-            remove_serving(client, namespace, name)
+            remove_serving(client, cfg, namespace, name)
             deployment = None
         if deployment is not None:
             selector = objects.label_selector(name, objects.SERVING)

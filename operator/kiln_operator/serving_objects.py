@@ -1,7 +1,17 @@
-"""The model server's objects: a Deployment running `kiln serve` on the artifacts volume and its Service.
+"""The model server's objects: a Deployment running `kiln serve` on the artifacts volume, its Service and,
+when the operator autoscales serving, a HorizontalPodAutoscaler.
 
-Both are applied server-side (field manager kiln-operator), so a `serving.*` edit that drops a field (a GPU
+All are applied server-side (field manager kiln-operator), so a `serving.*` edit that drops a field (a GPU
 turned off, a CPU limit removed) removes it from the live object too.
+
+Autoscaling (KILN_SERVING_HPA_*): an autoscaling/v2 HPA scales the Deployment on average CPU utilisation
+between max(serving.replicas, the operator's minimum) and the operator's maximum. Utilisation is measured
+against the CPU request, so a server without one (and a job scaled to serving.replicas 0) keeps its fixed
+replicas and gets no HPA. While the HPA governs a Deployment the HPA owns `spec.replicas`: the operator
+sets it only when it creates the Deployment (a POST at the HPA's minimum) and leaves it out of every
+server-side apply. A field left out of an apply is reset to its default (1) if the applier owned it, so a
+Deployment created before autoscaling was on first hands `replicas` to a second field manager
+(`build_replicas_handoff`, the handoff the Kubernetes server-side apply docs describe).
 """
 
 from collections.abc import Mapping
@@ -15,6 +25,10 @@ from kiln_operator.objects import Manifest, Owner
 MODEL_SHA_ANNOTATION: Final = f"{constants.GROUP}/model-sha256"
 HEALTH_LIVE: Final = "/v2/health/live"
 HEALTH_READY: Final = "/v2/health/ready"
+HPA_API_VERSION: Final = "autoscaling/v2"
+HPA_KIND: Final = "HorizontalPodAutoscaler"
+# The field manager that keeps `spec.replicas` while the operator's own apply set lets go of it.
+HANDOFF_MANAGER: Final = f"{objects.MANAGER}-replicas-handoff"
 
 
 def serving_variant(spec: api.TrainingJobSpec, model: Mapping[str, Any] | None) -> str:
@@ -49,7 +63,10 @@ def _probe(path: str, period: int, failures: int) -> Manifest:
 def build_deployment(
     owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfig, model: Mapping[str, Any] | None
 ) -> Manifest:
-    """The server Deployment; a new model (sha256 in a pod annotation) or serving edit rolls it."""
+    """The server Deployment; a new model (sha256 in a pod annotation) or serving edit rolls it.
+
+    Without `spec.replicas` when autoscaled: the HPA owns it (see the module docstring).
+    """
     serving = spec.serving
     tmp_volume, tmp_mount = objects.tmp_volume()
     annotations = objects.prometheus_annotations(constants.SERVING_HTTP_PORT)
@@ -80,27 +97,28 @@ def build_deployment(
     # Surge a new pod before removing an old one (no downtime), except on GPUs, where a surge pod would wait
     # for a GPU the old pod holds.
     rolling = {"maxSurge": 0, "maxUnavailable": 1} if serving.gpu else {"maxSurge": 1, "maxUnavailable": 0}
+    pod_spec: Manifest = {
+        "automountServiceAccountToken": False,  # the server never talks to the API server
+        "enableServiceLinks": False,
+        "securityContext": objects.pod_security_context(),
+        "containers": [container],
+        "volumes": [objects.artifacts_volume(spec.artifacts.volume, cfg.artifacts_pvc), tmp_volume],
+    }
+    if cfg.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = objects.image_pull_secrets(cfg.image_pull_secrets)
+    replicas = {} if autoscaled(spec, cfg) else {"replicas": serving.replicas}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": objects.metadata(owner, objects.serving_name(owner.name), objects.SERVING),
         "spec": {
-            "replicas": serving.replicas,
+            **replicas,
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": objects.selector(owner.name, objects.SERVING)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling},
             "template": {
                 "metadata": {"labels": objects.labels(owner.name, objects.SERVING), "annotations": annotations},
-                "spec": {
-                    "automountServiceAccountToken": False,  # the server never talks to the API server
-                    "enableServiceLinks": False,
-                    "securityContext": objects.pod_security_context(),
-                    "containers": [container],
-                    "volumes": [
-                        objects.artifacts_volume(spec.artifacts.volume, cfg.artifacts_pvc),
-                        tmp_volume,
-                    ],
-                },
+                "spec": pod_spec,
             },
         },
     }
@@ -117,4 +135,71 @@ def build_service(owner: Owner) -> Manifest:
             "selector": objects.selector(owner.name, objects.SERVING),
             "ports": [{"name": "http", "port": constants.SERVING_HTTP_PORT, "targetPort": "http"}],
         },
+    }
+
+
+def autoscaled(spec: api.TrainingJobSpec, cfg: config.OperatorConfig) -> bool:
+    """Whether an HPA governs the server: autoscaling is on, serving is not scaled to zero, and the server has
+    the CPU request utilisation is measured against."""
+    serving = spec.serving
+    return cfg.serving_hpa_enabled and serving.replicas > 0 and bool(serving.cpu or cfg.serving_cpu)
+
+
+def build_autoscaler(owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfig) -> Manifest:
+    """The HPA of the server Deployment: its minimum is the larger of serving.replicas and the operator's, and
+    its maximum never falls below that (the API refuses maxReplicas < minReplicas)."""
+    minimum = max(spec.serving.replicas, cfg.serving_hpa_min_replicas)
+    name = objects.serving_name(owner.name)
+    return {
+        "apiVersion": HPA_API_VERSION,
+        "kind": HPA_KIND,
+        "metadata": objects.metadata(owner, name, objects.SERVING),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": minimum,
+            "maxReplicas": max(cfg.serving_hpa_max_replicas, minimum),
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": cfg.serving_hpa_target_cpu_utilization},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def autoscaler_matches(live: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Whether a live HPA has the target, bounds and metric the desired one sets (fields the API server
+    defaults are not compared)."""
+    spec = live.get("spec") or {}
+    return all(spec.get(key) == value for key, value in desired["spec"].items())
+
+
+def with_replicas(deployment: Mapping[str, Any], replicas: int) -> Manifest:
+    """The Deployment with `spec.replicas` set: what the operator creates (once) for an HPA to take over."""
+    return {**deployment, "spec": {**deployment["spec"], "replicas": replicas}}
+
+
+def applies_replicas(live: Mapping[str, Any]) -> bool:
+    """Whether the operator's server-side apply set owns the live Deployment's `spec.replicas` (it created it
+    before autoscaling was on), so leaving the field out of the next apply would reset it to 1."""
+    for entry in (live.get("metadata") or {}).get("managedFields") or []:
+        fields = (entry.get("fieldsV1") or {}).get("f:spec") or {}
+        if entry.get("manager") == objects.MANAGER and entry.get("operation") == "Apply" and "f:replicas" in fields:
+            return True
+    return False
+
+
+def build_replicas_handoff(live: Mapping[str, Any]) -> Manifest:
+    """A partial Deployment holding only the live replica count, applied by HANDOFF_MANAGER so the field stays
+    owned (at its current value) when the operator's own apply set leaves it out."""
+    meta = live["metadata"]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+        "spec": {"replicas": (live.get("spec") or {}).get("replicas", 1)},
     }

@@ -182,6 +182,8 @@ def build_job(owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfi
         "containers": [container],
         "volumes": volumes,
     }
+    if cfg.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = objects.image_pull_secrets(cfg.image_pull_secrets)
     if workers > 1:
         pod_spec["subdomain"] = objects.workers_service_name(owner.name)
     if res.node_selector:

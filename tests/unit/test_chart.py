@@ -178,6 +178,8 @@ def test_the_chart_refuses_clusters_older_than_1_29() -> None:
         ("workloads.trainer.memory=lots", "workloads/trainer/memory"),
         ("artifacts.persistentVolumeClaim.accessModes[0]=ReadWriteAlways", "accessModes"),
         ("watchNamespaces[0]=Team_A", "watchNamespaces"),
+        ("workloads.imagePullSecrets[0].name=Reg_Cred", "workloads/imagePullSecrets/0/name"),
+        ("workloads.serving.autoscaling.minReplicas=5", "maxReplicas (4) must be at least minReplicas (5)"),
     ],
 )
 def test_mistyped_values_are_refused_by_the_schema(setting: str, message: str) -> None:
@@ -326,6 +328,11 @@ def test_the_operator_reads_its_defaults_from_the_chart_configmap() -> None:
         serving_cpu="1",
         serving_memory="1Gi",
         watch_namespaces=(),
+        image_pull_secrets=(),
+        serving_hpa_enabled=False,
+        serving_hpa_min_replicas=1,
+        serving_hpa_max_replicas=4,
+        serving_hpa_target_cpu_utilization=70,
     )
 
 
@@ -342,9 +349,10 @@ def test_a_registry_and_defaults_from_values_reach_the_operator_config() -> None
     assert operator_container(objs)["image"] == "registry.example.com/ml/kiln-operator:0.1.0"
     pod = one(objs, "Deployment", "kiln")["spec"]["template"]["spec"]
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
-    data = one(objs, "ConfigMap", "kiln-config")["data"]
-    assert data["KILN_SERVING_HPA_ENABLED"] == "true"
-    assert (data["KILN_SERVING_HPA_MIN_REPLICAS"], data["KILN_SERVING_HPA_MAX_REPLICAS"]) == ("2", "8")
+    assert cfg.image_pull_secrets == ("regcred",)
+    assert cfg.serving_hpa_enabled is True
+    assert (cfg.serving_hpa_min_replicas, cfg.serving_hpa_max_replicas) == (2, 8)
+    assert cfg.serving_hpa_target_cpu_utilization == 60
 
 
 @needs_helm
@@ -439,6 +447,24 @@ def test_the_operator_may_manage_autoscalers_only_when_serving_autoscaling_is_on
     assert not allowed(rules_in(render(), "default"), "autoscaling", "horizontalpodautoscalers", "create")
     on = render("--set", "workloads.serving.autoscaling.enabled=true")
     assert allowed(rules_in(on, "default"), "autoscaling", "horizontalpodautoscalers", "create")
+
+
+@needs_helm
+@pytest.mark.parametrize("enabled", [False, True])
+def test_the_operator_autoscales_exactly_when_the_chart_grants_it_the_autoscalers_it_builds(enabled: bool) -> None:
+    from kiln_operator import config, objects, serving_objects
+
+    objs = render("--set", f"workloads.serving.autoscaling.enabled={str(enabled).lower()}")
+    cfg = config.OperatorConfig.from_env(one(objs, "ConfigMap", "kiln-config")["data"])
+    assert cfg.serving_hpa_enabled is enabled
+    rules = rules_in(objs, "default")
+    for path in EXAMPLES:
+        job = api.load_trainingjob(path)
+        assert serving_objects.autoscaled(job.spec, cfg) is (enabled and job.spec.serving.replicas > 0)
+        owner = objects.Owner(name=job.metadata.name, namespace="default", uid="0000")
+        hpa = serving_objects.build_autoscaler(owner, job.spec, cfg)
+        for verb in ("get", "list", "watch", "create", "patch", "delete"):
+            assert allowed(rules, group_of(hpa["apiVersion"]), hpa["kind"].lower() + "s", verb) is enabled, verb
 
 
 @needs_helm

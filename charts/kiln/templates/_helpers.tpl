@@ -84,6 +84,17 @@ the tag to the chart's appVersion. Call with (dict "image" .Values.x.image "cont
 {{- end }}
 
 {{/*
+The names in workloads.imagePullSecrets, comma-separated, as KILN_IMAGE_PULL_SECRETS wants them.
+*/}}
+{{- define "kiln.workloadPullSecrets" -}}
+{{- $names := list }}
+{{- range .Values.workloads.imagePullSecrets }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- join "," $names }}
+{{- end }}
+
+{{/*
 Namespaces holding the per-namespace objects TrainingJobs use: workloadNamespaces, else watchNamespaces,
 else "default". Rendered as a YAML list; read it back with fromYamlArray.
 */}}
