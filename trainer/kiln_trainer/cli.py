@@ -1,0 +1,109 @@
+"""``kiln train``: train (and compile) a model from a TrainingJob file; what trainer pods run.
+
+Exit codes: 0 success; ``api.EXIT_CONFIG_ERROR`` (78) for an invalid config or data set, which the operator
+fails at once instead of retrying; 128+N after signal N (a stop between steps); anything else is retryable.
+On failure the last lines of the error go to the termination log, where Kubernetes shows them.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from kiln import api
+from kiln.api import constants
+from kiln_trainer import errors
+
+log = logging.getLogger("kiln_trainer")
+
+DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
+ENV_TERMINATION_LOG = "KILN_TERMINATION_LOG"
+_TERMINATION_LIMIT = 4000  # bytes; Kubernetes keeps at most 4096
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, required=True, metavar="FILE", help="the TrainingJob (or just its spec) as YAML or JSON"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="where checkpoints, compiled models and model-card.json go; a run resumes from here",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=constants.TRAINER_METRICS_PORT,
+        metavar="N",
+        help=f"serve Prometheus /metrics on this port while training; 0 = off "
+        f"(default {constants.TRAINER_METRICS_PORT})",
+    )
+    parser.add_argument("--no-compile", action="store_true", help="train only; skip the ONNX compile step")
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "json", "bar"),
+        default="auto",
+        help="progress as a bar (terminal), JSON lines (logs), or auto (default)",
+    )
+
+
+def write_termination_message(message: str) -> None:
+    """Leave the error where the kubelet picks it up: $KILN_TERMINATION_LOG when set (if its folder is
+    writable), else /dev/termination-log when it exists (Kubernetes mounts it in every container)."""
+    override = os.environ.get(ENV_TERMINATION_LOG)
+    path = Path(override) if override else DEFAULT_TERMINATION_LOG
+    if override:
+        if not (path.parent.is_dir() and os.access(path.parent, os.W_OK)):
+            return
+    elif not path.exists():
+        return
+    text = message.strip()[-_TERMINATION_LIMIT:]
+    try:
+        path.write_text(text + "\n")
+    except OSError as err:
+        log.debug("cannot write termination message to %s: %s", path, err)
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load and validate the TrainingJob, train, hand off; map every failure to an exit code."""
+    _configure_logging()
+    from kiln_trainer import loop  # torch is imported only once the arguments are valid
+
+    try:
+        job = api.load_trainingjob(args.config)
+        loop.train(
+            job.spec,
+            args.output,
+            name=job.metadata.name,
+            compile=not args.no_compile,
+            metrics_port=args.metrics_port,
+            log_format=args.log_format,
+        )
+    except api.ConfigError as err:  # also kiln_trainer.errors.ConfigError
+        sys.stderr.write(f"kiln train: error: {err}\n")
+        write_termination_message(str(err))
+        return api.EXIT_CONFIG_ERROR
+    except errors.TrainingInterrupted as err:
+        log.warning("training stopped by signal %d; run again with the same --output to resume", err.signum)
+        write_termination_message(f"interrupted by signal {err.signum}; the last checkpoint is intact")
+        return 128 + err.signum
+    except KeyboardInterrupt:
+        log.warning("interrupted; run again with the same --output to resume")
+        return 130
+    except Exception as err:
+        log.error("training failed: %s", err, exc_info=True)
+        lines = traceback.format_exception(err)
+        write_termination_message("".join(lines[-6:]))
+        return 1
+    return 0

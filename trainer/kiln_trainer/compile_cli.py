@@ -1,0 +1,157 @@
+"""``kiln compile``: re-compile a checkpoint into ONNX variants and a model card without re-training.
+
+Exit codes: 0 success; ``api.EXIT_CONFIG_ERROR`` (78) for a config that cannot be read, a corrupt checkpoint
+or one that does not match the config; 1 when the model cannot be compiled (export refused, parity broken).
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from kiln import api
+from kiln_trainer import errors
+
+log = logging.getLogger(__name__)
+
+# Libraries that narrate every graph pass at INFO; their warnings still show.
+_CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "onnxruntime", "torch.onnx")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", type=Path, metavar="CKPT", help="the checkpoint to compile (default: DIR/checkpoints/best.pt)"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the TrainingJob (or its spec) as YAML or JSON; it must match the checkpoint's training "
+        "config, while its export and serving sections decide what is built (default: the config "
+        "saved in the checkpoint)",
+    )
+    parser.add_argument(
+        "--output", type=Path, required=True, metavar="DIR", help="where models/ and model-card.json are written"
+    )
+    parser.add_argument("--name", help="model name in the card (default: the TrainingJob's name)")
+    parser.add_argument(
+        "--repeats", type=int, default=10, metavar="N", help="timed runs per latency figure (default 10)"
+    )
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="onnxruntime intra-op threads while measuring (default: all cores)"
+    )
+
+
+def _summary(state: dict[str, Any], spec: api.TrainingJobSpec) -> api.TrainingSummary:
+    """The checkpoint's training summary; an intermediate checkpoint has none, so one is made from what it
+    does hold and says so."""
+    if state.get("summary"):
+        return api.TrainingSummary.model_validate(state["summary"])
+    epoch = int(state.get("epoch") or 0)
+    return api.TrainingSummary(
+        architecture=spec.model.architecture,
+        dataset=spec.data.dataset,
+        epochs_requested=spec.training.epochs,
+        epochs_run=epoch,
+        best_epoch=epoch,
+        best_val_accuracy=float(state.get("best_accuracy") or 0.0),
+        stop_reason="epochs",
+        duration_seconds=0.0,
+        warnings=["compiled from a checkpoint without a training summary (training had not finished)"],
+    )
+
+
+def compile_checkpoint(
+    output_dir: Path,
+    *,
+    checkpoint_path: Path | None = None,
+    config: Path | None = None,
+    name: str | None = None,
+    repeats: int = 10,
+    threads: int | None = None,
+) -> api.ModelCard:
+    """Rebuild the model from a checkpoint, re-read the data it was trained on, and compile it. Raises
+    ConfigError when the checkpoint is unreadable or does not match the config, CompileError otherwise."""
+    # Imported here so `kiln compile --help` stays instant.
+    from kiln_trainer import checkpoint, data, models
+    from kiln_trainer import compile as compiler
+
+    path = checkpoint_path or checkpoint.best_checkpoint_path(output_dir)
+    state = checkpoint.load_checkpoint(path)
+    if config is not None:
+        job = api.load_trainingjob(config)
+        spec, name = job.spec, name or job.metadata.name
+        checkpoint.check_compatible(state, spec, path)
+    else:
+        try:
+            spec = api.TrainingJobSpec.model_validate(state["config"])
+        except ValueError as err:
+            raise errors.ConfigError(f"checkpoint {path} holds a config this version cannot read: {err}") from None
+        name = name or output_dir.absolute().name
+
+    bundle = data.load_data(spec)
+    saved_names = state.get("class_names")
+    if saved_names is not None and list(saved_names) != bundle.class_names:
+        raise errors.ConfigError(
+            f"checkpoint {path} was trained on classes {saved_names}, the data has {bundle.class_names}"
+        )
+    # The checkpoint holds every weight; pretrained weights named in the spec are not needed (or read) here.
+    bare = spec.model_copy(update={"model": spec.model.model_copy(update={"weights": None})})
+    model = models.build_model(bare, bundle.num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])[:400]
+        raise errors.ConfigError(
+            f"checkpoint {path} does not fit {spec.model.architecture} with {bundle.num_classes} classes: {detail}"
+        ) from None
+    model.eval()
+
+    val_images, val_labels = data.stack_images(bundle.val)
+    calibration, _ = data.stack_images(bundle.train_eval, limit=spec.export.calibration.samples)
+    inputs = compiler.CompileInputs(
+        model=model,
+        val_images=val_images,
+        val_labels=val_labels,
+        calibration_images=calibration,
+        class_names=bundle.class_names,
+        preprocessing=api.Preprocessing(
+            image_size=bundle.image_size, channels=val_images.shape[1], mean=bundle.mean, std=bundle.std
+        ),
+        training=_summary(state, spec),
+        metrics=api.Metrics.model_validate(state.get("metrics") or {}),
+        per_class=[api.ClassMetrics.model_validate(c) for c in state.get("per_class") or []],
+        confusion_matrix=[list(map(int, row)) for row in state.get("confusion_matrix") or []],
+    )
+    return compiler.compile_model(
+        spec, inputs, output_dir, name, serve_on_gpu=spec.serving.gpu, repeats=repeats, threads=threads
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compile, print where the card is and what was selected; map failures to exit codes."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+    for chatty in _CHATTY_LOGGERS:
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    try:
+        card = compile_checkpoint(
+            args.output,
+            checkpoint_path=args.checkpoint,
+            config=args.config,
+            name=args.name,
+            repeats=args.repeats,
+            threads=args.threads,
+        )
+    except api.ConfigError as err:  # also kiln_trainer.errors.ConfigError
+        sys.stderr.write(f"kiln compile: error: {err}\n")
+        return api.EXIT_CONFIG_ERROR
+    except errors.CompileError as err:
+        sys.stderr.write(f"kiln compile: error: {err}\n")
+        return 1
+    chosen = card.variant(card.selected)
+    sys.stdout.write(f"{args.output}/model-card.json: serving {chosen.path} ({card.selection_reason})\n")
+    return 0
