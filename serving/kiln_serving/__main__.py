@@ -1,0 +1,17 @@
+"""`python -m kiln_serving`: the same flags as `kiln serve`."""
+
+import argparse
+
+from kiln_serving import cli
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kiln_serving", description="Serve a compiled model over the Open Inference Protocol."
+    )
+    cli.add_arguments(parser)
+    return cli.run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

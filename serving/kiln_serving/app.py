@@ -1,0 +1,268 @@
+"""HTTP routes of the server (Open Inference Protocol v2, KServe v1, classify, metrics) on Starlette.
+
+Routes only: the data plane does the protocol work. Domain errors become HTTP statuses in `_error_response`,
+the one place that knows the mapping, and every error body is the protocol's {"error": "..."}.
+"""
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from kiln_serving import batching, binary, dataplane, errors, metrics
+from kiln_serving.config import ServingConfig
+from kiln_serving.model import Model, OnnxModel
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[errors.ServingError], int] = {
+    errors.InvalidInput: 400,
+    errors.ModelNotFound: 404,
+    errors.PayloadTooLarge: 413,
+    errors.ModelNotReady: 503,
+    errors.ServerBusy: 503,
+    errors.InferenceFailed: 500,
+}
+
+
+def _json(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(content, separators=(",", ":")).encode()
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _error_response(err: errors.ServingError) -> Response:
+    status = next((code for kind, code in STATUS.items() if isinstance(err, kind)), 500)
+    headers = {"Retry-After": str(err.retry_after_seconds)} if isinstance(err, errors.ServerBusy) else None
+    return _json({"error": str(err)}, status, headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with errors.PayloadTooLarge as soon as it (or its decompressed form) passes `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise errors.PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("gzip", "deflate"):
+        # tritonclient's request_compression_algorithm; decompress no further than the limit (zip bombs).
+        inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            body = inflater.decompress(body, limit + 1)
+        except zlib.error as err:
+            raise errors.InvalidInput(f"body is not valid {encoding} data: {err}") from None
+        if len(body) > limit:
+            raise errors.PayloadTooLarge(f"decompressed request body is over the limit of {limit} bytes")
+    elif encoding != "identity":
+        raise errors.InvalidInput(f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or none)")
+    return body
+
+
+class Server:
+    """The state behind the routes: model, batcher, data plane and metrics, with their lifecycle."""
+
+    def __init__(self, config: ServingConfig, model: Model | None, registry: CollectorRegistry | None) -> None:
+        self.config = config
+        self.model = model if model is not None else OnnxModel(config)
+        self.metrics = metrics.ServingMetrics(registry)
+        self.model_metrics: metrics.ModelMetrics = self.metrics.for_model(self.model.name, self.model.version)
+        self.batcher = batching.Batcher(
+            self.model,
+            self.model_metrics,
+            config.max_batch_size,
+            config.max_queue_delay_microseconds / 1e6,
+            config.max_queue_size,
+        )
+        self.dataplane = dataplane.DataPlane(self.model, self.batcher)
+        self.loaded = threading.Event()
+
+    def load(self) -> None:
+        """Load in a thread so /v2/health/live answers at once; /ready turns 200 after the warm-up."""
+        self.model.load()
+        self.model_metrics.loaded(self.model.ready, self.model.provider, self.model.load_seconds)
+        self.loaded.set()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        self.batcher.start()
+        threading.Thread(target=self.load, name="kiln-model-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            # Reached after uvicorn stopped accepting and in-flight requests finished: drain the queue.
+            self.dataplane.shutting_down = True
+            await self.batcher.stop()
+            log.info("server stopped")
+
+    async def instrumented(self, request: Request, handle: Callable[[], Awaitable[Response]]) -> Response:
+        """Count, time and gauge one inference request, and turn errors into responses."""
+        name = request.path_params.get("name", "")
+        known = name == self.model.name and request.path_params.get("version", self.model.version) == self.model.version
+        started = time.perf_counter()
+        self.model_metrics.in_flight.inc()
+        try:
+            with self.batcher.arriving():
+                response = await handle()
+        except errors.ServingError as err:
+            response = _error_response(err)
+        except Exception as err:
+            log.exception("unexpected error in %s", request.url.path)
+            response = _error_response(errors.InferenceFailed(f"internal error: {err}"))
+        finally:
+            self.model_metrics.in_flight.dec()
+        self.model_metrics.request(response.status_code, time.perf_counter() - started, known)
+        return response
+
+    # -- routes ---------------------------------------------------------------------------------------------
+
+    async def server_metadata(self, _: Request) -> Response:
+        return _json(self.dataplane.server_metadata())
+
+    async def live(self, _: Request) -> Response:
+        return _json({"live": True})
+
+    async def server_ready(self, _: Request) -> Response:
+        if self.dataplane.ready():
+            return _json({"ready": True})
+        return _json({"ready": False, "error": self.dataplane.not_ready_reason()}, 503)
+
+    async def model_metadata(self, request: Request) -> Response:
+        p = request.path_params
+        return _json(self.dataplane.model_metadata(p["name"], p.get("version")))
+
+    async def model_ready(self, request: Request) -> Response:
+        p = request.path_params
+        self.dataplane.check_model(p["name"], p.get("version"))
+        if self.dataplane.ready():
+            return _json({"name": p["name"], "ready": True})
+        return _json({"name": p["name"], "ready": False, "error": self.dataplane.not_ready_reason()}, 503)
+
+    async def infer(self, request: Request) -> Response:
+        async def handle() -> Response:
+            p = request.path_params
+            self.dataplane.require_ready(p["name"], p.get("version"))
+            body = await read_body(request, self.config.max_body_bytes)
+            result = await self.dataplane.infer(p["name"], p.get("version"), body, request.headers.get(binary.HEADER))
+            if result.header_length is None:
+                return Response(result.body, media_type="application/json")
+            return Response(
+                result.body, media_type="application/octet-stream", headers={binary.HEADER: str(result.header_length)}
+            )
+
+        return await self.instrumented(request, handle)
+
+    async def classify(self, request: Request) -> Response:
+        async def handle() -> Response:
+            p = request.path_params
+            self.dataplane.require_ready(p["name"], p.get("version"))
+            image = await self._image(request)
+            return _json(
+                await self.dataplane.classify(p["name"], p.get("version"), image, request.query_params.get("top_k"))
+            )
+
+        return await self.instrumented(request, handle)
+
+    async def _image(self, request: Request) -> bytes:
+        """Raw image bytes, or the `file` field (else the first file) of a multipart upload."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return await read_body(request, self.config.max_body_bytes)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.config.max_body_bytes:
+            raise errors.PayloadTooLarge(
+                f"request body of {declared} bytes is over the limit of {self.config.max_body_bytes} bytes"
+            )
+        try:
+            async with request.form(max_part_size=self.config.max_body_bytes) as form:
+                files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+                chosen = form.get("file") if isinstance(form.get("file"), UploadFile) else None
+                upload = chosen or (files[0] if files else None)
+                if upload is None:
+                    raise errors.InvalidInput("multipart upload has no file; send the image in a field named 'file'")
+                assert isinstance(upload, UploadFile)
+                return await upload.read()
+        except HTTPException as err:  # starlette's multipart parser rejects malformed or oversized forms
+            raise errors.InvalidInput(f"malformed multipart upload: {err.detail}") from None
+
+    async def predict_v1(self, request: Request) -> Response:
+        async def handle() -> Response:
+            name = request.path_params["name"]
+            self.dataplane.require_ready(name, None)
+            body = await read_body(request, self.config.max_body_bytes)
+            return _json(await self.dataplane.predict_v1(name, body))
+
+        return await self.instrumented(request, handle)
+
+    async def models_v1(self, _: Request) -> Response:
+        return _json({"models": [self.model.name]})
+
+    async def model_v1(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        self.dataplane.check_model(name, None)
+        ready = self.dataplane.ready()
+        return _json({"name": name, "ready": ready}, 200 if ready else 503)
+
+    async def metrics_text(self, _: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def routes(self) -> list[Route]:
+        v = "/v2/models/{name}"
+        vv = "/v2/models/{name}/versions/{version}"
+        return [
+            Route("/v2", self.server_metadata, methods=["GET"]),
+            Route("/v2/health/live", self.live, methods=["GET"]),
+            Route("/v2/health/ready", self.server_ready, methods=["GET"]),
+            Route(v, self.model_metadata, methods=["GET"]),
+            Route(vv, self.model_metadata, methods=["GET"]),
+            Route(f"{v}/ready", self.model_ready, methods=["GET"]),
+            Route(f"{vv}/ready", self.model_ready, methods=["GET"]),
+            Route(f"{v}/infer", self.infer, methods=["POST"]),
+            Route(f"{vv}/infer", self.infer, methods=["POST"]),
+            Route(f"{v}/classify", self.classify, methods=["POST"]),
+            Route(f"{vv}/classify", self.classify, methods=["POST"]),
+            Route("/v1/models", self.models_v1, methods=["GET"]),
+            Route("/v1/models/{name}:predict", self.predict_v1, methods=["POST"]),
+            Route("/v1/models/{name}", self.model_v1, methods=["GET"]),
+            Route("/metrics", self.metrics_text, methods=["GET"]),
+        ]
+
+
+async def _serving_error(_: Request, err: Exception) -> Response:
+    assert isinstance(err, errors.ServingError)
+    return _error_response(err)
+
+
+async def _http_error(_: Request, err: Exception) -> Response:
+    """Unknown paths and wrong methods answer in the protocol's error shape too."""
+    assert isinstance(err, HTTPException)
+    return _json({"error": f"{err.detail}"}, err.status_code, dict(err.headers or {}))
+
+
+def build_app(
+    config: ServingConfig, model: Model | None = None, registry: CollectorRegistry | None = None
+) -> Starlette:
+    """The ASGI app for one model; `model` defaults to the ONNX model config points at."""
+    server = Server(config, model, registry)
+    handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+        errors.ServingError: _serving_error,
+        HTTPException: _http_error,
+    }
+    app = Starlette(routes=server.routes(), exception_handlers=handlers, lifespan=server.lifespan)
+    app.state.server = server
+    return app

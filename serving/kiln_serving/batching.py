@@ -1,0 +1,219 @@
+"""Dynamic batching: requests waiting together are merged into one runtime call, then split back.
+
+Requests queue on the event loop; one worker thread owns the model, so inference never blocks the loop and
+the runtime's own thread pool is not oversubscribed by concurrent calls. While the worker runs a batch the
+next requests pile up, and the moment it is free they go together (up to max_batch_size items with the same
+inner shapes). When the worker is idle, the oldest request waits up to max_delay for company (Triton's rule),
+but only while more requests are on their way into the server: a lone client never pays the delay. Only
+models whose first dimension is dynamic are batched; with a delay of 0 every request runs alone. The queue is
+bounded: when full, submit raises ServerBusy at once instead of letting latency grow without limit.
+
+Everything here except `_execute` runs on the event loop thread; the loop and the worker meet once per batch.
+"""
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiln_serving import codec, errors, metrics
+from kiln_serving.model import Model
+
+log = logging.getLogger(__name__)
+
+Outputs = dict[str, codec.Array]
+Result = Outputs | errors.ServingError
+
+# Set while a request is inside the server but has not reached submit() yet (see Batcher.arriving).
+_arrival: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("kiln_arrival", default=None)
+
+
+@dataclass
+class _Request:
+    inputs: Mapping[str, codec.Array]
+    rows: int
+    # Requests merge only with requests of the same signature; None never merges.
+    signature: tuple[object, ...] | None
+    future: "asyncio.Future[Outputs]"
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """The request queue and the worker thread in front of one model."""
+
+    def __init__(
+        self,
+        model: Model,
+        metrics: metrics.ModelMetrics,
+        max_batch_size: int,
+        max_queue_delay_seconds: float,
+        max_queue_size: int,
+    ) -> None:
+        self.model = model
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_queue_delay_seconds
+        self.max_queue_size = max_queue_size
+        self._pending: deque[_Request] = deque()
+        self._executor: ThreadPoolExecutor | None = None
+        self._running = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._closed = False
+        # Inference requests inside the server that have not been queued yet (reading, decoding).
+        self.incoming = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_delay > 0 and self.max_batch_size > 1 and self.model.batchable
+
+    def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-inference")
+
+    async def stop(self) -> None:
+        """Refuse new requests, finish the queued ones, then end the worker."""
+        self._closed = True
+        while self._pending or self._running:
+            self._idle.clear()
+            self._dispatch(force=True)
+            await self._idle.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Count an inference request as on its way to the queue, from its first byte until submit()."""
+        flag = [True]
+        token = _arrival.set(flag)
+        self.incoming += 1
+        try:
+            yield
+        finally:
+            _arrival.reset(token)
+            if flag[0]:
+                self.incoming -= 1
+
+    async def submit(self, inputs: Mapping[str, codec.Array]) -> Outputs:
+        """Run inputs through the model (merged with others when possible) and return all outputs."""
+        flag = _arrival.get()
+        if flag is not None and flag[0]:
+            flag[0] = False
+            self.incoming -= 1
+        if self._closed or self._executor is None:
+            raise errors.ModelNotReady(f"model '{self.model.name}' is not ready: the server is shutting down")
+        if len(self._pending) >= self.max_queue_size:
+            raise errors.ServerBusy(
+                f"model '{self.model.name}': {self.max_queue_size} requests already queued; retry later"
+            )
+        first_dims = {a.shape[0] if a.ndim else -1 for a in inputs.values()}
+        rows = first_dims.pop() if len(first_dims) == 1 else -1
+        signature = None
+        if self.enabled and 1 <= rows <= self.max_batch_size:
+            signature = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items()))
+        request = _Request(inputs, max(rows, 1), signature, asyncio.get_running_loop().create_future())
+        self._pending.append(request)
+        self.metrics.queue_depth.set(len(self._pending))
+        self._dispatch()
+        return await request.future
+
+    # -- scheduling (event loop) -----------------------------------------------------------------------------
+
+    def _dispatch(self, force: bool = False) -> None:
+        """Start the next batch if the worker is free and waiting longer would not help."""
+        if self._running or not self._pending:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, full = self._next_batch()
+        first = batch[0]
+        if not (force or full or first.signature is None or self.incoming == 0):
+            wait = first.enqueued + self.max_delay - time.perf_counter()
+            if wait > 0:
+                self._timer = asyncio.get_running_loop().call_later(wait, self._dispatch, True)
+                return
+        for _ in batch:
+            self._pending.popleft()
+        self.metrics.queue_depth.set(len(self._pending))
+        started = time.perf_counter()
+        for r in batch:
+            self.metrics.queue_seconds.observe(started - r.enqueued)
+        self._running = True
+        assert self._executor is not None
+        work = asyncio.get_running_loop().run_in_executor(self._executor, self._execute, batch)
+        work.add_done_callback(lambda done: self._finished(batch, done))
+
+    def _next_batch(self) -> tuple[list[_Request], bool]:
+        """The requests at the head of the queue that can run together, and whether nothing more fits."""
+        first = self._pending[0]
+        if first.signature is None:
+            return [first], True
+        batch, rows = [first], first.rows
+        for r in list(self._pending)[1:]:
+            if r.signature != first.signature or rows + r.rows > self.max_batch_size:
+                return batch, True
+            batch.append(r)
+            rows += r.rows
+        return batch, rows >= self.max_batch_size
+
+    def _finished(self, batch: list[_Request], done: "asyncio.Future[list[Result]]") -> None:
+        self._running = False
+        try:
+            results = done.result()
+        except Exception as err:  # _execute catches everything; this is a safety net
+            results = [errors.InferenceFailed(f"inference failed: {err}")] * len(batch)
+        for request, result in zip(batch, results, strict=True):
+            if request.future.done():  # the client went away
+                continue
+            if isinstance(result, errors.ServingError):
+                request.future.set_exception(result)
+            else:
+                request.future.set_result(result)
+        if self._pending:
+            self._dispatch(force=self._closed)
+        else:
+            self._idle.set()
+
+    # -- inference (worker thread) ---------------------------------------------------------------------------
+
+    def _execute(self, batch: list[_Request]) -> list[Result]:
+        if len(batch) == 1:
+            return [self._run_alone(batch[0])]
+        started = time.perf_counter()
+        rows = sum(r.rows for r in batch)
+        merged = {n: np.concatenate([r.inputs[n] for r in batch], axis=0) for n in batch[0].inputs}
+        try:
+            outputs = self.model.predict(merged)
+        except Exception as err:  # isolate the request that broke it: run each on its own
+            log.warning("batch of %d failed (%s); running its requests one by one", len(batch), err)
+            return [self._run_alone(r) for r in batch]
+        if any(o.ndim == 0 or o.shape[0] != rows for o in outputs.values()):
+            log.warning("model outputs do not follow the batch dimension; running requests one by one")
+            return [self._run_alone(r) for r in batch]
+        self.metrics.batch(rows, time.perf_counter() - started)
+        results: list[Result] = []
+        offset = 0
+        for r in batch:
+            results.append({n: o[offset : offset + r.rows] for n, o in outputs.items()})
+            offset += r.rows
+        return results
+
+    def _run_alone(self, request: _Request) -> Result:
+        started = time.perf_counter()
+        try:
+            outputs = self.model.predict(request.inputs)
+        except errors.ServingError as err:
+            return err
+        except Exception as err:
+            log.error("inference failed", exc_info=err)
+            return errors.InferenceFailed(f"inference failed: {err}")
+        self.metrics.batch(request.rows, time.perf_counter() - started)
+        return outputs

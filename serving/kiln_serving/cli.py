@@ -1,0 +1,136 @@
+"""`kiln serve` and `python -m kiln_serving`: flags -> ServingConfig -> a blocking server."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from kiln import api
+from kiln.api import constants
+from kiln_serving import providers, server
+from kiln_serving.config import ServingConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serving flags; defaults match the TrainingJob's ServingSpec."""
+    defaults = ServingConfig(model_dir=Path("."))
+    add = parser.add_argument
+    add(
+        "--model-dir",
+        type=Path,
+        required=True,
+        help="trainer output folder (model-card.json) or a folder holding a plain model.onnx",
+    )
+    add("--variant", help="variant from the model card to serve (default: the card's selected one)")
+    add("--model-name", help="name clients use (default: the card's name, else the folder's)")
+    add("--host", default=defaults.host, help="address to listen on (default: %(default)s)")
+    add("--port", type=int, default=constants.SERVING_HTTP_PORT, help="HTTP port, 0 = any free (default: %(default)s)")
+    add(
+        "--max-batch-size",
+        type=int,
+        default=defaults.max_batch_size,
+        help="most items merged into one runtime call (default: %(default)s)",
+    )
+    add(
+        "--max-queue-delay-microseconds",
+        type=int,
+        default=defaults.max_queue_delay_microseconds,
+        help="longest the oldest request waits for others to batch with; 0 turns batching off (default: %(default)s)",
+    )
+    add(
+        "--max-queue-size",
+        type=int,
+        default=defaults.max_queue_size,
+        help="requests waiting for the runtime before new ones get 503 + Retry-After (default: %(default)s)",
+    )
+    add(
+        "--max-body-bytes",
+        type=int,
+        default=defaults.max_body_bytes,
+        help="largest request body accepted, else 413 (default: %(default)s)",
+    )
+    add(
+        "--intra-op-threads",
+        type=int,
+        default=None,
+        help="onnxruntime threads (default: the container's CPU quota from cgroups)",
+    )
+    add(
+        "--ort-spinning",
+        action="store_true",
+        help="let idle onnxruntime threads spin (faster on dedicated cores, wasteful on shared ones)",
+    )
+    add(
+        "--providers",
+        default="auto",
+        help="execution providers in order, e.g. tensorrt,cuda,cpu (default: auto = best available)",
+    )
+    add(
+        "--allow-cpu-fallback",
+        action="store_true",
+        help="be ready on CPU when the requested accelerator is not really active",
+    )
+    add("--trt-cache-dir", type=Path, default=None, help="folder where TensorRT caches its engines")
+    add("--use-optimized", action="store_true", help="serve the card's offline-optimised graph when it has one")
+    add(
+        "--graceful-shutdown-seconds",
+        type=float,
+        default=defaults.graceful_shutdown_seconds,
+        help="how long shutdown waits for in-flight requests (default: %(default)s)",
+    )
+    add("--access-log", action="store_true", help="log every request")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default: %(default)s)")
+
+
+def config_from_args(args: argparse.Namespace) -> ServingConfig:
+    """ServingConfig from parsed flags; ValueError names the bad flag."""
+    return ServingConfig(
+        model_dir=args.model_dir,
+        variant=args.variant,
+        model_name=args.model_name,
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_microseconds=args.max_queue_delay_microseconds,
+        max_queue_size=args.max_queue_size,
+        max_body_bytes=args.max_body_bytes,
+        intra_op_threads=args.intra_op_threads,
+        ort_spinning=args.ort_spinning,
+        providers=providers.parse(args.providers),
+        allow_cpu_fallback=args.allow_cpu_fallback,
+        trt_cache_dir=args.trt_cache_dir,
+        use_optimized=args.use_optimized,
+        graceful_shutdown_seconds=args.graceful_shutdown_seconds,
+        access_log=args.access_log,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM; exit 78 (EX_CONFIG) for flags that can never work."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        sys.stderr.write(f"kiln serve: {err}\n")
+        return constants.EXIT_CONFIG_ERROR
+    if not config.model_dir.exists():
+        sys.stderr.write(f"kiln serve: --model-dir {config.model_dir} does not exist\n")
+        return constants.EXIT_CONFIG_ERROR
+    return server.serve(config)
+
+
+def serve_local(model_dir: Path, name: str, *, host: str, port: int, serving: api.ServingSpec) -> int:
+    """`kiln run --serve`: serve a freshly trained folder in this process with the job's serving settings."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServingConfig(
+        model_dir=model_dir,
+        variant=None if serving.variant == "auto" else serving.variant,
+        model_name=name,
+        host=host,
+        port=port,
+        max_batch_size=serving.max_batch_size,
+        max_queue_delay_microseconds=serving.max_queue_delay_microseconds,
+        allow_cpu_fallback=True,  # a laptop without a GPU still serves a job that asked for one
+    )
+    return server.serve(config)

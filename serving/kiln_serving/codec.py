@@ -1,0 +1,174 @@
+"""Tensors in Open Inference Protocol terms: datatypes, JSON `data` and raw little-endian bytes <-> numpy."""
+
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from kiln_serving import errors
+
+Array = npt.NDArray[np.generic]
+
+# OIP datatype -> numpy dtype (explicitly little-endian: the binary extension's byte order).
+NUMPY_DTYPES: dict[str, np.dtype[np.generic]] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+
+# onnxruntime's type strings -> OIP datatype.
+ONNX_DATATYPES: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+    "tensor(bfloat16)": "BF16",
+}
+
+
+def datatype_of(array: Array) -> str:
+    """The OIP datatype of a numpy array."""
+    if array.dtype.kind in "OSU":
+        return "BYTES"
+    for name, dtype in NUMPY_DTYPES.items():
+        if dtype.kind != "O" and array.dtype == dtype.newbyteorder("="):
+            return name
+    raise ValueError(f"no Open Inference Protocol datatype for numpy dtype {array.dtype}")
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    """[-1,3,32,32]: the compact form used in error messages."""
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def check_shape(name: str, expected: Sequence[int], got: Sequence[int]) -> None:
+    """Rank and every fixed dimension must match; -1 accepts any size."""
+    if len(expected) != len(got) or any(e >= 0 and e != g for e, g in zip(expected, got, strict=True)):
+        raise errors.InvalidInput(f"input '{name}': expected shape {format_shape(expected)}, got {format_shape(got)}")
+
+
+def parse_shape(name: str, raw: object) -> tuple[int, ...]:
+    """A request's `shape`: a list of non-negative integers."""
+    if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
+        raise errors.InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers, got {raw!r}")
+    return tuple(raw)
+
+
+def _count(shape: Sequence[int]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+
+
+def from_json(name: str, datatype: str, shape: Sequence[int], raw: object) -> Array:
+    """A tensor from JSON `data` (flat or nested, row-major)."""
+    if not isinstance(raw, list | int | float | str):
+        raise errors.InvalidInput(
+            f"input '{name}': 'data' is not a list of {datatype} values (got {type(raw).__name__})"
+        )
+    data: list[object] = raw if isinstance(raw, list) else [raw]
+    try:
+        if datatype == "BYTES":
+            flat: Array = np.array([_text(v) for v in _flatten(data)], dtype=np.object_)
+        else:
+            flat = np.asarray(data, dtype=NUMPY_DTYPES[datatype]).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as err:
+        raise errors.InvalidInput(f"input '{name}': 'data' is not a list of {datatype} values ({err})") from None
+    if flat.size != _count(shape):
+        raise errors.InvalidInput(
+            f"input '{name}': shape {format_shape(shape)} needs {_count(shape)} elements, got {flat.size}"
+        )
+    return flat.reshape(shape)
+
+
+def _flatten(data: list[object]) -> list[object]:
+    out: list[object] = []
+    for item in data:
+        if isinstance(item, list):
+            out.extend(_flatten(item))
+        elif isinstance(item, str | bytes):
+            out.append(item)
+        else:
+            raise TypeError(f"BYTES elements must be strings, got {type(item).__name__}")
+    return out
+
+
+def _text(value: object) -> str:
+    """onnxruntime string tensors hold str; the protocol carries UTF-8 bytes."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("not valid UTF-8") from None
+    return str(value)
+
+
+def from_bytes(name: str, datatype: str, shape: Sequence[int], raw: memoryview) -> Array:
+    """A tensor from the binary extension's raw bytes (BYTES: each element is a 4-byte length + bytes)."""
+    count = _count(shape)
+    if datatype == "BYTES":
+        items: list[str] = []
+        offset = 0
+        while offset < len(raw):
+            if offset + 4 > len(raw):
+                raise errors.InvalidInput(f"input '{name}': truncated BYTES element length at byte {offset}")
+            (length,) = struct.unpack_from("<I", raw, offset)
+            offset += 4
+            if offset + length > len(raw):
+                raise errors.InvalidInput(f"input '{name}': BYTES element {len(items)} runs past the end of the data")
+            try:
+                items.append(_text(bytes(raw[offset : offset + length])))
+            except ValueError as err:
+                raise errors.InvalidInput(f"input '{name}': BYTES element {len(items)}: {err}") from None
+            offset += length
+        if len(items) != count:
+            raise errors.InvalidInput(
+                f"input '{name}': shape {format_shape(shape)} needs {count} elements, got {len(items)}"
+            )
+        return np.array(items, dtype=np.object_).reshape(shape)
+    dtype = NUMPY_DTYPES[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise errors.InvalidInput(
+            f"input '{name}': shape {format_shape(shape)} as {datatype} needs {count * dtype.itemsize} bytes, "
+            f"got {len(raw)}"
+        )
+    # Copy: the request body goes away, and onnxruntime wants native byte order and alignment.
+    return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+
+
+def to_json(array: Array) -> list[object]:
+    """A tensor as flat row-major JSON `data`."""
+    if datatype_of(array) == "BYTES":
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
+    values: list[object] = array.reshape(-1).tolist()
+    return values
+
+
+def to_bytes(array: Array) -> bytes:
+    """A tensor as the binary extension's raw little-endian bytes."""
+    datatype = datatype_of(array)
+    if datatype == "BYTES":
+        parts = []
+        for v in array.reshape(-1):
+            b = v if isinstance(v, bytes) else str(v).encode()
+            parts.append(struct.pack("<I", len(b)) + b)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype]).tobytes()

@@ -1,0 +1,128 @@
+"""Run the app under uvicorn: blocking for `kiln serve`, or in a background thread for local mode and tests.
+
+Shutdown is uvicorn's graceful one: on SIGTERM (or stop()) it closes the listening socket, lets in-flight
+requests finish (up to graceful_shutdown_seconds), then the app's lifespan drains the batcher.
+"""
+
+import logging
+import signal
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+
+from kiln_serving.app import Server, build_app
+from kiln_serving.config import ServingConfig
+from kiln_serving.model import Model
+
+log = logging.getLogger(__name__)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket; port 0 picks a free one, which the caller reads back from the socket."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto must say TCP: asyncio sets TCP_NODELAY only on sockets that do, and without it every response
+    # (headers and body are two writes) stalls ~40 ms on Nagle's algorithm meeting delayed ACKs.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _uvicorn(app: Starlette, config: ServingConfig) -> uvicorn.Server:
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            lifespan="on",
+            log_config=None,  # keep the process's logging setup
+            access_log=config.access_log,
+            timeout_graceful_shutdown=int(config.graceful_shutdown_seconds),
+            timeout_keep_alive=30,
+        )
+    )
+
+
+def serve(config: ServingConfig, model: Model | None = None) -> int:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully; returns the exit status."""
+    app = build_app(config, model)
+    sock = bind(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    log.info(
+        "serving %s on http://%s:%d (Open Inference Protocol v2, metrics at /metrics)",
+        app.state.server.model.name,
+        host,
+        port,
+    )
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; answer that one with a
+    # no-op so that a SIGTERM from Kubernetes ends in exit status 0 rather than death by signal.
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+    _uvicorn(app, config).run(sockets=[sock])
+    return 0
+
+
+@dataclass
+class BackgroundServer:
+    """A server running in a thread of this process (`kiln run --serve`, tests, benchmarks)."""
+
+    app: Starlette
+    sock: socket.socket
+    uvicorn_server: uvicorn.Server
+    thread: threading.Thread = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(
+            target=self.uvicorn_server.run, kwargs={"sockets": [self.sock]}, name="kiln-serving", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        port: int = self.sock.getsockname()[1]
+        return port
+
+    @property
+    def address(self) -> str:
+        """host:port, the form tritonclient wants."""
+        host = self.sock.getsockname()[0]
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    @property
+    def server(self) -> Server:
+        server: Server = self.app.state.server
+        return server
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Block until the model finished loading (ready or not); True when it did within timeout."""
+        return self.server.loaded.wait(timeout)
+
+    def stop(self) -> None:
+        """Graceful stop: in-flight requests finish, then the batcher drains."""
+        self.uvicorn_server.should_exit = True
+        self.thread.join()
+        self.sock.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def start(
+    config: ServingConfig, model: Model | None = None, registry: CollectorRegistry | None = None
+) -> BackgroundServer:
+    """Start serving in a background thread and return at once; use wait_loaded() before sending requests."""
+    app = build_app(config, model, registry)
+    running = BackgroundServer(app=app, sock=bind(config.host, config.port), uvicorn_server=_uvicorn(app, config))
+    running.thread.start()
+    return running

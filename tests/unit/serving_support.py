@@ -1,0 +1,169 @@
+"""Shared pieces of the serving tests: tiny real ONNX models, model cards, and a real server on a free port."""
+
+import contextlib
+import functools
+import hashlib
+import io
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from kiln import api
+from kiln.api import constants
+from kiln_serving import BackgroundServer, ServingConfig, start
+from kiln_serving.model import Model
+
+SIZE = 8
+CLASSES = ["cat", "dog", "bird", "fish", "frog"]
+DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
+_ONNX_TYPES = {
+    "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32, "UINT64": TensorProto.UINT64, "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16, "INT32": TensorProto.INT32, "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE,
+}  # fmt: skip
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def classifier(path: Path, batch: int | None = None, seed: int = 0) -> Path:
+    """Conv -> Relu -> global average pool -> Gemm: an image classifier [N,3,8,8] -> logits [N,5]."""
+    rng = np.random.default_rng(seed)
+    n: int | str = batch if batch is not None else "batch"
+    weights = [
+        numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "conv_b"),
+        numpy_helper.from_array(rng.normal(size=(4, len(CLASSES))).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(rng.normal(size=len(CLASSES)).astype(np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny-classifier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [n, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [n, len(CLASSES)])],
+        initializer=weights,
+    )  # fmt: skip
+    return _save(graph, path)
+
+
+def all_datatypes(path: Path) -> Path:
+    """One Identity per OIP datatype: input `in_<TYPE>` [N,3] -> output `out_<TYPE>`."""
+    nodes = [helper.make_node("Identity", [f"in_{t}"], [f"out_{t}"]) for t in DATATYPES]
+    graph = helper.make_graph(
+        nodes, "all-datatypes",
+        [helper.make_tensor_value_info(f"in_{t}", _ONNX_TYPES[t], ["batch", 3]) for t in DATATYPES],
+        [helper.make_tensor_value_info(f"out_{t}", _ONNX_TYPES[t], ["batch", 3]) for t in DATATYPES],
+    )  # fmt: skip
+    return _save(graph, path)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def trained_folder(root: Path, name: str = "tiny") -> Path:
+    """A trainer output folder: models/model.onnx (fp32), models/model.alt.onnx ("int8-static") and a card."""
+    fp32 = classifier(root / constants.MODELS_DIR / constants.MODEL_FILE)
+    alt = classifier(root / constants.MODELS_DIR / "model.alt.onnx", seed=1)
+    optimized = root / constants.MODELS_DIR / constants.OPTIMIZED_MODEL_FILE
+    shutil.copy(fp32, optimized)
+
+    def variant(name: str, path: Path, optimized_path: str | None = None) -> api.VariantReport:
+        return api.VariantReport(
+            name=name,
+            path=str(path.relative_to(root)),
+            sha256=sha256(path),
+            size_bytes=path.stat().st_size,
+            optimized_path=optimized_path,
+        )
+
+    card = api.ModelCard(
+        name=name,
+        created_at="2025-01-01T00:00:00Z",
+        input=api.TensorSpec(name="input", shape=[-1, 3, SIZE, SIZE]),
+        output=api.TensorSpec(name="logits", shape=[-1, len(CLASSES)]),
+        class_names=CLASSES,
+        preprocessing=api.Preprocessing(image_size=SIZE, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]),
+        metrics=api.Metrics(accuracy=0.9),
+        training=api.TrainingSummary(
+            architecture="small-cnn",
+            dataset="fake",
+            epochs_requested=1,
+            epochs_run=1,
+            best_epoch=1,
+            best_val_accuracy=0.9,
+            stop_reason="epochs",
+            duration_seconds=1.0,
+        ),
+        opset=17,
+        exporter="onnx.helper",
+        variants=[variant("fp32", fp32, str(optimized.relative_to(root))), variant("int8-static", alt)],
+        selected="fp32",
+        selection_reason="test",
+    )
+    card.write(root / constants.MODEL_CARD_FILE)
+    return root
+
+
+@functools.lru_cache(maxsize=16)
+def _session(path: Path, digest: str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def reference(path: Path, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What in-process onnxruntime says, to compare served outputs with."""
+    session = _session(path, sha256(path))
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed), strict=True))
+
+
+def config(model_dir: Path, **overrides: object) -> ServingConfig:
+    settings: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "intra_op_threads": 1,
+        "max_queue_delay_microseconds": 1000,
+    }
+    settings.update(overrides)
+    return ServingConfig(model_dir=model_dir, **settings)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def serving(cfg: ServingConfig, model: Model | None = None) -> Iterator[BackgroundServer]:
+    """A real uvicorn server in a thread on a free port, model loaded (ready or not) before the body runs."""
+    server = start(cfg, model)
+    try:
+        if not server.wait_loaded(120):
+            raise RuntimeError("model did not finish loading")
+        yield server
+    finally:
+        server.stop()
+
+
+def png(size: tuple[int, int] = (20, 12), seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def images_batch(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 3, SIZE, SIZE)).astype(np.float32)

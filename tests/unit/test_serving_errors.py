@@ -1,0 +1,156 @@
+"""Bad requests get the protocol's {"error": ...} with the right status and a message a user can act on,
+and the server stays ready and correct afterwards."""
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from serving_support import config, images_batch, reference, serving
+from serving_support import trained_folder as make_trained_folder
+
+from kiln_serving import BackgroundServer
+
+LIMIT = 16 * 1024
+X = images_batch(2, seed=9)
+
+
+def infer_body(**tensor: object) -> dict[str, object]:
+    base: dict[str, object] = {"name": "input", "shape": [2, 3, 8, 8], "datatype": "FP32",
+                               "data": X.reshape(-1).tolist()}  # fmt: skip
+    base.update(tensor)
+    return {"inputs": [base]}
+
+
+def binary_request(header: dict[str, object], payload: bytes, header_length: int | None = None) -> dict[str, object]:
+    head = json.dumps(header).encode()
+    length = len(head) if header_length is None else header_length
+    return {"content": head + payload, "headers": {"Inference-Header-Content-Length": str(length)}}
+
+
+BINARY_INPUT = {"name": "input", "shape": [2, 3, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 1536}}
+
+# (case, method, path, request kwargs for httpx, status, a part of the message)
+CASES: list[tuple[str, str, str, dict[str, object], int, str]] = [
+    ("malformed json", "POST", "/v2/models/tiny/infer", {"content": b"{not json"}, 400, "not valid JSON"),
+    ("body not an object", "POST", "/v2/models/tiny/infer", {"json": [1, 2]}, 400, "must be a JSON object"),
+    ("no inputs", "POST", "/v2/models/tiny/infer", {"json": {"inputs": []}}, 400, "needs 'inputs'"),
+    ("unknown input", "POST", "/v2/models/tiny/infer", {"json": infer_body(name="pixels")}, 400,
+     "unknown input 'pixels'; model 'tiny' takes 'input'"),
+    ("wrong datatype", "POST", "/v2/models/tiny/infer", {"json": infer_body(datatype="FP64")}, 400,
+     "input 'input': expected datatype FP32, got FP64"),
+    ("wrong shape", "POST", "/v2/models/tiny/infer",
+     {"json": infer_body(shape=[2, 3, 7, 7], data=[0.0] * 294)}, 400,
+     "input 'input': expected shape [-1,3,8,8], got [2,3,7,7]"),
+    ("wrong rank", "POST", "/v2/models/tiny/infer", {"json": infer_body(shape=[384])}, 400,
+     "expected shape [-1,3,8,8], got [384]"),
+    ("negative dim", "POST", "/v2/models/tiny/infer", {"json": infer_body(shape=[-2, 3, 8, 8])}, 400,
+     "'shape' must be a list of non-negative integers"),
+    ("too few elements", "POST", "/v2/models/tiny/infer", {"json": infer_body(data=[1.0] * 10)}, 400,
+     "input 'input': shape [2,3,8,8] needs 384 elements, got 10"),
+    ("ragged data", "POST", "/v2/models/tiny/infer", {"json": infer_body(data=[[1.0], [1.0, 2.0]])}, 400,
+     "'data' is not a list of FP32 values"),
+    ("text data", "POST", "/v2/models/tiny/infer", {"json": infer_body(data=["a"] * 384)}, 400,
+     "'data' is not a list of FP32 values"),
+    ("no data", "POST", "/v2/models/tiny/infer",
+     {"json": {"inputs": [{"name": "input", "shape": [2, 3, 8, 8], "datatype": "FP32"}]}}, 400,
+     "input 'input' has neither 'data' nor parameters.binary_data_size"),
+    ("null data", "POST", "/v2/models/tiny/infer", {"json": infer_body(data=None)}, 400,
+     "'data' is not a list of FP32 values"),
+    ("unknown output", "POST", "/v2/models/tiny/infer",
+     {"json": infer_body() | {"outputs": [{"name": "probs"}]}}, 400,
+     "unknown output 'probs'; model 'tiny' has 'logits'"),
+    ("binary too short", "POST", "/v2/models/tiny/infer",
+     binary_request({"inputs": [BINARY_INPUT]}, b"\0" * 100), 400, "binary_data_size 1536 runs past the end"),
+    ("binary too long", "POST", "/v2/models/tiny/infer",
+     binary_request({"inputs": [BINARY_INPUT]}, b"\0" * 1600), 400, "64 bytes of binary data after"),
+    ("binary size not matching shape", "POST", "/v2/models/tiny/infer",
+     binary_request({"inputs": [BINARY_INPUT | {"parameters": {"binary_data_size": 1000}}]}, b"\0" * 1000), 400,
+     "as FP32 needs 1536 bytes, got 1000"),
+    ("header length past body", "POST", "/v2/models/tiny/infer",
+     binary_request({"inputs": [BINARY_INPUT]}, b"", header_length=99999), 400,
+     "Inference-Header-Content-Length is 99999 but the body has only"),
+    ("binary body without header length", "POST", "/v2/models/tiny/infer",
+     {"content": json.dumps({"inputs": [BINARY_INPUT]}).encode() + b"\0" * 1536}, 400,
+     "without the Inference-Header-Content-Length header"),
+    ("unsupported encoding", "POST", "/v2/models/tiny/infer",
+     {"json": infer_body(), "headers": {"Content-Encoding": "br"}}, 400, "unsupported Content-Encoding 'br'"),
+    ("broken gzip", "POST", "/v2/models/tiny/infer",
+     {"content": b"nope", "headers": {"Content-Encoding": "gzip"}}, 400, "not valid gzip data"),
+    ("unknown model", "POST", "/v2/models/resnet/infer", {"json": infer_body()}, 404,
+     "model 'resnet' not found; this server serves 'tiny'"),
+    ("unknown version", "POST", "/v2/models/tiny/versions/2/infer", {"json": infer_body()}, 404,
+     "model 'tiny' has no version '2' (versions: 1)"),
+    ("unknown model metadata", "GET", "/v2/models/resnet", {}, 404, "model 'resnet' not found"),
+    ("unknown version metadata", "GET", "/v2/models/tiny/versions/3", {}, 404, "has no version '3'"),
+    ("unknown version ready", "GET", "/v2/models/tiny/versions/3/ready", {}, 404, "has no version '3'"),
+    ("unknown path", "GET", "/v3/everything", {}, 404, "Not Found"),
+    ("body over the limit", "POST", "/v2/models/tiny/infer", {"content": b" " * (LIMIT + 1)}, 413,
+     f"over the limit of {LIMIT} bytes"),
+    ("gzip over the limit", "POST", "/v2/models/tiny/infer",
+     {"content": gzip.compress(b" " * (LIMIT * 4)), "headers": {"Content-Encoding": "gzip"}}, 413,
+     "decompressed request body is over the limit"),
+    ("bad image", "POST", "/v2/models/tiny/classify", {"content": b"GIF89a not really"}, 400,
+     "cannot decode the image"),
+    ("empty image", "POST", "/v2/models/tiny/classify", {"content": b""}, 400, "empty image"),
+    ("multipart without file", "POST", "/v2/models/tiny/classify", {"files": {"note": (None, b"hi")}}, 400,
+     "multipart upload has no file"),
+    ("bad top_k", "POST", "/v2/models/tiny/classify?top_k=zero", {"content": b"x"}, 400,
+     "top_k must be a positive integer"),
+    ("v1 without instances", "POST", "/v1/models/tiny:predict", {"json": {"inputs": []}}, 400,
+     'needs "instances"'),
+    ("v1 wrong instance shape", "POST", "/v1/models/tiny:predict", {"json": {"instances": [[1.0, 2.0]]}}, 400,
+     "expected shape [-1,3,8,8], got [1,2]"),
+    ("v1 unknown model", "GET", "/v1/models/resnet", {}, 404, "model 'resnet' not found"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_trained_folder(tmp_path_factory.mktemp("errors") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path) -> Iterator[BackgroundServer]:
+    with serving(config(folder, max_body_bytes=LIMIT)) as running:
+        yield running
+
+
+def assert_still_serving(server: BackgroundServer, folder: Path) -> None:
+    assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+    answer = httpx.post(f"{server.url}/v2/models/tiny/infer", json=infer_body())
+    assert answer.status_code == 200
+    got = np.asarray(answer.json()["outputs"][0]["data"]).reshape(2, -1)
+    assert np.abs(got - reference(folder / "models" / "model.onnx", {"input": X})["logits"]).max() <= 1e-5
+
+
+@pytest.mark.parametrize(("case", "method", "path", "kwargs", "status", "message"), CASES, ids=[c[0] for c in CASES])
+def test_a_bad_request_gets_its_status_and_an_actionable_error_and_the_server_stays_ready(
+    server: BackgroundServer, folder: Path, case: str, method: str, path: str, kwargs: dict[str, object],
+    status: int, message: str,
+) -> None:  # fmt: skip
+    response = httpx.request(method, f"{server.url}{path}", **kwargs)  # type: ignore[arg-type]
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert message in response.json()["error"]
+    assert_still_serving(server, folder)
+
+
+def test_tritonclient_reports_the_status_and_message_of_an_error(server: BackgroundServer, folder: Path) -> None:
+    client = triton.InferenceServerClient(server.address)
+    wrong = np.zeros((1, 3, 28, 28), dtype=np.float32)
+    tensor = triton.InferInput("input", list(wrong.shape), "FP32")
+    tensor.set_data_from_numpy(wrong)
+    with pytest.raises(triton.InferenceServerException) as shape_error:
+        client.infer("tiny", [tensor])
+    assert shape_error.value.status() == "400"
+    assert "input 'input': expected shape [-1,3,8,8], got [1,3,28,28]" in shape_error.value.message()
+    with pytest.raises(triton.InferenceServerException) as missing:
+        client.get_model_metadata("resnet")
+    assert missing.value.status() == "404"
+    assert not client.is_model_ready("tiny", "2")
+    assert_still_serving(server, folder)

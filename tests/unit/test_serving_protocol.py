@@ -1,0 +1,198 @@
+"""The server speaks the Open Inference Protocol the way tritonclient and KServe clients expect.
+
+Every test talks HTTP to a real uvicorn server on a free local port, running real onnxruntime.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
+from serving_support import CLASSES, DATATYPES, SIZE, all_datatypes, config, images_batch, png, reference, serving
+from serving_support import trained_folder as make_trained_folder
+
+from kiln_serving import BackgroundServer, images
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_trained_folder(tmp_path_factory.mktemp("served") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path) -> Iterator[BackgroundServer]:
+    with serving(config(folder)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(server.address)
+
+
+def fp32_model(folder: Path) -> Path:
+    return folder / "models" / "model.onnx"
+
+
+def test_tritonclient_sees_the_server_live_and_ready_and_its_metadata(client: triton.InferenceServerClient) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("tiny")
+    assert client.is_model_ready("tiny", "1")
+    meta = client.get_server_metadata()
+    assert meta["name"] == "kiln"
+    assert "binary_tensor_data" in meta["extensions"]
+
+
+def test_model_metadata_gives_platform_versions_tensors_with_dynamic_dims_and_the_provider(
+    client: triton.InferenceServerClient,
+) -> None:
+    for meta in (client.get_model_metadata("tiny"), client.get_model_metadata("tiny", "1")):
+        assert meta["name"] == "tiny"
+        assert meta["platform"] == "onnxruntime_onnx"
+        assert meta["versions"] == ["1"]
+        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, SIZE, SIZE]}]
+        assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, len(CLASSES)]}]
+        assert meta["parameters"]["provider"] == "CPUExecutionProvider"
+        assert meta["parameters"]["variant"] == "fp32"
+
+
+def test_binary_inference_as_tritonclient_sends_by_default_matches_in_process_onnxruntime(
+    client: triton.InferenceServerClient, folder: Path
+) -> None:
+    x = images_batch(3, seed=1)
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    result = client.infer("tiny", [tensor])
+    expected = reference(fp32_model(folder), {"input": x})["logits"]
+    assert np.abs(result.as_numpy("logits") - expected).max() <= 1e-5
+
+
+def test_json_inference_echoes_the_request_id_and_matches_in_process_onnxruntime(
+    client: triton.InferenceServerClient, folder: Path
+) -> None:
+    x = images_batch(2, seed=2)
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=False)
+    wanted = [triton.InferRequestedOutput("logits", binary_data=False)]
+    result = client.infer("tiny", [tensor], outputs=wanted, request_id="42", model_version="1")
+    response = result.get_response()
+    assert response["id"] == "42"
+    assert response["model_name"] == "tiny" and response["model_version"] == "1"
+    assert "data" in response["outputs"][0]
+    expected = reference(fp32_model(folder), {"input": x})["logits"]
+    assert np.abs(result.as_numpy("logits") - expected).max() <= 1e-5
+
+
+def test_nested_json_data_is_read_row_major_like_flat_data(server: BackgroundServer) -> None:
+    x = images_batch(1, seed=3)
+    bodies = [{"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": data}]}
+              for data in (x.tolist(), x.reshape(-1).tolist())]  # fmt: skip
+    nested, flat = (httpx.post(f"{server.url}/v2/models/tiny/infer", json=b).json() for b in bodies)
+    assert nested["outputs"] == flat["outputs"]
+    assert nested["outputs"][0]["shape"] == [1, len(CLASSES)]
+
+
+def test_gzip_compressed_requests_are_inflated(client: triton.InferenceServerClient, folder: Path) -> None:
+    x = images_batch(2, seed=4)
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    result = client.infer("tiny", [tensor], request_compression_algorithm="gzip")
+    expected = reference(fp32_model(folder), {"input": x})["logits"]
+    assert np.abs(result.as_numpy("logits") - expected).max() <= 1e-5
+
+
+def test_every_datatype_round_trips_as_json_and_as_binary_and_only_requested_outputs_come_back(
+    tmp_path: Path,
+) -> None:
+    model = all_datatypes(tmp_path / "types" / "model.onnx")
+    rng = np.random.default_rng(0)
+    arrays = {t: (rng.integers(0, 2, size=(2, 3)).astype(bool) if t == "BOOL" else
+                  (rng.normal(size=(2, 3)) * 50).astype(triton.triton_to_np_dtype(t)) if t.startswith("FP") else
+                  rng.integers(0, 100, size=(2, 3)).astype(triton.triton_to_np_dtype(t)))
+              for t in DATATYPES}  # fmt: skip
+    with serving(config(model.parent)) as server:
+        client = triton.InferenceServerClient(server.address)
+        for as_binary in (True, False):
+            inputs = []
+            for t, array in arrays.items():
+                tensor = triton.InferInput(f"in_{t}", list(array.shape), t)
+                tensor.set_data_from_numpy(array, binary_data=as_binary or t == "FP16")
+                inputs.append(tensor)
+            wanted = [triton.InferRequestedOutput(f"out_{t}", binary_data=as_binary) for t in ("INT8", "FP64")]
+            result = client.infer("types", inputs, outputs=wanted)
+            assert [o["name"] for o in result.get_response()["outputs"]] == ["out_INT8", "out_FP64"]
+            assert np.array_equal(result.as_numpy("out_INT8"), arrays["INT8"])
+            assert np.array_equal(result.as_numpy("out_FP64"), arrays["FP64"])
+            everything = client.infer("types", inputs)
+            for t, array in arrays.items():
+                out = everything.as_numpy(f"out_{t}")
+                assert out.dtype == array.dtype and np.array_equal(out, array), t
+
+
+def test_kserve_v1_predict_answers_one_prediction_per_instance(server: BackgroundServer, folder: Path) -> None:
+    x = images_batch(3, seed=5)
+    assert httpx.get(f"{server.url}/v1/models/tiny").json() == {"name": "tiny", "ready": True}
+    response = httpx.post(f"{server.url}/v1/models/tiny:predict", json={"instances": x.tolist()})
+    assert response.status_code == 200
+    predictions = np.asarray(response.json()["predictions"])
+    expected = reference(fp32_model(folder), {"input": x})["logits"]
+    assert predictions.shape == (3, len(CLASSES))
+    assert np.abs(predictions - expected).max() <= 1e-5
+
+
+def test_classify_applies_the_cards_preprocessing_to_a_png_and_returns_top_k_softmax(
+    server: BackgroundServer, folder: Path
+) -> None:
+    from kiln import api
+
+    image = png(seed=6)
+    card = api.ModelCard.read(folder / "model-card.json")
+    tensor = images.to_tensor(images.decode(image), card.preprocessing, np.dtype(np.float32))
+    probabilities = images.softmax(reference(fp32_model(folder), {"input": tensor})["logits"][0])
+    best = np.argsort(probabilities)[::-1][:3]
+
+    raw = httpx.post(f"{server.url}/v2/models/tiny/classify?top_k=3", content=image).json()
+    upload = httpx.post(f"{server.url}/v2/models/tiny/classify", params={"top_k": 3},
+                        files={"file": ("cat.png", image, "image/png")}).json()  # fmt: skip
+    other_field = httpx.post(f"{server.url}/v2/models/tiny/classify?top_k=3",
+                             files={"picture": ("cat.png", image, "image/png")}).json()  # fmt: skip
+    for answer in (raw, upload, other_field):
+        predictions = answer["predictions"]
+        assert [p["label"] for p in predictions] == [CLASSES[i] for i in best]
+        assert [p["probability"] for p in predictions] == pytest.approx(probabilities[best].tolist(), abs=1e-6)
+    default = httpx.post(f"{server.url}/v2/models/tiny/classify", content=image).json()
+    assert len(default["predictions"]) == len(CLASSES)  # top 5 by default, all 5 classes here
+    assert sum(p["probability"] for p in default["predictions"]) == pytest.approx(1.0)
+
+
+def test_metrics_parse_as_prometheus_text_and_carry_the_documented_series(
+    server: BackgroundServer, client: triton.InferenceServerClient
+) -> None:
+    x = images_batch(4)
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    client.infer("tiny", [tensor])
+    with pytest.raises(triton.InferenceServerException):
+        client.infer("tiny", [tensor], model_version="7")
+
+    text = httpx.get(f"{server.url}/metrics").text
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(f"kiln_serving_{name}", frozenset({"model": "tiny", "version": "1", **labels}.items()))]
+
+    assert value("requests_total", status="200") >= 1
+    assert value("requests_total", model="", version="", status="404") >= 1  # unknown names get no label of their own
+    for histogram in ("request_duration_seconds", "queue_duration_seconds", "compute_duration_seconds", "batch_size"):
+        assert value(f"{histogram}_count") >= 1, histogram
+    assert value("inferences_total") >= 4
+    assert value("requests_in_flight") >= 0
+    assert value("queue_depth") >= 0
+    assert value("model_load_seconds") > 0
+    assert value("model_ready") == 1
+    assert value("model_provider_info", provider="CPUExecutionProvider") == 1
