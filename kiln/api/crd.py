@@ -51,6 +51,7 @@ PRINTER_COLUMNS: list[Schema] = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
+DESCRIPTION = "A TrainingJob trains an image classifier, compiles it to ONNX and serves it."
 _DROP = {"title", "$defs"}
 
 
@@ -134,7 +135,7 @@ def trainingjob_crd() -> Schema:
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "description": "A TrainingJob trains an image classifier, compiles it to ONNX and serves it.",
+                            "description": DESCRIPTION,
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},

@@ -54,7 +54,7 @@ def build_service_account(owner: Owner) -> Manifest:
 
 
 def build_role(owner: Owner) -> Manifest:
-    """Lets the trainer read and patch this one TrainingJob and its status, nothing else."""
+    """Lets the trainer read this one TrainingJob and patch its status, nothing else: never its spec."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
@@ -62,10 +62,16 @@ def build_role(owner: Owner) -> Manifest:
         "rules": [
             {
                 "apiGroups": [constants.GROUP],
-                "resources": [constants.PLURAL, f"{constants.PLURAL}/status"],
+                "resources": [constants.PLURAL],
+                "resourceNames": [owner.name],
+                "verbs": ["get"],
+            },
+            {
+                "apiGroups": [constants.GROUP],
+                "resources": [f"{constants.PLURAL}/status"],
                 "resourceNames": [owner.name],
                 "verbs": ["get", "patch"],
-            }
+            },
         ],
     }
 

@@ -206,10 +206,13 @@ def test_scheduling_constraints_pass_through_to_trainer_pods() -> None:
     assert pod["priorityClassName"] == "training"
 
 
-def test_the_trainer_may_only_get_and_patch_its_own_trainingjob_and_status() -> None:
+def test_the_trainer_may_only_read_its_own_trainingjob_and_patch_its_status() -> None:
     role, binding = trainer_objects.build_role(OWNER), trainer_objects.build_role_binding(OWNER)
-    assert role["rules"] == [{"apiGroups": ["kiln.dev"], "resources": ["trainingjobs", "trainingjobs/status"],
-                              "resourceNames": ["digits"], "verbs": ["get", "patch"]}]  # fmt: skip
+    assert role["rules"] == [
+        {"apiGroups": ["kiln.dev"], "resources": ["trainingjobs"], "resourceNames": ["digits"], "verbs": ["get"]},
+        {"apiGroups": ["kiln.dev"], "resources": ["trainingjobs/status"], "resourceNames": ["digits"],
+         "verbs": ["get", "patch"]},
+    ]  # fmt: skip
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "digits-trainer"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "digits-trainer", "namespace": "team-a"}]
     assert trainer_objects.build_service_account(OWNER)["automountServiceAccountToken"] is True
