@@ -6,13 +6,13 @@ validation rejects loopback addresses ("may not be in the loopback range"), and 
 kiln relies on neither: status comes from Jobs, Deployments and pods, and tests dial pod IPs.
 """
 
-import os
 import signal
 import textwrap
 import urllib.request
 from typing import Any
 
 from kube.kubelet import NodeAgent
+from kube.procs import alive
 from kube.rest import Kube
 from kube.waiting import wait_until
 
@@ -211,14 +211,6 @@ def test_deployment_pods_become_ready_through_http_probes_on_their_own_ips_and_g
         describe=lambda: node.describe(namespace),
     )
     assert not any(alive(pid) for pid in pids)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_deleting_a_pod_sends_sigterm_and_removes_the_object_once_the_process_exits(

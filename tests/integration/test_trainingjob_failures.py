@@ -9,7 +9,6 @@ import trainingjobs as tj
 from kube.chart import KilnOperator
 from kube.kubelet import NodeAgent
 from kube.rest import Kube
-from kube.waiting import wait_until
 
 from kiln.api import constants
 
@@ -44,13 +43,7 @@ def test_a_trainer_killed_mid_training_is_retried_and_resumes_from_its_checkpoin
     checkpoints = tj.checkpoints_dir(node, namespace, name)
 
     # -- kill the trainer as soon as its first checkpoint is on the volume
-    wait_until(
-        lambda: tj.saved_epochs(checkpoints),
-        tj.TRAINING_TIMEOUT,
-        "the first checkpoint",
-        describe=lambda: node.describe(namespace),
-        interval=0.05,
-    )
+    tj.wait_for_first_checkpoint(node, namespace, checkpoints)
     [first] = tj.trainer_pods(kube, namespace, name)
     node.kill(namespace, first["metadata"]["name"], signal.SIGKILL)
     runner = node.runner(namespace, first["metadata"]["name"])

@@ -2,12 +2,12 @@
 a suspended job resumes from its checkpoint; deleting a TrainingJob removes every child through the garbage
 collector (ownerReferences), down to the processes."""
 
-import os
 from typing import Any
 
 import trainingjobs as tj
 from kube.chart import KilnOperator
 from kube.kubelet import NodeAgent
+from kube.procs import alive
 from kube.rest import Kube
 from kube.waiting import wait_until
 
@@ -36,14 +36,6 @@ def children(kube: Kube, namespace: str, name: str) -> dict[str, list[str]]:
         if items:
             found[kind] = sorted(i["metadata"]["name"] for i in items)
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_restarting_the_operator_mid_training_duplicates_nothing_and_the_job_completes(
@@ -75,13 +67,7 @@ def test_a_suspended_trainingjob_stops_its_pod_and_resumes_from_the_checkpoint(
     namespace, name, epochs = workload_namespace, "pause", 5
     kube.create_object(tj.digits_job(name, data={"maxSamples": 1200}, training={"epochs": epochs}), namespace)
     checkpoints = tj.checkpoints_dir(node, namespace, name)
-    wait_until(
-        lambda: tj.saved_epochs(checkpoints),
-        tj.TRAINING_TIMEOUT,
-        "the first checkpoint",
-        describe=lambda: node.describe(namespace),
-        interval=0.05,
-    )
+    tj.wait_for_first_checkpoint(node, namespace, checkpoints)
 
     # -- suspend: the Job is suspended, its pod deleted and its process ended
     [pod] = tj.trainer_pods(kube, namespace, name)

@@ -187,6 +187,17 @@ def saved_epochs(checkpoints: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in checkpoints.iterdir() if (m := EPOCH_FILE.match(p.name)))
 
 
+def wait_for_first_checkpoint(node: NodeAgent, namespace: str, checkpoints: Path) -> None:
+    """Block until a trainer has written its first epoch's checkpoint (polled fast: tests kill right after)."""
+    wait_until(
+        lambda: saved_epochs(checkpoints),
+        TRAINING_TIMEOUT,
+        "the first checkpoint",
+        describe=lambda: node.describe(namespace),
+        interval=0.05,
+    )
+
+
 def logged_epochs(log: Path) -> list[int]:
     """Epochs a trainer finished, from its JSON progress lines."""
     epochs = []

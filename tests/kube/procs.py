@@ -109,6 +109,15 @@ def _unregister(proc: Process) -> None:
         _live.discard(proc)
 
 
+def alive(pid: int) -> bool:
+    """Whether a process with this pid still exists (zombies count until reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @atexit.register
 def kill_all() -> None:
     """Kill every process group still running; the last line of defence when fixtures did not finalize."""
