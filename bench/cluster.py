@@ -31,13 +31,6 @@ CRD_FILE = REPO / "charts" / "kiln" / "crds" / "trainingjob.yaml"
 WARMUP_NAMESPACE = "kiln-bench-warmup"
 
 
-class ApiOnlyControlPlane(ControlPlane):
-    """etcd, kube-apiserver and kube-controller-manager; no kube-scheduler (nothing here is ever scheduled)."""
-
-    def _start_scheduler(self) -> None:
-        return None
-
-
 def install_crd(kube: Kube, crd: dict[str, Any]) -> None:
     """Apply the CRD and wait until it is Established and its resource is served."""
     kube.apply_object(crd)
@@ -79,13 +72,14 @@ def operator_table(quick: bool) -> str:
     """Start the control plane and the operator, run bench/operator_apply.py's main, stop everything."""
     missing = chart.skip_reason()
     try:
-        binaries.control_plane()
+        binaries.control_plane(scheduler=False)
     except LookupError as err:
         missing = str(err)
     if missing:
         raise SystemExit(f"operator table not run: {missing}")
     with tempfile.TemporaryDirectory(prefix="kiln-bench-cluster-") as tmp:
-        plane = ApiOnlyControlPlane(Path(tmp) / "control-plane")
+        # No kube-scheduler: nothing here is ever scheduled (the TrainingJobs are suspended).
+        plane = ControlPlane(Path(tmp) / "control-plane", scheduler=False)
         plane.start()
         try:
             install_crd(plane.kube, yaml.safe_load(CRD_FILE.read_text()))
@@ -97,7 +91,7 @@ def operator_table(quick: bool) -> str:
                 pids = {name: proc.pid for name, proc in plane.processes.items()} | {"kiln operator": operator.proc.pid}
                 cpu_before = {name: operator_apply.cpu_seconds(pid) for name, pid in pids.items()}
                 began = time.monotonic()
-                markdown = operator_apply.main(quick, str(plane.kubeconfig_path), operator.proc.pid)
+                markdown: str = operator_apply.main(quick, str(plane.kubeconfig_path), operator.proc.pid)
                 wall = time.monotonic() - began
                 cpu = {name: _used(cpu_before[name], operator_apply.cpu_seconds(pid)) for name, pid in pids.items()}
             except BaseException:

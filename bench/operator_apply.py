@@ -18,8 +18,9 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 MANAGED_BY = "app.kubernetes.io/managed-by=kiln-operator"
 SPEC: dict[str, Any] = {
@@ -75,6 +76,19 @@ class RssSampler(threading.Thread):
                 self.peak = max(self.peak or 0, value)
 
 
+def _watch_events(batch: Any, namespace: str, resource_version: str) -> Iterator[dict[str, Any]]:
+    """One watch of the kiln-managed Jobs in ``namespace`` from ``resource_version`` (ends after 5 s idle). The
+    kubernetes client's watch module is untyped: its events are dicts with "type", "object" and "raw_object"."""
+    from kubernetes import watch
+
+    new_watch = cast(Callable[[], Any], watch.Watch)
+    events: Iterator[dict[str, Any]] = new_watch().stream(
+        batch.list_namespaced_job, namespace, label_selector=MANAGED_BY,
+        resource_version=resource_version, timeout_seconds=5,
+    )  # fmt: skip
+    return events
+
+
 class JobWatcher(threading.Thread):
     """Records the local arrival time of every kiln-managed Job in one namespace."""
 
@@ -86,15 +100,9 @@ class JobWatcher(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        from kubernetes import watch
-
         try:
             while not self.stopped.is_set():
-                stream = watch.Watch().stream(
-                    self.batch.list_namespaced_job, self.namespace, label_selector=MANAGED_BY,
-                    resource_version=self.resource_version, timeout_seconds=5,
-                )  # fmt: skip
-                for event in stream:
+                for event in _watch_events(self.batch, self.namespace, self.resource_version):
                     arrived = time.perf_counter()
                     obj = event["raw_object"]
                     self.resource_version = obj["metadata"]["resourceVersion"]
@@ -115,7 +123,8 @@ def main(quick: bool, kubeconfig: str, operator_pid: int | None) -> str:
     from kubernetes import client, config
 
     count, timeout = (50, 120.0) if quick else (200, 600.0)
-    api_client = config.new_client_from_config(config_file=kubeconfig)
+    new_client = cast(Callable[..., client.ApiClient], config.new_client_from_config)  # untyped in the client
+    api_client = new_client(config_file=kubeconfig)
     api_client.configuration.connection_pool_maxsize = 32
     core, batch, custom = (
         client.CoreV1Api(api_client),
@@ -123,11 +132,14 @@ def main(quick: bool, kubeconfig: str, operator_pid: int | None) -> str:
         client.CustomObjectsApi(api_client),
     )
     namespace = f"kiln-bench-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    meta = client.V1ObjectMeta(name=namespace)
+    core.create_namespace(client.V1Namespace(api_version="v1", kind="Namespace", metadata=meta))
     sampler = RssSampler(operator_pid) if operator_pid else None
     try:
         # Open the watch first, from the namespace's current resourceVersion, so no Job can be missed.
         listed = batch.list_namespaced_job(namespace, label_selector=MANAGED_BY)
+        if listed.metadata is None or not listed.metadata.resource_version:
+            raise RuntimeError(f"listing Jobs in {namespace} returned no resourceVersion to watch from")
         watcher = JobWatcher(batch, namespace, listed.metadata.resource_version)
         watcher.start()
         if sampler:

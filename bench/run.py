@@ -167,7 +167,8 @@ def measure(name: str, quick: bool) -> str:
     if name == "operator":
         import cluster
 
-        return cluster.operator_table(quick)
+        table: str = cluster.operator_table(quick)
+        return table
     module = importlib.import_module(BY_NAME[name].module)
     markdown: str = module.main(quick)
     return markdown

@@ -36,6 +36,7 @@ from serving_setup import (  # noqa: E402
     infer_request,
     kiln_server,
     kserve_server,
+    pooled,
     serve_torch,
     torch_server,
 )
@@ -87,11 +88,12 @@ def main(quick: bool, model_dir: Path | None = None) -> str:
                     for c in levels:
                         results.append(closed_loop(name, running, infer_request(one, binary), c, 1, seconds))
                     if name == "kiln fp32, binary, batching off":
-                        # In-process right before and after the served batch-32 cells: the same moment's machine.
-                        results.append(in_process("in-process onnxruntime fp32", fp32, 32, seconds / 2))
-                        for c in (1, 4):
-                            results.append(closed_loop(name, running, infer_request(many, True), c, 32, seconds))
-                        results.append(in_process("in-process onnxruntime fp32", fp32, 32, seconds / 2))
+                        # In-process right before and after the served batch-32 cells (the same moment's machine),
+                        # reported as one row: the two halves pooled.
+                        before = in_process("in-process onnxruntime fp32", fp32, 32, seconds / 2)
+                        served = [closed_loop(name, running, infer_request(many, True), c, 32, seconds) for c in (1, 4)]
+                        after = in_process("in-process onnxruntime fp32", fp32, 32, seconds / 2)
+                        results += [pooled([before, after]), *served]
             except RuntimeError as err:
                 notes.append(f"{name}: not run ({err}).")
         results.append(in_process("in-process onnxruntime fp32", fp32, 1, seconds))
@@ -105,10 +107,7 @@ def report(results: list[Result], notes: list[str], seconds: float) -> str:
     def find(prefix: str, c: int, batch: int = 1) -> Result | None:
         """The cell, or several runs of it pooled into one."""
         hits = [r for r in results if r.name.startswith(prefix) and r.concurrency == c and r.batch == batch]
-        if not hits:
-            return None
-        return Result(hits[0].name, c, batch, sum(r.seconds for r in hits), [x for r in hits for x in r.latencies],
-                      sum(r.errors for r in hits), sum(r.cpu_seconds for r in hits))  # fmt: skip
+        return pooled(hits) if hits else None
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [

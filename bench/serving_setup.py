@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,6 +62,20 @@ class Result:
             f"{self.items_per_second:,.0f} | {np.percentile(lat, 50):.2f} | {np.percentile(lat, 99):.2f} | "
             f"{self.cpu_ms_per_item:.3f} | {self.errors} |"
         )
+
+
+def pooled(runs: list[Result]) -> Result:
+    """Several runs of one cell (same name, concurrency and batch) as one: time, requests and CPU added up."""
+    first = runs[0]
+    return Result(
+        first.name,
+        first.concurrency,
+        first.batch,
+        sum(r.seconds for r in runs),
+        [x for r in runs for x in r.latencies],
+        sum(r.errors for r in runs),
+        sum(r.cpu_seconds for r in runs),
+    )
 
 
 # -- models -----------------------------------------------------------------------------------------------------
@@ -203,6 +217,7 @@ def serve_torch(weights: Path, model_dir: Path, port: int) -> int:
     import torch
 
     import kiln_serving
+    from kiln_serving import codec
     from kiln_serving.model import Model, TensorInfo
 
     class TorchModel(Model):
@@ -217,7 +232,7 @@ def serve_torch(weights: Path, model_dir: Path, port: int) -> int:
             self.provider, self.platform = "torch-eager-cpu", "pytorch_eager"
             self.load_seconds, self.ready, self.reason = time.perf_counter() - started, True, None
 
-        def predict(self, inputs):  # type: ignore[no-untyped-def]
+        def predict(self, inputs: Mapping[str, codec.Array]) -> dict[str, codec.Array]:
             with torch.inference_mode():
                 return {"logits": self.net(torch.from_numpy(np.asarray(inputs["input"]))).numpy()}
 

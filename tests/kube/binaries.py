@@ -8,7 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+SCHEDULER = "kube-scheduler"
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", SCHEDULER)
 MISSING = "integration tests need"
 
 
@@ -32,9 +33,11 @@ def find(name: str) -> Path | None:
     return Path(on_path) if on_path else None
 
 
-def control_plane() -> dict[str, Path]:
-    """Every control-plane binary, or a LookupError whose message is the one-line skip reason."""
-    found = {name: find(name) for name in CONTROL_PLANE}
+def control_plane(*, scheduler: bool = True) -> dict[str, Path]:
+    """Every control-plane binary (without kube-scheduler when ``scheduler`` is False), or a LookupError whose
+    message is the one-line skip reason."""
+    names = [name for name in CONTROL_PLANE if scheduler or name != SCHEDULER]
+    found = {name: find(name) for name in names}
     missing = [name for name, path in found.items() if path is None]
     if missing:
         raise LookupError(

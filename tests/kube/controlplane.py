@@ -73,11 +73,15 @@ def _ok(url: str, pool: urllib3.PoolManager) -> bool:
 
 
 class ControlPlane:
-    """Start with `start()`, use `kube` (admin client), `kubeconfig_path`, `server`; end with `stop()`."""
+    """Start with `start()`, use `kube` (admin client), `kubeconfig_path`, `server`; end with `stop()`.
 
-    def __init__(self, root: Path) -> None:
+    ``scheduler=False`` leaves kube-scheduler out (and does not need its binary): for callers whose pods are
+    never scheduled, such as the operator benchmark's suspended Jobs."""
+
+    def __init__(self, root: Path, *, scheduler: bool = True) -> None:
         self.root = root
-        self.bins = binaries.control_plane()
+        self.scheduler = scheduler
+        self.bins = binaries.control_plane(scheduler=scheduler)
         self.processes: dict[str, Process] = {}
         self.timings: dict[str, float] = {}
         self.pki_dir = root / "pki"
@@ -87,14 +91,16 @@ class ControlPlane:
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the four components in order, each only once the previous one is healthy."""
+        """Start the components in order (kube-scheduler last, if wanted), each once the previous one is
+        healthy."""
         began = time.monotonic()
         try:
             self._write_pki()
             self._start_etcd()
             self._start_apiserver()
             self._start_controller_manager()
-            self._start_scheduler()
+            if self.scheduler:
+                self._start_scheduler()
             self._await_controllers()
         except BaseException:
             self.stop()
