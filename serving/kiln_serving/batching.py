@@ -14,6 +14,7 @@ Everything here except `_execute` runs on the event loop thread; the loop and th
 import asyncio
 import contextlib
 import contextvars
+import itertools
 import logging
 import time
 from collections import deque
@@ -157,7 +158,7 @@ class Batcher:
         if first.signature is None:
             return [first], True
         batch, rows = [first], first.rows
-        for r in list(self._pending)[1:]:
+        for r in itertools.islice(self._pending, 1, None):
             if r.signature != first.signature or rows + r.rows > self.max_batch_size:
                 return batch, True
             batch.append(r)

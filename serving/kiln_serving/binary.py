@@ -14,8 +14,8 @@ from kiln_serving import errors
 HEADER = "Inference-Header-Content-Length"
 
 
-def split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
-    """The JSON header as a dict and the binary rest (empty without the extension)."""
+def split(body: bytes | memoryview, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+    """The JSON header as a dict and the binary rest (empty without the extension), which is not copied."""
     if header_length is None:
         length = len(body)
     else:
@@ -28,7 +28,7 @@ def split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memor
         if not 0 < length <= len(body):
             raise errors.InvalidInput(f"{HEADER} is {length} but the body has only {len(body)} bytes")
     try:
-        header = json.loads(body[:length])
+        header = json.loads(bytes(body[:length]))
     except (ValueError, UnicodeDecodeError) as err:
         hint = f" (binary body without the {HEADER} header?)" if header_length is None else ""
         raise errors.InvalidInput(f"request body is not valid JSON{hint}: {err}") from None

@@ -46,14 +46,20 @@ ONNX_DATATYPES: dict[str, str] = {
 }
 
 
+# Native-order numpy dtype -> OIP datatype, for encoding outputs.
+_DATATYPES: dict[np.dtype[np.generic], str] = {
+    dtype.newbyteorder("="): name for name, dtype in NUMPY_DTYPES.items() if dtype.kind != "O"
+}
+
+
 def datatype_of(array: Array) -> str:
     """The OIP datatype of a numpy array."""
     if array.dtype.kind in "OSU":
         return "BYTES"
-    for name, dtype in NUMPY_DTYPES.items():
-        if dtype.kind != "O" and array.dtype == dtype.newbyteorder("="):
-            return name
-    raise ValueError(f"no Open Inference Protocol datatype for numpy dtype {array.dtype}")
+    name = _DATATYPES.get(array.dtype)
+    if name is None:
+        raise ValueError(f"no Open Inference Protocol datatype for numpy dtype {array.dtype}")
+    return name
 
 
 def format_shape(shape: Sequence[int]) -> str:
@@ -150,8 +156,12 @@ def from_bytes(name: str, datatype: str, shape: Sequence[int], raw: memoryview) 
             f"input '{name}': shape {format_shape(shape)} as {datatype} needs {count * dtype.itemsize} bytes, "
             f"got {len(raw)}"
         )
-    # Copy: the request body goes away, and onnxruntime wants native byte order and alignment.
-    return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+    array = np.frombuffer(raw, dtype=dtype)
+    if not (array.flags.writeable and array.flags.aligned and dtype.isnative):
+        # A read-only body (bytes) or a tensor at an odd offset: copy into a writable, aligned, native array.
+        array = array.astype(dtype.newbyteorder("="), copy=True)
+    # Otherwise the tensor stays in the request's own buffer (app.read_tensor_body), which it keeps alive.
+    return array.reshape(shape)
 
 
 def to_json(array: Array) -> list[object]:

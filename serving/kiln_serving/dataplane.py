@@ -71,7 +71,9 @@ class DataPlane:
 
     # -- inference ------------------------------------------------------------------------------------------
 
-    async def infer(self, name: str, version: str | None, body: bytes, header_length: str | None) -> InferResponse:
+    async def infer(
+        self, name: str, version: str | None, body: bytes | memoryview, header_length: str | None
+    ) -> InferResponse:
         """POST /v2/models/{name}[/versions/{v}]/infer, JSON or with the binary extension."""
         model = self.require_ready(name, version)
         header, rest = binary.split(body, header_length)

@@ -4,7 +4,9 @@ Shutdown is uvicorn's graceful one: on SIGTERM (or stop()) it closes the listeni
 requests finish (up to graceful_shutdown_seconds), then the app's lifespan drains the batcher.
 """
 
+import ctypes
 import logging
+import platform
 import signal
 import socket
 import threading
@@ -47,8 +49,34 @@ def _uvicorn(app: Starlette, config: ServingConfig) -> uvicorn.Server:
     )
 
 
+# glibc mallopt() parameters and the values serve() gives them (see keep_large_blocks).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_TRIM_BYTES, _MMAP_BYTES = 64 << 20, 16 << 20
+
+
+def keep_large_blocks() -> None:
+    """Make glibc keep freed request-sized blocks in the heap instead of handing them back to the kernel.
+
+    A binary request allocates a few blocks the size of its body (uvicorn's body buffers, the tensor buffer).
+    Above glibc's mmap threshold each is fresh memory from mmap, and heap trimming returns what the next request
+    needs, so a 400 KB batch paid ~100 page faults per copy: a fifth of the event loop's CPU. Fixed thresholds
+    reuse the memory instead, at the cost of up to _TRIM_BYTES of free heap kept. A no-op off glibc.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_BYTES)
+    except (OSError, AttributeError) as err:
+        log.debug("mallopt not available: %s", err)
+
+
 def serve(config: ServingConfig, model: Model | None = None) -> int:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully; returns the exit status."""
+    """Serve until SIGINT/SIGTERM, then shut down gracefully; returns the exit status.
+
+    Owns the process, so it also tunes the allocator for request-sized buffers (keep_large_blocks)."""
+    keep_large_blocks()
     app = build_app(config, model)
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
