@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import io
 import logging
-import os
 import platform
 import statistics
 import sys
@@ -35,6 +34,7 @@ for root in (REPO, REPO / "trainer"):
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
 
+import machine  # noqa: E402
 import torch  # noqa: E402
 
 from kiln import api  # noqa: E402
@@ -104,11 +104,6 @@ def train_small_cnn(epochs: int, folder: Path) -> Trained:
         epochs=epochs,
         seconds=seconds,
     )
-
-
-def _threads() -> int:
-    """The cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _cpu_name() -> str:
@@ -214,7 +209,7 @@ def _case(
 def main(quick: bool, threads: int | None = None) -> str:
     """Run every case; return a Markdown table of median ms and speed-up over PyTorch eager fp32.
     ``threads`` for both PyTorch and onnxruntime (default: every core this process may use)."""
-    repeats, threads = (3 if quick else 10), threads or _threads()
+    repeats, threads = (3 if quick else 10), threads or machine.nproc()
     epochs = TRAIN_EPOCHS_QUICK if quick else TRAIN_EPOCHS_FULL
     with tempfile.TemporaryDirectory(prefix="kiln-bench-train-") as tmp:
         trained = train_small_cnn(epochs, Path(tmp))

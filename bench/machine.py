@@ -28,7 +28,8 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _nproc() -> int:
+def nproc() -> int:
+    """The cores this process may use (its CPU affinity), which is what thread counts should follow."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -115,7 +116,7 @@ def load_average() -> str:
 def describe(quick: bool, argv: list[str], idle_busy: float | None) -> str:
     """Title and the machine description every number below depends on."""
     found_gpu = gpu()
-    cores = _nproc()
+    cores = nproc()
     busy = f"{idle_busy:.1f} of {cores} cores busy over 3 s before the first table" if idle_busy is not None else ""
     rows = [
         ("date", datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")),

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import io
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ for root in (REPO, REPO / "trainer"):
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
 
+import machine  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -38,10 +38,6 @@ from kiln_trainer import data, loop, models  # noqa: E402
 BATCH = 64
 LEARNING_RATE = 1e-3
 GOAL = 0.05
-
-
-def _threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _spec(epochs: int) -> api.TrainingJobSpec:
@@ -91,7 +87,7 @@ def kiln_loop(spec: api.TrainingJobSpec) -> tuple[list[float], list[float]]:
 
 def main(quick: bool) -> str:
     """Run both loops alternately; return a Markdown table of throughput and kiln's overhead."""
-    (runs, epochs), threads = (4, 2) if quick else (4, 3), _threads()
+    (runs, epochs), threads = (4, 2) if quick else (4, 3), machine.nproc()
     torch.set_num_threads(threads)
     logging.disable(logging.WARNING)
     spec = _spec(epochs)
