@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import io
 import logging
-import platform
 import statistics
 import sys
 import tempfile
@@ -104,16 +103,6 @@ def train_small_cnn(epochs: int, folder: Path) -> Trained:
         epochs=epochs,
         seconds=seconds,
     )
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _torch_ms(model: torch.nn.Module, batch: np.ndarray, repeats: int) -> float:
@@ -223,7 +212,7 @@ def main(quick: bool, threads: int | None = None) -> str:
     lines = [
         "## Compiled inference latency (median ms, speed-up over PyTorch eager fp32)",
         "",
-        f"{_cpu_name()}, {threads} thread{'s' * (threads != 1)} for PyTorch and onnxruntime; "
+        f"{machine.cpu_model()}, {threads} thread{'s' * (threads != 1)} for PyTorch and onnxruntime; "
         f"int8 {settings.note}; torch {torch.__version__}, onnxruntime {ort.__version__}; {repeats} timed runs per cell"
         f"{' (quick)' if quick else ''}.",
         "",

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 MAKE_TARGETS = {(): " (`make bench`)", ("--quick",): " (`make bench-quick`)"}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU model name, for report headers."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -122,7 +123,7 @@ def describe(quick: bool, argv: list[str], idle_busy: float | None) -> str:
         ("date", datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")),
         ("command", f"`{shlex.join(['python', 'bench/run.py', *argv])}`" + MAKE_TARGETS.get(tuple(argv), "")),
         ("cores (nproc)", str(cores)),
-        ("CPU", _cpu_model()),
+        ("CPU", cpu_model()),
         ("memory", _memory()),
         ("GPU", found_gpu or "none"),
         ("OS", f"{platform.system()} {platform.release()} ({platform.machine()})"),
