@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import loadclient
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,31 +159,18 @@ def request(x: np.ndarray) -> bytes:
     return start.encode() + head + raw
 
 
-async def _client(port: int, payload: bytes, until: float, latencies: list[float], errors: list[float]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        while time.perf_counter() < until:
-            started = time.perf_counter()
-            writer.write(payload)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))  # fmt: skip
-            await reader.readexactly(length)
-            (latencies if head.startswith(b"HTTP/1.1 200") else errors).append(time.perf_counter() - started)
-    finally:
-        writer.close()
-
-
 def closed_loop(port: int, payload: bytes, concurrency: int, seconds: float) -> tuple[float, list[float], int]:
     """(seconds measured, per-request latencies, errors) after a short warm-up at the same concurrency."""
 
     async def run() -> tuple[float, list[float], int]:
         warm = time.perf_counter() + min(1.0, seconds / 3)
-        await asyncio.gather(*[_client(port, payload, warm, [], []) for _ in range(concurrency)])
+        await asyncio.gather(*[loadclient.client(port, payload, warm, [], []) for _ in range(concurrency)])
         latencies: list[float] = []
-        errors: list[float] = []
+        errors: list[int] = []
         began = time.perf_counter()
-        await asyncio.gather(*[_client(port, payload, began + seconds, latencies, errors) for _ in range(concurrency)])
+        await asyncio.gather(
+            *[loadclient.client(port, payload, began + seconds, latencies, errors) for _ in range(concurrency)]
+        )
         return time.perf_counter() - began, latencies, len(errors)
 
     return asyncio.run(run())

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import loadclient
 import numpy as np
 
 if TYPE_CHECKING:
@@ -287,36 +288,18 @@ def infer_request(x: np.ndarray, binary: bool, model: str = "m") -> bytes:
     return start.encode() + body
 
 
-async def _client(port: int, request: bytes, until: float, latencies: list[float], errors: list[int]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        while time.perf_counter() < until:
-            started = time.perf_counter()
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))  # fmt: skip
-            await reader.readexactly(length)
-            if head.startswith(b"HTTP/1.1 200"):
-                latencies.append(time.perf_counter() - started)
-            else:
-                errors.append(1)
-    finally:
-        writer.close()
-
-
 def closed_loop(name: str, server: Running, request: bytes, concurrency: int, batch: int, seconds: float) -> Result:
     port = server.port
 
     async def run() -> Result:
         warm: list[float] = []
-        await asyncio.gather(*[_client(port, request, time.perf_counter() + min(0.5, seconds / 4), warm, [])
+        await asyncio.gather(*[loadclient.client(port, request, time.perf_counter() + min(0.5, seconds / 4), warm, [])
                                for _ in range(concurrency)])  # fmt: skip
         latencies: list[float] = []
         errors: list[int] = []
         cpu = cpu_seconds(server.pid)
         started = time.perf_counter()
-        await asyncio.gather(*[_client(port, request, started + seconds, latencies, errors)
+        await asyncio.gather(*[loadclient.client(port, request, started + seconds, latencies, errors)
                                for _ in range(concurrency)])  # fmt: skip
         elapsed = time.perf_counter() - started
         return Result(name, concurrency, batch, elapsed, latencies, len(errors), cpu_seconds(server.pid) - cpu)
