@@ -1,6 +1,6 @@
 """A real control plane and `kiln operator` for the operator table (bench/operator_apply.py).
 
-Uses the integration tests' utilities (tests/kube): etcd, kube-apiserver and kube-controller-manager on loopback
+Uses kiln_cluster (hack/kiln_cluster): etcd, kube-apiserver and kube-controller-manager on loopback
 (no scheduler and no node agent: the TrainingJobs are created suspended, so no pod is ever scheduled), the
 committed CRD, and the operator run as a local process with the Helm chart's ServiceAccount, RBAC and
 settings, exactly as the integration tests run it. One TrainingJob is applied and its Job awaited before
@@ -19,13 +19,12 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
 import operator_apply  # noqa: E402
-from kube import binaries, chart  # noqa: E402
-from kube.controlplane import ControlPlane  # noqa: E402
-from kube.rest import ApiError, Kube  # noqa: E402
-from kube.waiting import wait_until  # noqa: E402
+from kiln_cluster import binaries, chart  # noqa: E402
+from kiln_cluster.controlplane import ControlPlane  # noqa: E402
+from kiln_cluster.rest import ApiError, Kube  # noqa: E402
+from kiln_cluster.waiting import wait_until  # noqa: E402
 
 CRD_FILE = REPO / "charts" / "kiln" / "crds" / "trainingjob.yaml"
 WARMUP_NAMESPACE = "kiln-bench-warmup"
@@ -104,7 +103,7 @@ def operator_table(quick: bool) -> str:
     started = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in plane.timings.items())
     return (
         markdown.rstrip()
-        + "\n\nControl plane: etcd, kube-apiserver and kube-controller-manager on loopback (tests/kube; started in "
+        + "\n\nControl plane: etcd, kube-apiserver and kube-controller-manager on loopback (kiln_cluster; started in "
         + f"{started}); `kiln operator` as a local process with the Helm chart's ServiceAccount and RBAC; one "
         + f"warm-up TrainingJob → Job took {warm:.2f} s before the timed apply.\n\n"
         + f"CPU seconds each process used during the measurement ({wall:.1f} s wall, namespace set-up and clean-up "

@@ -48,15 +48,18 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
 GO
   say "resolving modules"
   go mod tidy -e >/dev/null 2>&1 || true
   go get "k8s.io/kubernetes/cmd/kube-apiserver@v$KUBE_VERSION" \
     "k8s.io/kubernetes/cmd/kube-controller-manager@v$KUBE_VERSION" \
-    "k8s.io/kubernetes/cmd/kube-scheduler@v$KUBE_VERSION" "k8s.io/kubernetes/cmd/kubectl@v$KUBE_VERSION"
+    "k8s.io/kubernetes/cmd/kube-scheduler@v$KUBE_VERSION" "k8s.io/kubernetes/cmd/kubectl@v$KUBE_VERSION" \
+    "k8s.io/kubernetes/cmd/kubelet@v$KUBE_VERSION" "k8s.io/kubernetes/cmd/kube-proxy@v$KUBE_VERSION"
   local v=k8s.io/component-base/version
-  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
     [ -x "$bin/$cmd" ] && continue
     say "building $cmd v$KUBE_VERSION (a cold build takes several minutes on 2 cores)"
     go build -trimpath -o "$bin/$cmd.tmp" \
@@ -95,7 +98,7 @@ build_helm() {
 start=$(date +%s)
 [ -x "$bin/etcd" ] || (build_etcd)
 [ -x "$bin/helm" ] || (build_helm)
-for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
   if [ ! -x "$bin/$cmd" ]; then
     (build_kube)
     break

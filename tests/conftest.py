@@ -1,2 +1,3 @@
-"""Shared by every test tier. Its presence puts tests/ on sys.path, so tests import the `kube` test utilities
-(tests/kube: control plane, node agent, Prometheus) as `from kube import ...`."""
+"""Shared by every test tier. The cluster harness the tiers use (control plane, node, Prometheus, the chart's
+operator) is the `kiln_cluster` package in hack/kiln_cluster, installed with kiln's dev extra; `make cluster`
+runs the same code for people."""

@@ -1,17 +1,17 @@
 """Fixtures for the integration tier: one real control plane and one node agent per session.
 
-- `control_plane`: etcd, kube-apiserver, kube-controller-manager and kube-scheduler on loopback (kube/controlplane.py).
+- `control_plane`: etcd, kube-apiserver, kube-controller-manager and kube-scheduler on loopback (kiln_cluster/controlplane.py).
   Binaries come from KILN_TEST_BIN, else KUBEBUILDER_ASSETS, else PATH; without them every test here is
   skipped with one reason line.
-- `kube`: an admin API client (system:masters), dicts in and out (kube/rest.py).
-- `node`: the node agent that runs scheduled pods as local processes (kube/kubelet.py).
+- `kube`: an admin API client (system:masters), dicts in and out (kiln_cluster/rest.py).
+- `node`: the node agent that runs scheduled pods as local processes (kiln_cluster/kubelet.py).
 - `trainingjob_crd`: the committed CRD (charts/kiln/crds/trainingjob.yaml) installed and Established.
 - `namespace`: a fresh namespace per test; on failure the test's output gets every pod's state and log tail.
 - `kiln_chart`: `helm template` of charts/kiln (skips when the chart or helm is missing).
-- `kiln_operator`: `kiln operator` as the chart's ServiceAccount, with the chart's RBAC (kube/chart.py).
+- `kiln_operator`: `kiln operator` as the chart's ServiceAccount, with the chart's RBAC (kiln_cluster/chart.py).
 - `workload_namespace`: a fresh namespace with the chart's artifacts claim, for TrainingJobs.
-- `prometheus`: a real Prometheus scraping every second; tests add targets (kube/prometheus.py).
-Everything started here is stopped at session end, and kube/procs.py's atexit hook kills stragglers.
+- `prometheus`: a real Prometheus scraping every second; tests add targets (kiln_cluster/prometheus.py).
+Everything started here is stopped at session end, and kiln_cluster/procs.py's atexit hook kills stragglers.
 """
 
 import json
@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 import yaml
-from kube import binaries, chart
-from kube import prometheus as prom
-from kube.controlplane import ControlPlane
-from kube.kubelet import NodeAgent, wait_for_node_ready
-from kube.rest import ApiError, Kube
-from kube.waiting import wait_until
+from kiln_cluster import binaries, chart
+from kiln_cluster import prometheus as prom
+from kiln_cluster.controlplane import ControlPlane
+from kiln_cluster.kubelet import NodeAgent, wait_for_node_ready
+from kiln_cluster.rest import ApiError, Kube
+from kiln_cluster.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "charts/kiln/crds/trainingjob.yaml"

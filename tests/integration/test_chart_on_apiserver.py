@@ -3,7 +3,7 @@
 Every manifest goes through a server-side dry run first (what `kubectl apply --dry-run=server` sends:
 dryRun=All), then the default install is applied for real. The real install pins the operator pod to a
 node that does not exist (the chart's operator.nodeSelector), because the tests run the operator themselves
-(see kube/chart.py) and a second one must not start. The CI values files are checked first, as fresh
+(see kiln_cluster/chart.py) and a second one must not start. The CI values files are checked first, as fresh
 installs, before the default install exists (its bound claim could not be resized by a dry run).
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kube import chart
-from kube.rest import ApiError, Kube
+from kiln_cluster import chart
+from kiln_cluster.rest import ApiError, Kube
 
 Obj = dict[str, Any]
 CI_VALUES = sorted((chart.CHART / "ci").glob("*.yaml")) if (chart.CHART / "ci").is_dir() else []

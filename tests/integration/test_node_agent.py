@@ -11,10 +11,10 @@ import textwrap
 import urllib.request
 from typing import Any
 
-from kube.kubelet import NodeAgent
-from kube.procs import alive
-from kube.rest import Kube
-from kube.waiting import wait_until
+from kiln_cluster.kubelet import NodeAgent
+from kiln_cluster.procs import alive
+from kiln_cluster.rest import Kube
+from kiln_cluster.waiting import wait_until
 
 Obj = dict[str, Any]
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import trainingjobs as tj
-from kube.chart import RELEASE_NAMESPACE, KilnOperator
-from kube.controlplane import ControlPlane
-from kube.kubelet import NodeAgent
-from kube.rest import ApiError, Kube
-from kube.waiting import wait_until
+from kiln_cluster.chart import RELEASE_NAMESPACE, KilnOperator
+from kiln_cluster.controlplane import ControlPlane
+from kiln_cluster.kubelet import NodeAgent
+from kiln_cluster.rest import ApiError, Kube
+from kiln_cluster.waiting import wait_until
 
 Obj = dict[str, Any]
 OPERATOR = f"system:serviceaccount:{RELEASE_NAMESPACE}:kiln"

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kube.rest import ApiError, Kube
+from kiln_cluster.rest import ApiError, Kube
 
 from kiln import api
 

@@ -5,9 +5,9 @@ import json
 from typing import Any
 
 import trainingjobs as tj
-from kube.chart import KilnOperator
-from kube.kubelet import NodeAgent
-from kube.rest import Kube
+from kiln_cluster.chart import KilnOperator
+from kiln_cluster.kubelet import NodeAgent
+from kiln_cluster.rest import Kube
 
 from kiln.api import constants
 

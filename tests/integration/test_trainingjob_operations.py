@@ -5,11 +5,11 @@ collector (ownerReferences), down to the processes."""
 from typing import Any
 
 import trainingjobs as tj
-from kube.chart import KilnOperator
-from kube.kubelet import NodeAgent
-from kube.procs import alive
-from kube.rest import Kube
-from kube.waiting import wait_until
+from kiln_cluster.chart import KilnOperator
+from kiln_cluster.kubelet import NodeAgent
+from kiln_cluster.procs import alive
+from kiln_cluster.rest import Kube
+from kiln_cluster.waiting import wait_until
 
 from kiln.api import constants
 

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import trainingjobs as tj
 import tritonclient.http as triton
-from kube.chart import KilnOperator
-from kube.kubelet import NodeAgent
-from kube.prometheus import Prometheus
-from kube.rest import Kube
-from kube.waiting import wait_until
+from kiln_cluster.chart import KilnOperator
+from kiln_cluster.kubelet import NodeAgent
+from kiln_cluster.prometheus import Prometheus
+from kiln_cluster.rest import Kube
+from kiln_cluster.waiting import wait_until
 
 from kiln.api import constants
 

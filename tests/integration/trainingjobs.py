@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-from kube.kubelet import NodeAgent
-from kube.rest import ApiError, Kube
-from kube.waiting import wait_until
+from kiln_cluster.kubelet import NodeAgent
+from kiln_cluster.rest import ApiError, Kube
+from kiln_cluster.waiting import wait_until
 
 from kiln import api
 from kiln.api import constants

@@ -17,11 +17,11 @@ from typing import Any
 
 import yaml
 
-from kube import binaries, podenv
-from kube.controlplane import ControlPlane, free_port
-from kube.procs import Process
-from kube.rest import Kube
-from kube.waiting import wait_until
+from kiln_cluster import binaries, podenv
+from kiln_cluster.controlplane import ControlPlane, free_port
+from kiln_cluster.procs import Process
+from kiln_cluster.rest import Kube
+from kiln_cluster.waiting import wait_until
 
 Obj = dict[str, Any]
 ROOT = Path(__file__).resolve().parents[2]

@@ -30,10 +30,10 @@ from typing import Any
 import urllib3
 import yaml
 
-from kube import binaries, pki
-from kube.procs import Process
-from kube.rest import ApiError, Kube
-from kube.waiting import wait_until
+from kiln_cluster import binaries, pki
+from kiln_cluster.procs import Process
+from kiln_cluster.rest import ApiError, Kube
+from kiln_cluster.waiting import wait_until
 
 ADMIN_USER = "kiln-test-admin"
 SERVICE_CIDR = "10.0.0.0/24"

@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kube import podenv, volumes
+from kiln_cluster import podenv, volumes
 
 if TYPE_CHECKING:
-    from kube.kubelet import NodeAgent
-    from kube.podrunner import Container, PodRunner
+    from kiln_cluster.kubelet import NodeAgent
+    from kiln_cluster.podrunner import Container, PodRunner
 
 Obj = dict[str, Any]
 

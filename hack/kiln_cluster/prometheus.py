@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from kube import binaries
-from kube.controlplane import free_port
-from kube.procs import Process
-from kube.waiting import wait_until
+from kiln_cluster import binaries
+from kiln_cluster.controlplane import free_port
+from kiln_cluster.procs import Process
+from kiln_cluster.waiting import wait_until
 
 
 def skip_reason() -> str | None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kube import podenv
-from kube.rest import Kube
+from kiln_cluster import podenv
+from kiln_cluster.rest import Kube
 
 Obj = dict[str, Any]
 

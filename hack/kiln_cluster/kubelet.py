@@ -20,11 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kube import launch, podenv
-from kube.controlplane import ControlPlane
-from kube.podrunner import Container, PodRunner, now
-from kube.procs import Process
-from kube.rest import STRATEGIC, ApiError, Kube
+from kiln_cluster import launch, podenv
+from kiln_cluster.controlplane import ControlPlane
+from kiln_cluster.podrunner import Container, PodRunner, now
+from kiln_cluster.procs import Process
+from kiln_cluster.rest import STRATEGIC, ApiError, Kube
 
 Obj = dict[str, Any]
 CAPACITY = podenv.NODE_CAPACITY

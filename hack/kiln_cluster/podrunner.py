@@ -22,12 +22,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kube import podenv, volumes
-from kube.procs import Process
-from kube.rest import STRATEGIC, ApiError
+from kiln_cluster import podenv, volumes
+from kiln_cluster.procs import Process
+from kiln_cluster.rest import STRATEGIC, ApiError
 
 if TYPE_CHECKING:
-    from kube.kubelet import NodeAgent
+    from kiln_cluster.kubelet import NodeAgent
 
 Obj = dict[str, Any]
 TICK = 0.2
