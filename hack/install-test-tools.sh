@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Builds the real control plane the integration tests run (kube-apiserver, kube-controller-manager,
-# kube-scheduler, etcd, plus a matching kubectl) and helm from the Go module proxy, and caches them per version so later runs
-# on the same machine skip the build. Prints the folder holding the binaries on its last line.
+# Builds the real cluster the integration and e2e tests run — the control plane (kube-apiserver,
+# kube-controller-manager, kube-scheduler, etcd), the node (kubelet, kube-proxy; containerd, CNI plugins, crictl,
+# CoreDNS and the pause binary through hack/install-node-tools.sh, which also installs runc, podman, debootstrap,
+# iptables, nftables and Prometheus from Debian), a matching kubectl and helm — from the Go module proxy, and
+# caches them per version so later runs on the same machine skip the build. Prints the folder holding (links to)
+# every binary on its last line.
 #
 # Kubernetes' own go.mod replaces its staging modules with local folders, so `go install` is refused;
 # a stub module that pins every staging module to its v0.X.Y tag builds the commands instead.
@@ -103,6 +106,10 @@ for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet
     (build_kube)
     break
   fi
+done
+node_bin="$(bash "$(dirname "$0")/install-node-tools.sh" | tail -n 1)"
+for tool in "$node_bin"/*; do
+  ln -sf "$tool" "$bin/$(basename "$tool")"
 done
 say "binaries ready in $bin ($(( $(date +%s) - start ))s)"
 echo "$bin"

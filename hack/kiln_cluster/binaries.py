@@ -45,3 +45,40 @@ def control_plane(*, scheduler: bool = True) -> dict[str, Path]:
             "hack/install-test-tools.sh, which needs Go) or set KILN_TEST_BIN to a folder holding them"
         )
     return {name: path for name, path in found.items() if path is not None}
+
+
+# What the real node runs beside the control plane: hack/install-node-tools.sh builds all but runc (Debian's),
+# and hack/install-test-tools.sh links them into the binaries folder.
+NODE = (
+    "kubelet",
+    "kube-proxy",
+    "containerd",
+    "containerd-shim-runc-v2",
+    "ctr",
+    "crictl",
+    "coredns",
+    "pause",
+    "bridge",
+    "host-local",
+    "loopback",
+    "portmap",
+    "runc",
+    "iptables",
+    "nft",
+    "ip",
+)
+NODE_MISSING = "the real node needs"
+
+
+def node() -> dict[str, Path]:
+    """Every binary the real node needs, or a LookupError whose message says which are missing and how to get
+    them."""
+    found = {name: find(name) for name in NODE}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        raise LookupError(
+            f"{NODE_MISSING} {', '.join(missing)}: run `make test` or `make cluster` as root "
+            "(hack/install-test-tools.sh builds them with Go and installs runc, iptables and nftables from Debian) "
+            "or set KILN_TEST_BIN"
+        )
+    return {name: path for name, path in found.items() if path is not None}

@@ -1,5 +1,5 @@
 """The Helm chart as the cluster would get it: `helm template` output, parsed, and the operator it deploys run
-locally with the chart's own identity.
+locally with the chart's own identity (for the API-only integration tier; the e2e tier helm-installs it for real).
 
 `KilnOperator` applies the chart's ServiceAccount, ClusterRoles, ClusterRoleBindings and ConfigMap, asks the
 TokenRequest API for the ServiceAccount's token, writes a kubeconfig with it, and runs the chart
@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from kiln_cluster import binaries, podenv
+from kiln_cluster import binaries
 from kiln_cluster.controlplane import ControlPlane, free_port
 from kiln_cluster.procs import Process
 from kiln_cluster.rest import Kube
@@ -127,7 +127,9 @@ class KilnOperator:
         ]
         self.metrics_port, self.health_port = free_port(), free_port()
         args += [f"--metrics-port={self.metrics_port}", f"--liveness-port={self.health_port}", "--bind-host=127.0.0.1"]
-        return podenv.resolve_command([*(container.get("command") or ["kiln"]), *args])
+        command = container.get("command") or ["kiln"]
+        assert command == ["kiln"], f"the chart's operator container runs kiln, not {command}"
+        return [str(Path(sys.executable).parent / "kiln"), *args]
 
     def start(self) -> None:
         self.install_identity()

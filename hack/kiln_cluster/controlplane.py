@@ -30,13 +30,37 @@ from typing import Any
 import urllib3
 import yaml
 
-from kiln_cluster import binaries, pki
+from kiln_cluster import binaries, network, pki
 from kiln_cluster.procs import Process
 from kiln_cluster.rest import ApiError, Kube
 from kiln_cluster.waiting import wait_until
 
 ADMIN_USER = "kiln-test-admin"
-SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_CIDR = network.Addresses().service_cidr
+API_PORT = 6443
+# PodSecurity: every namespace enforces `restricted` unless labelled otherwise; kube-system is exempt.
+ADMISSION_CONFIG = {
+    "apiVersion": "apiserver.config.k8s.io/v1",
+    "kind": "AdmissionConfiguration",
+    "plugins": [
+        {
+            "name": "PodSecurity",
+            "configuration": {
+                "apiVersion": "pod-security.admission.config.k8s.io/v1",
+                "kind": "PodSecurityConfiguration",
+                "defaults": {
+                    "enforce": "restricted",
+                    "enforce-version": "latest",
+                    "audit": "restricted",
+                    "audit-version": "latest",
+                    "warn": "restricted",
+                    "warn-version": "latest",
+                },
+                "exemptions": {"usernames": [], "runtimeClasses": [], "namespaces": ["kube-system"]},
+            },
+        }
+    ],
+}
 
 
 def free_port() -> int:
@@ -78,9 +102,21 @@ class ControlPlane:
     ``scheduler=False`` leaves kube-scheduler out (and does not need its binary): for callers whose pods are
     never scheduled, such as the operator benchmark's suspended Jobs."""
 
-    def __init__(self, root: Path, *, scheduler: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        scheduler: bool = True,
+        addresses: network.Addresses | None = None,
+        detached: bool = False,
+    ) -> None:
         self.root = root
         self.scheduler = scheduler
+        # With `addresses`, the API server serves a real node: it listens on the node address (pods reach it
+        # through the `kubernetes` Service), authorizes Node,RBAC, admits with NodeRestriction and PodSecurity
+        # (restricted by default), and can reach kubelets for logs, exec and port-forward.
+        self.addresses = addresses
+        self.detached = detached
         self.bins = binaries.control_plane(scheduler=scheduler)
         self.processes: dict[str, Process] = {}
         self.timings: dict[str, float] = {}
@@ -122,7 +158,13 @@ class ControlPlane:
         self.pki_dir.mkdir(parents=True, exist_ok=True)
         self.ca = pki.CertificateAuthority()
         self.ca_path, _ = self.ca.pair.write(self.pki_dir, "ca")
-        self.serving_cert, self.serving_key = self.ca.serving("kube-apiserver").write(self.pki_dir, "apiserver")
+        ips: tuple[str, ...] = ()
+        if self.addresses:
+            ips = (self.addresses.node_ip, self.addresses.api_service_ip)
+        names = ("kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local")
+        serving = self.ca.serving("kube-apiserver", ips=ips, names=names)
+        self.serving_cert, self.serving_key = serving.write(self.pki_dir, "apiserver")
+        self.kubelet_client = self.ca.client("kube-apiserver-kubelet-client", ("system:masters",))
         self.sa_public, self.sa_private = pki.service_account_signer().write(self.pki_dir, "sa")
         self.admin = self.ca.client(ADMIN_USER, ("system:masters",))
 
@@ -159,7 +201,7 @@ class ControlPlane:
         began = time.monotonic()
         for _attempt in range(3):
             argv, healthy = plan()
-            proc = Process(name, argv, self.logs / f"{name}.log")
+            proc = Process(name, argv, self.logs / f"{name}.log", detached=self.detached)
             self.processes[name] = proc
 
             def up(p: Process = proc, h: Callable[[], bool] = healthy) -> bool:
@@ -204,20 +246,20 @@ class ControlPlane:
         health = urllib3.PoolManager(ssl_context=context, retries=False)
 
         def plan() -> tuple[list[str], Callable[[], bool]]:
-            port = free_port()
-            self.server = f"https://127.0.0.1:{port}"
+            port = free_port() if self.addresses is None else API_PORT
+            host = "127.0.0.1" if self.addresses is None else self.addresses.node_ip
+            self.server = f"https://{host}:{port}"
             argv = [
                 str(self.bins["kube-apiserver"]),
                 f"--etcd-servers={self.etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={host}",
+                f"--advertise-address={host}",
                 f"--secure-port={port}",
                 f"--cert-dir={self.root / 'apiserver-certs'}",
                 f"--tls-cert-file={self.serving_cert}",
                 f"--tls-private-key-file={self.serving_key}",
                 f"--client-ca-file={self.ca_path}",
-                "--authorization-mode=RBAC",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                *self._node_flags(),
                 "--allow-privileged=true",
                 f"--service-account-issuer={self.server}",
                 f"--api-audiences={self.server}",
@@ -237,6 +279,27 @@ class ControlPlane:
             },
         )
         self.kube = Kube(self.server, self.ca_pem, self.admin.cert_pem, self.admin.key_pem)
+
+    def _node_flags(self) -> list[str]:
+        """Authorization, admission and kubelet-client flags: RBAC alone without a node; with one, what a
+        kubeadm cluster has (Node,RBAC, NodeRestriction, PodSecurity restricted by default outside kube-system)."""
+        if self.addresses is None:
+            return ["--authorization-mode=RBAC", f"--service-cluster-ip-range={SERVICE_CIDR}"]
+        admission = self.root / "admission.yaml"
+        admission.write_text(yaml.safe_dump(ADMISSION_CONFIG))
+        certs = self.pki_dir / "kubelet-client"
+        certs.mkdir(exist_ok=True)
+        cert, key = self.kubelet_client.write(certs, "client")
+        return [
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--admission-control-config-file={admission}",
+            f"--service-cluster-ip-range={self.addresses.service_cidr}",
+            f"--kubelet-client-certificate={cert}",
+            f"--kubelet-client-key={key}",
+            f"--kubelet-certificate-authority={self.ca_path}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
 
     def _serving_flags(self, name: str, port: int) -> list[str]:
         """Flags a controller-manager or scheduler needs to serve /healthz on loopback."""
@@ -263,6 +326,16 @@ class ControlPlane:
                 f"--service-account-private-key-file={self.sa_private}",
                 "--use-service-account-credentials=true",
                 "--controllers=*",
+                *(
+                    [
+                        "--allocate-node-cidrs=true",
+                        f"--cluster-cidr={self.addresses.pod_cidr}",
+                        f"--node-cidr-mask-size={self.addresses.prefix}",
+                        f"--service-cluster-ip-range={self.addresses.service_cidr}",
+                    ]
+                    if self.addresses
+                    else []
+                ),
             ]
             return argv, lambda: _ok(f"https://127.0.0.1:{port}/healthz", insecure)
 

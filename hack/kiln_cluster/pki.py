@@ -80,11 +80,10 @@ class CertificateAuthority:
         cert = builder.sign(self._key, hashes.SHA256())
         return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
-    def serving(self, common_name: str) -> KeyPair:
-        """A server certificate valid for 127.0.0.1 and localhost."""
-        sans: list[x509.GeneralName] = [
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.DNSName("localhost"),
+    def serving(self, common_name: str, ips: tuple[str, ...] = (), names: tuple[str, ...] = ()) -> KeyPair:
+        """A server certificate valid for 127.0.0.1, localhost and the extra `ips` and DNS `names`."""
+        sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", *ips)] + [
+            x509.DNSName(name) for name in ("localhost", *names)
         ]
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         return self._issue(subject, ExtendedKeyUsageOID.SERVER_AUTH, sans)

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -27,7 +28,10 @@ def _die_with_parent() -> None:
 
 
 class Process:
-    """One started command: its log file, its exit status, and a stop that escalates TERM → KILL."""
+    """One started command: its log file, its exit status, and a stop that escalates TERM → KILL.
+
+    ``detached`` processes (`make cluster`'s daemons) outlive their spawner: no parent-death signal, no atexit
+    kill; whoever stops them later does so by pid (`stop_pid`)."""
 
     def __init__(
         self,
@@ -36,6 +40,7 @@ class Process:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        detached: bool = False,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -52,9 +57,10 @@ class Process:
                 env=dict(env) if env is not None else None,
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=None if detached else _die_with_parent,
             )
-        _register(self)
+        if not detached:
+            _register(self)
 
     @property
     def pid(self) -> int:
@@ -107,6 +113,19 @@ def _register(proc: Process) -> None:
 def _unregister(proc: Process) -> None:
     with _lock:
         _live.discard(proc)
+
+
+def stop_pid(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM the process group led by `pid`, SIGKILL it after `grace` seconds (for detached processes)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def alive(pid: int) -> bool:

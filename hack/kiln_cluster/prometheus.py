@@ -27,6 +27,34 @@ def skip_reason() -> str | None:
     return None
 
 
+def kubernetes_pods_job(kubeconfig: Path) -> dict[str, Any]:
+    """The conventional annotation-driven pod scrape job (as in Prometheus' own kubernetes example config)."""
+    annotation = "__meta_kubernetes_pod_annotation_prometheus_io_"
+    return {
+        "job_name": "kubernetes-pods",
+        "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": str(kubeconfig)}],
+        "relabel_configs": [
+            {"source_labels": [f"{annotation}scrape"], "action": "keep", "regex": "true"},
+            {
+                "source_labels": [f"{annotation}path"],
+                "action": "replace",
+                "target_label": "__metrics_path__",
+                "regex": "(.+)",
+            },
+            {
+                "source_labels": ["__address__", f"{annotation}port"],
+                "action": "replace",
+                "regex": r"([^:]+)(?::\d+)?;(\d+)",
+                "replacement": "$1:$2",
+                "target_label": "__address__",
+            },
+            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+            {"source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"], "target_label": "component"},
+        ],
+    }
+
+
 class Prometheus:
     """One Prometheus server with its own config, TSDB folder and port."""
 
@@ -39,18 +67,27 @@ class Prometheus:
 
     def start(self, jobs: tuple[str, ...] = ("serving", "operator", "trainer")) -> None:
         """Start with one file-discovered scrape job per name in `jobs` (targets added later by `scrape`)."""
-        config = {
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [
-                {
-                    "job_name": job,
-                    "file_sd_configs": [{"files": [str(self.targets / f"{job}.json")], "refresh_interval": "1s"}],
-                }
-                for job in jobs
-            ],
-        }
+        scrape_configs = [
+            {
+                "job_name": job,
+                "file_sd_configs": [{"files": [str(self.targets / f"{job}.json")], "refresh_interval": "1s"}],
+            }
+            for job in jobs
+        ]
         for job in jobs:
             self.scrape(job, [])
+        self._run(scrape_configs)
+
+    def start_kubernetes_pods(self, kubeconfig: Path) -> None:
+        """Start discovering pods through the API server, as the usual `kubernetes-pods` job does: pods annotated
+        `prometheus.io/scrape: "true"` are scraped at their IP on `prometheus.io/port`, path `prometheus.io/path`."""
+        self._run([kubernetes_pods_job(kubeconfig)])
+
+    def _run(self, scrape_configs: list[dict[str, Any]]) -> None:
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": scrape_configs,
+        }
         (self.root / "prometheus.yml").write_text(yaml.safe_dump(config))
         binary = binaries.find("prometheus")
         assert binary is not None, skip_reason()

@@ -107,6 +107,17 @@ class Kube:
             raise ApiError(response.status, decoded if isinstance(decoded, dict) else {"message": text}, method, path)
         return decoded
 
+    def text(self, path: str, **params: Any) -> str:
+        """A GET whose answer is plain text (a pod's log); ApiError on a non-2xx status."""
+        query = {k: str(v) for k, v in params.items()}
+        response = self._http.request(
+            "GET", self.server + path + _query_string(query), headers={**self._headers, "Accept": "*/*"}, timeout=60.0
+        )
+        text: str = response.data.decode(errors="replace")
+        if response.status >= 300:
+            raise ApiError(response.status, {"message": text}, "GET", path)
+        return text
+
     def get(self, path: str, **params: Any) -> Obj:
         result: Obj = self.request("GET", path, params=params)
         return result

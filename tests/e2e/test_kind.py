@@ -1,7 +1,8 @@
 """The kind end-to-end run (deploy/kind/e2e.sh) and the files it relies on.
 
-The e2e itself needs kind and a reachable Docker engine and is skipped, with the reason, without them. The
-script's shellcheck and its request fixtures are checked everywhere.
+The kind run itself needs kind and a reachable Docker engine: it is marked `kind`, which `make test` leaves
+out (the real-node tier beside this file runs the same quick start without Docker) and `make e2e-kind` runs.
+The script's shellcheck and its request fixtures are checked everywhere.
 """
 
 import json
@@ -60,7 +61,7 @@ def test_the_e2e_request_fixtures_hold_the_same_digit_as_the_server_preprocesses
     np.testing.assert_allclose(np.asarray(sample["data"], dtype=np.float32).reshape(sample["shape"]), tensor, atol=1e-5)
 
 
-@pytest.mark.e2e
+@pytest.mark.kind
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_digits_cnn_trains_compiles_and_serves_correct_predictions_on_kind() -> None:

@@ -1,16 +1,17 @@
-"""Fixtures for the integration tier: one real control plane and one node agent per session.
+"""Fixtures for the integration tier: one real control plane (API server and controllers, no node) per session.
 
-- `control_plane`: etcd, kube-apiserver, kube-controller-manager and kube-scheduler on loopback (kiln_cluster/controlplane.py).
+Everything that needs running pods lives in the e2e tier (tests/e2e), on a real node.
+
+- `control_plane`: etcd, kube-apiserver, kube-controller-manager and kube-scheduler on loopback
+  (kiln_cluster/controlplane.py).
   Binaries come from KILN_TEST_BIN, else KUBEBUILDER_ASSETS, else PATH; without them every test here is
   skipped with one reason line.
 - `kube`: an admin API client (system:masters), dicts in and out (kiln_cluster/rest.py).
-- `node`: the node agent that runs scheduled pods as local processes (kiln_cluster/kubelet.py).
 - `trainingjob_crd`: the committed CRD (charts/kiln/crds/trainingjob.yaml) installed and Established.
 - `namespace`: a fresh namespace per test; on failure the test's output gets every pod's state and log tail.
 - `kiln_chart`: `helm template` of charts/kiln (skips when the chart or helm is missing).
 - `kiln_operator`: `kiln operator` as the chart's ServiceAccount, with the chart's RBAC (kiln_cluster/chart.py).
 - `workload_namespace`: a fresh namespace with the chart's artifacts claim, for TrainingJobs.
-- `prometheus`: a real Prometheus scraping every second; tests add targets (kiln_cluster/prometheus.py).
 Everything started here is stopped at session end, and kiln_cluster/procs.py's atexit hook kills stragglers.
 """
 
@@ -23,10 +24,9 @@ from typing import Any
 
 import pytest
 import yaml
+
 from kiln_cluster import binaries, chart
-from kiln_cluster import prometheus as prom
 from kiln_cluster.controlplane import ControlPlane
-from kiln_cluster.kubelet import NodeAgent, wait_for_node_ready
 from kiln_cluster.rest import ApiError, Kube
 from kiln_cluster.waiting import wait_until
 
@@ -77,17 +77,6 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
 @pytest.fixture(scope="session")
 def kube(control_plane: ControlPlane) -> Kube:
     return control_plane.kube
-
-
-@pytest.fixture(scope="session")
-def node(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeAgent]:
-    agent = NodeAgent(control_plane, tmp_path_factory.mktemp("node"))
-    agent.start()
-    try:
-        wait_for_node_ready(control_plane.kube, agent.node_name)
-        yield agent
-    finally:
-        agent.stop()
 
 
 def install_crd(kube: Kube, crd: dict[str, Any]) -> None:
@@ -143,8 +132,6 @@ def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
 def describe_namespace(kube: Kube, namespace: str, request: pytest.FixtureRequest) -> str:
     """Pods, their statuses and log tails, and the namespace's events, for a failure report."""
     out = [f"===== namespace {namespace} at {time.strftime('%H:%M:%S')}"]
-    if "node" in request.fixturenames:
-        out.append(request.getfixturevalue("node").describe(namespace))
     if "kiln_operator" in request.fixturenames:
         out.append(request.getfixturevalue("kiln_operator").tail(80))
     try:
@@ -173,7 +160,6 @@ def kiln_chart() -> list[dict[str, Any]]:
 @pytest.fixture(scope="session")
 def kiln_operator(
     control_plane: ControlPlane,
-    node: NodeAgent,
     trainingjob_crd: dict[str, Any],
     kiln_chart: list[dict[str, Any]],
     tmp_path_factory: pytest.TempPathFactory,
@@ -191,16 +177,3 @@ def workload_namespace(kube: Kube, namespace: str, kiln_chart: list[dict[str, An
     """A fresh namespace holding the chart's artifacts PersistentVolumeClaim, as workloadNamespaces would."""
     kube.create_object(chart.artifacts_claim(namespace), namespace)
     return namespace
-
-
-@pytest.fixture(scope="session")
-def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[prom.Prometheus]:
-    reason = prom.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    server = prom.Prometheus(tmp_path_factory.mktemp("prometheus"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()

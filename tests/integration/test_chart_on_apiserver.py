@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kiln_cluster import chart
 from kiln_cluster.rest import ApiError, Kube
 

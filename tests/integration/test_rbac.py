@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import trainingjobs as tj
+
 from kiln_cluster.chart import RELEASE_NAMESPACE, KilnOperator
 from kiln_cluster.controlplane import ControlPlane
-from kiln_cluster.kubelet import NodeAgent
 from kiln_cluster.rest import ApiError, Kube
 from kiln_cluster.waiting import wait_until
 
@@ -111,7 +111,7 @@ def test_the_chart_lets_the_operator_do_nothing_more(
 
 
 def test_a_trainer_may_patch_only_its_own_trainingjobs_status(
-    kube: Kube, control_plane: ControlPlane, node: NodeAgent, kiln_operator: KilnOperator, workload_namespace: str
+    kube: Kube, control_plane: ControlPlane, kiln_operator: KilnOperator, workload_namespace: str
 ) -> None:
     namespace = workload_namespace
     # Suspended jobs: the operator creates each trainer's identity, but no training runs.

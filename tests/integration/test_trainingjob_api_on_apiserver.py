@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import yaml
-from kiln_cluster.rest import ApiError, Kube
 
 from kiln import api
+from kiln_cluster.rest import ApiError, Kube
 
 CRD_FILE = Path(__file__).resolve().parents[2] / "charts/kiln/crds/trainingjob.yaml"
 TJ = "/apis/kiln.dev/v1alpha1/namespaces/{ns}/trainingjobs"

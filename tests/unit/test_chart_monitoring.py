@@ -135,7 +135,7 @@ def test_alerts_and_dashboard_query_metrics_kiln_exports() -> None:
 def test_alerts_and_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool not found (Debian package prometheus, installed by .ci/run)")
+        pytest.skip("promtool not found (Debian package prometheus, installed by hack/install-node-tools.sh)")
     objs = render(*values_args(CHART / "ci" / "monitoring-values.yaml"))
     rules = [{"record": f"kiln:check_{i}", "expr": expr} for i, (_, expr) in enumerate(_queries(objs))]
     alerts = one(objs, "PrometheusRule")["spec"]

@@ -1,7 +1,7 @@
-"""Helpers for the TrainingJob scenarios: manifests, waiting on phases, recording status, real digits.
+"""Helpers for the TrainingJob scenarios of both tiers: manifests, waiting on phases, recording status, real digits.
 
-Every scenario trains the built-in small CNN on scikit-learn's digits on CPU with few epochs, so the whole
-integration tier fits CI's budget on two cores.
+Every scenario trains the built-in small CNN on scikit-learn's digits on CPU with few epochs, so the tiers fit
+CI's budget on two cores. `describe` callbacks say what to print when a wait times out (pods, logs, events).
 """
 
 import copy
@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 import yaml
-from kiln_cluster.kubelet import NodeAgent
-from kiln_cluster.rest import ApiError, Kube
-from kiln_cluster.waiting import wait_until
 
 from kiln import api
 from kiln.api import constants
+from kiln_cluster.rest import ApiError, Kube
+from kiln_cluster.waiting import wait_until
 
 Obj = dict[str, Any]
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +63,6 @@ def status_of(kube: Kube, namespace: str, name: str) -> Obj:
 
 def wait_for_phase(
     kube: Kube,
-    node: NodeAgent,
     namespace: str,
     name: str,
     phases: tuple[str, ...],
@@ -79,7 +77,7 @@ def wait_for_phase(
 
     def explain() -> str:
         extra = describe() if describe else ""
-        return f"status: {status_of(kube, namespace, name)}\n{node.describe(namespace)}\n{extra}"
+        return f"status: {status_of(kube, namespace, name)}\n{extra}"
 
     return wait_until(reached, timeout, f"{namespace}/{name} to reach {' or '.join(phases)}", describe=explain)
 
@@ -174,9 +172,10 @@ def trainer_pods(kube: Kube, namespace: str, name: str) -> list[Obj]:
     return sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"])
 
 
-def checkpoints_dir(node: NodeAgent, namespace: str, name: str) -> Path:
-    """The job's checkpoint folder on the chart's artifacts claim."""
-    folder: Path = node.claim_path(namespace, "kiln-artifacts") / namespace / name / constants.CHECKPOINTS_DIR
+def output_dir(cluster: Any, namespace: str, name: str) -> Path:
+    """A TrainingJob's output folder (checkpoints, model card, compiled models) on the chart's artifacts claim;
+    `cluster` is the e2e tier's kiln_cluster.Cluster."""
+    folder: Path = cluster.claim_path(namespace, "kiln-artifacts") / namespace / name
     return folder
 
 
@@ -187,21 +186,17 @@ def saved_epochs(checkpoints: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in checkpoints.iterdir() if (m := EPOCH_FILE.match(p.name)))
 
 
-def wait_for_first_checkpoint(node: NodeAgent, namespace: str, checkpoints: Path) -> None:
+def wait_for_first_checkpoint(checkpoints: Path, describe: Callable[[], str] | None = None) -> None:
     """Block until a trainer has written its first epoch's checkpoint (polled fast: tests kill right after)."""
     wait_until(
-        lambda: saved_epochs(checkpoints),
-        TRAINING_TIMEOUT,
-        "the first checkpoint",
-        describe=lambda: node.describe(namespace),
-        interval=0.05,
+        lambda: saved_epochs(checkpoints), TRAINING_TIMEOUT, "the first checkpoint", describe=describe, interval=0.05
     )
 
 
-def logged_epochs(log: Path) -> list[int]:
+def logged_epochs(log: str) -> list[int]:
     """Epochs a trainer finished, from its JSON progress lines."""
     epochs = []
-    for line in log.read_text(errors="replace").splitlines():
+    for line in log.splitlines():
         if line.startswith("{") and '"event": "epoch"' in line:
             epochs.append(int(json.loads(line)["epoch"]))
     return epochs
