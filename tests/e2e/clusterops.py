@@ -5,6 +5,7 @@ The README's cluster quick start is the script: each command below is asserted t
 word (test_quick_start.py), then run with the real kubectl / helm / curl against the real cluster.
 """
 
+import datetime
 import json
 import os
 import shlex
@@ -226,3 +227,16 @@ def operator_log(kube: Kube, tail: int = 80) -> str:
         f"\n--- operator {p['metadata']['name']} ---\n" + pod_log(kube, "kiln-system", p["metadata"]["name"], tail)
         for p in pods
     )
+
+
+def serving_start_to_ready(kube: Kube, namespace: str, name: str) -> float:
+    """Seconds from the serving container's start to its pod's Ready condition (kubelet's timestamps)."""
+    selector = f"kiln.dev/trainingjob={name},app.kubernetes.io/component=serving"
+    [pod] = kube.list(f"/api/v1/namespaces/{namespace}/pods", labelSelector=selector)
+    started = pod["status"]["containerStatuses"][0]["state"]["running"]["startedAt"]
+    ready = next(c["lastTransitionTime"] for c in pod["status"]["conditions"] if c["type"] == "Ready")
+    return (_timestamp(ready) - _timestamp(started)).total_seconds()
+
+
+def _timestamp(value: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))

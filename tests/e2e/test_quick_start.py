@@ -86,6 +86,7 @@ def test_the_quick_start_trains_serves_and_answers_through_port_forward_cluster_
     assert recorder.epochs_while("Running"), "progress was reported while training ran"
     trainer = tj.trainer_pods(kube, NAMESPACE, NAME)[0]
     assert trainer["spec"]["containers"][0]["image"] == "kiln-trainer:0.1.0"
+    print(f"serving container start -> Ready: {clusterops.serving_start_to_ready(kube, NAMESPACE, NAME):.1f}s")
 
     # -- `kubectl get tj digits-cnn` shows phase, epoch, accuracy, model and endpoint
     table = kubectl.shell(clusterops.README_GET)
