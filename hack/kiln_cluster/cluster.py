@@ -28,6 +28,7 @@ from kiln_cluster.rest import Kube
 from kiln_cluster.waiting import wait_until
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kiln"
+EXPORT_DIR = CACHE / "images" / "export"
 STATE_FILE = "cluster.json"
 STORAGE_CLASS = "kiln-local"
 VOLUME_SIZE = "50Gi"
@@ -112,7 +113,7 @@ class Cluster:
         """Build (cached) and import kiln's CPU images; an archive whose image id was imported before is skipped."""
         assert self.node is not None
         began = time.monotonic()
-        export = CACHE / "images" / "export"
+        export = EXPORT_DIR
         stamps = CACHE / "cluster" / "imported"
         stamps.mkdir(parents=True, exist_ok=True)
         for archive in images.build_kiln_images(export):
