@@ -10,10 +10,10 @@ import pytest
 import tritonclient.http as triton
 from serving_support import classifier, config, images_batch, png, reference, serving, trained_folder
 
-from kiln_serving import BackgroundServer
+from kiln_serving import Server
 
 
-def infer(server: BackgroundServer, name: str, x: np.ndarray) -> np.ndarray:
+def infer(server: Server, name: str, x: np.ndarray) -> np.ndarray:
     client = triton.InferenceServerClient(server.address)
     tensor = triton.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)

@@ -1,4 +1,4 @@
-"""`kiln serve` and `python -m kiln_serving`: flags -> ServingConfig -> a blocking server."""
+"""The `kiln serve` command (also `python -m kiln_serving`): flags -> ServingConfig -> a blocking server."""
 
 import argparse
 import logging
@@ -24,7 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--variant", help="variant from the model card to serve (default: the card's selected one)")
     add("--model-name", help="name clients use (default: the card's name, else the folder's)")
     add("--host", default=defaults.host, help="address to listen on (default: %(default)s)")
-    add("--port", type=int, default=constants.SERVING_HTTP_PORT, help="HTTP port, 0 = any free (default: %(default)s)")
+    add("--port", type=int, default=defaults.port, help="HTTP port, 0 = any free (default: %(default)s)")
+    add(
+        "--grpc-port",
+        type=int,
+        default=defaults.grpc_port,
+        help="gRPC port (KServe v2 / Triton GRPCInferenceService), 0 = off (default: %(default)s)",
+    )
     add(
         "--max-batch-size",
         type=int,
@@ -49,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_body_bytes,
         help="largest request body accepted, else 413 (default: %(default)s)",
     )
+    add(
+        "--max-concurrent-large-requests",
+        type=int,
+        default=defaults.max_concurrent_large_requests,
+        help="large bodies decoded at once; more wait, bounding memory (default: %(default)s)",
+    )
+    add("--allow-non-finite", action="store_true", help="accept NaN and infinities in float inputs (else 400)")
     add(
         "--intra-op-threads",
         type=int,
@@ -90,10 +103,13 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
         model_name=args.model_name,
         host=args.host,
         port=args.port,
+        grpc_port=args.grpc_port,
         max_batch_size=args.max_batch_size,
         max_queue_delay_microseconds=args.max_queue_delay_microseconds,
         max_queue_size=args.max_queue_size,
         max_body_bytes=args.max_body_bytes,
+        max_concurrent_large_requests=args.max_concurrent_large_requests,
+        allow_non_finite=args.allow_non_finite,
         intra_op_threads=args.intra_op_threads,
         ort_spinning=args.ort_spinning,
         providers=providers.parse(args.providers),
@@ -119,18 +135,25 @@ def run(args: argparse.Namespace) -> int:
     return server.serve(config)
 
 
-def serve_local(model_dir: Path, name: str, *, host: str, port: int, serving: api.ServingSpec) -> int:
+def serve_local(
+    model_dir: Path,
+    name: str,
+    *,
+    host: str,
+    port: int,
+    serving: api.ServingSpec,
+    grpc_port: int = constants.SERVING_GRPC_PORT,
+) -> int:
     """`kiln run --serve`: serve a freshly trained folder in this process with the job's serving settings."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServingConfig(
-        model_dir=model_dir,
-        variant=None if serving.variant == "auto" else serving.variant,
+    config = ServingConfig.from_spec(
+        model_dir,
+        serving,
         model_name=name,
         host=host,
         port=port,
-        max_batch_size=serving.max_batch_size,
-        max_queue_delay_microseconds=serving.max_queue_delay_microseconds,
+        grpc_port=grpc_port,
         allow_cpu_fallback=True,  # a laptop without a GPU still serves a job that asked for one
     )
     return server.serve(config)
