@@ -93,7 +93,6 @@ def test_get_root_answers_kserve_liveness(server: Server) -> None:
 def test_non_finite_inputs_are_accepted_with_the_flag_and_answered_in_valid_json(tmp_path: Path) -> None:
     model = all_datatypes(tmp_path / "types" / "model.onnx")
     with serving(config(model.parent, allow_non_finite=True)) as running:
-        client = triton.InferenceServerClient(running.address)
         inputs = []
         for t in ("FP32", "FP64"):
             x = np.array([[np.nan, np.inf, 1.5]] * 2, dtype=triton.triton_to_np_dtype(t))
@@ -155,7 +154,7 @@ def test_sixteen_bit_palette_cmyk_alpha_and_grey_images_scale_like_their_8_bit_r
     grey = rgb[:, :, 0]
     expected_rgb = tensor_of(encoded(Image.fromarray(rgb)))
     expected_grey = tensor_of(encoded(Image.fromarray(grey)))
-    wide = Image.fromarray((grey.astype(np.uint16) * 257))  # the same greys over the full 16-bit range
+    wide = Image.fromarray(grey.astype(np.uint16) * 257)  # the same greys over the full 16-bit range
     assert wide.mode.startswith("I;16")
     cases = {
         "16-bit grey": (encoded(wide), expected_grey),

@@ -8,12 +8,12 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
-from kiln_cluster.controlplane import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from serving_support import CLASSES, config, images_batch, reference, serving
 from serving_support import trained_folder as make_trained_folder
 from tritonclient.utils import InferenceServerException
 
+from kiln_cluster.controlplane import free_port
 from kiln_serving import Server
 
 
