@@ -49,6 +49,14 @@ class ServingConfig:
     trt_cache_dir: Path | None = None
     # Load the card's offline-optimised graph when it has one.
     use_optimized: bool = False
+    # Connection hygiene (connections.py): largest request head (431 above), how long a head may take to
+    # arrive and a body may pause (408 after), how long an idle keep-alive connection stays open, and the
+    # most open connections (503 at once above; also kept below the file-descriptor limit).
+    max_header_bytes: int = 64 * 1024
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    keep_alive_timeout_seconds: float = 30.0
+    max_connections: int = 2048
     # How long shutdown waits for in-flight requests before closing connections.
     graceful_shutdown_seconds: float = 30.0
     access_log: bool = False
@@ -64,6 +72,11 @@ class ServingConfig:
             "intra_op_threads": self.intra_op_threads is None or self.intra_op_threads >= 1,
             "port": 0 <= self.port <= 65535,
             "grpc_port": 0 <= self.grpc_port <= 65535,
+            "max_header_bytes": self.max_header_bytes >= 1024,
+            "header_timeout_seconds": self.header_timeout_seconds > 0,
+            "body_timeout_seconds": self.body_timeout_seconds > 0,
+            "keep_alive_timeout_seconds": self.keep_alive_timeout_seconds > 0,
+            "max_connections": self.max_connections >= 1,
         }
         for field, ok in checks.items():
             if not ok:

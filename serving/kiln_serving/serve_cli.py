@@ -61,6 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_concurrent_large_requests,
         help="large bodies decoded at once; more wait, bounding memory (default: %(default)s)",
     )
+    for flag, help_text in (
+        ("--max-header-bytes", "largest request head (request line and headers), else 431"),
+        ("--header-timeout-seconds", "how long a request head may take to arrive, else 408 and close"),
+        ("--body-timeout-seconds", "longest pause inside a request body, else 408 and close"),
+        ("--keep-alive-timeout-seconds", "how long an idle keep-alive connection stays open"),
+        ("--max-connections", "open connections beyond which new ones get 503 at once"),
+    ):
+        field = flag[2:].replace("-", "_")
+        kind = type(getattr(defaults, field))
+        add(flag, type=kind, default=getattr(defaults, field), help=f"{help_text} (default: %(default)s)")
     add("--allow-non-finite", action="store_true", help="accept NaN and infinities in float inputs (else 400)")
     add(
         "--intra-op-threads",
@@ -110,6 +120,11 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
         max_body_bytes=args.max_body_bytes,
         max_concurrent_large_requests=args.max_concurrent_large_requests,
         allow_non_finite=args.allow_non_finite,
+        max_header_bytes=args.max_header_bytes,
+        header_timeout_seconds=args.header_timeout_seconds,
+        body_timeout_seconds=args.body_timeout_seconds,
+        keep_alive_timeout_seconds=args.keep_alive_timeout_seconds,
+        max_connections=args.max_connections,
         intra_op_threads=args.intra_op_threads,
         ort_spinning=args.ort_spinning,
         providers=providers.parse(args.providers),

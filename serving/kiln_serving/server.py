@@ -16,6 +16,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
+from kiln_serving import connections
 from kiln_serving.app import build_app
 from kiln_serving.config import ServingConfig
 from kiln_serving.dataplane import DataPlane
@@ -45,7 +46,8 @@ def _uvicorn(app: Starlette, config: ServingConfig) -> uvicorn.Server:
             log_config=None,  # keep the process's logging setup
             access_log=config.access_log,
             timeout_graceful_shutdown=int(config.graceful_shutdown_seconds),
-            timeout_keep_alive=30,
+            http=connections.protocol(config),
+            timeout_keep_alive=config.keep_alive_timeout_seconds,  # type: ignore[arg-type]
         )
     )
 
