@@ -118,11 +118,14 @@ class Server:
         port: int = self.sock.getsockname()[1]
         return port
 
+    def _address(self, port: int | None) -> str:
+        host = self.sock.getsockname()[0]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     @property
     def address(self) -> str:
         """host:port, the form tritonclient wants."""
-        host = self.sock.getsockname()[0]
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return self._address(self.port)
 
     @property
     def url(self) -> str:
@@ -136,8 +139,7 @@ class Server:
     @property
     def grpc_address(self) -> str:
         """host:port of the gRPC service, the form tritonclient.grpc wants."""
-        host = self.sock.getsockname()[0]
-        return f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
+        return self._address(self.grpc_port)
 
     @property
     def dataplane(self) -> DataPlane:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from kiln import api
 from kiln import cli as kiln_cli
 from kiln.api import constants
 from kiln_serving import codec, providers, serve_cli
@@ -121,3 +122,12 @@ def test_kiln_serve_help_lists_the_serving_flags(capsys: pytest.CaptureFixture[s
                  "--max-queue-size", "--max-body-bytes", "--intra-op-threads", "--providers", "--allow-cpu-fallback",
                  "--trt-cache-dir", "--use-optimized"):  # fmt: skip
         assert flag in text
+
+
+def test_serving_config_defaults_agree_with_the_serving_spec_and_from_spec_is_the_one_mapping(tmp_path: Path) -> None:
+    spec, defaults = api.ServingSpec(), ServingConfig(model_dir=tmp_path)
+    assert defaults.max_batch_size == spec.max_batch_size
+    assert defaults.max_queue_delay_microseconds == spec.max_queue_delay_microseconds
+    assert ServingConfig.from_spec(tmp_path, spec) == defaults  # "auto" leaves the choice to the card (None)
+    chosen = ServingConfig.from_spec(tmp_path, api.ServingSpec(variant="int8-static", max_batch_size=4), port=0)
+    assert (chosen.variant, chosen.max_batch_size, chosen.port) == ("int8-static", 4, 0)
