@@ -42,7 +42,8 @@ def raw_post(port: int, path: str, body: bytes, declared: int | None = None) -> 
     sock = socket.create_connection(("127.0.0.1", port))
     head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body) if declared is None else declared}\r\n\r\n").encode()  # fmt: skip
-    sock.sendall(head + body)
+    sock.sendall(head)
+    sock.sendall(body)  # not head + body: that copy would count against the server in the memory test
     return sock
 
 
