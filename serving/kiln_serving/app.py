@@ -4,12 +4,13 @@ Routes only: the data plane does the protocol work. Domain errors become HTTP st
 the one place that knows the mapping, and every error body is the protocol's {"error": "..."}.
 """
 
+import asyncio
 import contextlib
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -26,6 +27,8 @@ from kiln_serving.dataplane import DataPlane
 from kiln_serving.model import Model
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 # Binary tensors in a request body start on this boundary (a cache line; numpy and SIMD kernels need less).
@@ -103,6 +106,27 @@ async def read_tensor_body(request: Request, dataplane: DataPlane, align_at: int
     return buffer[:size]
 
 
+async def _disconnect(request: Request) -> None:
+    """Returns when the client of a request whose body was read goes away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work` (the body already read), cancelling it when the client hangs up meanwhile: a request still
+    queued leaves the batcher's queue (its place freed) and is counted as ClientClosed."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        raise errors.ClientClosed("the client went away")
+    return task.result()
+
+
 class Routes:
     """The HTTP face of a DataPlane: one method per route, errors turned into responses in `instrumented`."""
 
@@ -176,7 +200,9 @@ class Routes:
                 body: bytes | memoryview = await read_tensor_body(request, self.dataplane, header_length)
             else:
                 body = await read_body(request, self.dataplane)
-            result = await self.dataplane.infer(p["name"], p.get("version"), body, header_length)
+            result = await unless_disconnected(
+                request, self.dataplane.infer(p["name"], p.get("version"), body, header_length)
+            )
             if result.header_length is None:
                 return Response(result.body, media_type="application/json")
             return Response(
@@ -190,8 +216,9 @@ class Routes:
             p = request.path_params
             self.dataplane.require_ready(p["name"], p.get("version"))
             image = await self._image(request)
+            top_k = request.query_params.get("top_k")
             return _json(
-                await self.dataplane.classify(p["name"], p.get("version"), image, request.query_params.get("top_k"))
+                await unless_disconnected(request, self.dataplane.classify(p["name"], p.get("version"), image, top_k))
             )
 
         return await self.instrumented(request, handle)

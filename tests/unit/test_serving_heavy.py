@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -17,7 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving_support import SIZE, config, reference, serving
 from serving_support import trained_folder as make_trained_folder
 
-from kiln_serving import Server
+from kiln_serving import Server, codec
+from kiln_serving.model import Model, TensorInfo
+
+PATIENCE = 60
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +66,10 @@ def read_response(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def statuses(server: Server) -> dict[str, float]:
+def statuses(server: Server, model: str = "tiny") -> dict[str, float]:
     text = httpx.get(f"{server.url}/metrics").text
     return {s.labels["status"]: s.value for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == "kiln_serving_requests_total" and s.labels["model"] == "tiny"}  # fmt: skip
+            if s.name == "kiln_serving_requests_total" and s.labels["model"] == model}  # fmt: skip
 
 
 def test_health_never_waits_for_a_big_json_request_to_be_decoded(server: Server, folder: Path) -> None:
@@ -135,3 +138,57 @@ def test_a_client_hanging_up_mid_body_is_counted_as_499_without_an_error_log(
     assert after.get("500", 0) == before.get("500", 0)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
+class GatedModel(Model):
+    """Identity on [N, 2] floats that runs only once the test opens its gate: a way to hold the worker busy."""
+
+    def __init__(self) -> None:
+        super().__init__(name="gated", inputs=[TensorInfo("x", "FP32", (-1, 2))],
+                         outputs=[TensorInfo("y", "FP32", (-1, 2))])  # fmt: skip
+        self.gate = threading.Event()
+
+    def load(self) -> None:
+        self.ready, self.reason = True, None
+
+    def predict(self, inputs: Mapping[str, codec.Array]) -> dict[str, codec.Array]:
+        self.gate.wait(PATIENCE)
+        return {"y": np.asarray(inputs["x"])}
+
+
+def gauge(server: Server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return next(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name == f"kiln_serving_{name}")  # fmt: skip
+
+
+def queue_depth(server: Server) -> float:
+    return gauge(server, "queue_depth")
+
+
+def test_a_queued_request_whose_client_hangs_up_gives_its_place_in_the_queue_back(tmp_path: Path) -> None:
+    model = GatedModel()
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]}).encode()
+    with serving(config(tmp_path, max_queue_size=1, max_queue_delay_microseconds=0), model) as server:
+        running = raw_post(server.port, "/v2/models/gated/infer", body)  # holds the worker at the gate
+        deadline = time.monotonic() + PATIENCE
+        # In flight, neither arriving nor queued: the first request is at the model's gate.
+        while server.dataplane.batcher.incoming or queue_depth(server) or gauge(server, "requests_in_flight") < 1:
+            assert time.monotonic() < deadline, "the first request never reached the model"
+            time.sleep(0.02)
+        leaving = raw_post(server.port, "/v2/models/gated/infer", body)  # queued: the only place
+        while queue_depth(server) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        leaving.close()
+        while queue_depth(server) > 0:  # its place is given back without the worker ever running it
+            assert time.monotonic() < deadline, "the hung-up request kept its place in the queue"
+            time.sleep(0.02)
+        waiting = raw_post(server.port, "/v2/models/gated/infer", body)  # fits only because the place is free
+        while queue_depth(server) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        model.gate.set()
+        assert read_response(running).startswith(b"HTTP/1.1 200")
+        assert read_response(waiting).startswith(b"HTTP/1.1 200")
+        assert statuses(server, "gated").get("499") == 1
