@@ -32,6 +32,7 @@ from serving_setup import (  # noqa: E402
     build_models,
     card_models,
     closed_loop,
+    grpc_closed_loop,
     in_process,
     infer_request,
     kiln_server,
@@ -87,6 +88,9 @@ def main(quick: bool, model_dir: Path | None = None) -> str:
                 with server as running:
                     for c in levels:
                         results.append(closed_loop(name, running, infer_request(one, binary), c, 1, seconds))
+                    if name == "kiln fp32, binary, batching on":
+                        grpc_name = "kiln fp32, gRPC raw contents, batching on"
+                        results += [grpc_closed_loop(grpc_name, running, one, c, seconds) for c in levels]
                     if name == "kiln fp32, binary, batching off":
                         # In-process right before and after the served batch-32 cells (the same moment's machine),
                         # reported as one row: the two halves pooled.
@@ -152,10 +156,12 @@ def report(results: list[Result], notes: list[str], seconds: float) -> str:
              find("kiln fp32, binary, batching off", c, 32), 0.10, overhead=True)  # fmt: skip
     goal("batching on vs off, concurrency 32", find("kiln fp32, binary, batching on", 32),
          find("kiln fp32, binary, batching off", 32), 2.0)  # fmt: skip
+    goal("gRPC vs HTTP binary, concurrency 32", find("kiln fp32, gRPC", 32),
+         find("kiln fp32, binary, batching on", 32), 1.0)  # fmt: skip
     goal("binary vs JSON tensors, concurrency 32 (no goal)", find("kiln fp32, binary, batching on", 32),
          find("kiln fp32, JSON, batching on", 32), 0.0)  # fmt: skip
-    goal("kiln vs KServe (both fp32, binary, batching off), concurrency 32 (no goal)",
-         find("kiln fp32, binary, batching off", 32), find("KServe", 32), 0.0)  # fmt: skip
+    goal("kiln (binary, batching on) vs KServe ModelServer, concurrency 32", find("kiln fp32, binary, batching on", 32),
+         find("KServe", 32), 5.0)  # fmt: skip
     if notes:
         lines += ["", "### Notes", "", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"

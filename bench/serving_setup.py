@@ -175,6 +175,7 @@ def wait_ready(port: int, process: subprocess.Popen[bytes], path: str = "/v2/hea
 class Running:
     port: int
     pid: int
+    grpc_port: int | None = None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -184,25 +185,27 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def process(command: list[str], port: int, log: Path, ready_path: str = "/v2/health/ready") -> Iterator[Running]:
+def process(
+    command: list[str], port: int, log: Path, ready_path: str = "/v2/health/ready", grpc_port: int | None = None
+) -> Iterator[Running]:
     extra = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "serving"), *extra])}
     with log.open("wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             wait_ready(port, proc, ready_path)
-            yield Running(port, proc.pid)
+            yield Running(port, proc.pid, grpc_port)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
 
 
 def kiln_server(model_dir: Path, batching: bool, log: Path) -> contextlib.AbstractContextManager[Running]:
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     command = [sys.executable, "-m", "kiln_serving", "--model-dir", str(model_dir), "--model-name", "m", "--host",
-               "127.0.0.1", "--port", str(port), "--max-batch-size", "32", "--max-queue-delay-microseconds",
-               "2000" if batching else "0", "--log-level", "warning"]  # fmt: skip
-    return process(command, port, log)
+               "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port), "--max-batch-size", "32",
+               "--max-queue-delay-microseconds", "2000" if batching else "0", "--log-level", "warning"]  # fmt: skip
+    return process(command, port, log, grpc_port=grpc_port)
 
 
 def torch_server(model_dir: Path, weights: Path, log: Path) -> contextlib.AbstractContextManager[Running]:
@@ -303,6 +306,41 @@ def closed_loop(name: str, server: Running, request: bytes, concurrency: int, ba
                                for _ in range(concurrency)])  # fmt: skip
         elapsed = time.perf_counter() - started
         return Result(name, concurrency, batch, elapsed, latencies, len(errors), cpu_seconds(server.pid) - cpu)
+
+    return asyncio.run(run())
+
+
+def grpc_closed_loop(name: str, server: Running, x: np.ndarray, concurrency: int, seconds: float) -> Result:
+    """Like closed_loop over gRPC: one channel per simulated user, raw_input_contents, as tritonclient sends."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.astype("<f4").tobytes())
+    target = f"127.0.0.1:{server.grpc_port}"
+
+    async def user(until: float, latencies: list[float], errors: list[int]) -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while time.perf_counter() < until:
+                started = time.perf_counter()
+                try:
+                    await stub.ModelInfer(request)
+                    latencies.append(time.perf_counter() - started)
+                except grpc.aio.AioRpcError:
+                    errors.append(1)
+
+    async def run() -> Result:
+        await asyncio.gather(*[user(time.perf_counter() + min(0.5, seconds / 4), [], []) for _ in range(concurrency)])
+        latencies: list[float] = []
+        errors: list[int] = []
+        cpu = cpu_seconds(server.pid)
+        started = time.perf_counter()
+        await asyncio.gather(*[user(started + seconds, latencies, errors) for _ in range(concurrency)])
+        elapsed = time.perf_counter() - started
+        return Result(name, concurrency, len(x), elapsed, latencies, len(errors), cpu_seconds(server.pid) - cpu)
 
     return asyncio.run(run())
 

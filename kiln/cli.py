@@ -12,7 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "crd": ("kiln.crd_command", "print the TrainingJob CRD generated from kiln.api"),
     "train": ("kiln_trainer.cli", "train (and compile) a model from a TrainingJob file"),
     "compile": ("kiln_trainer.compile_cli", "compile a checkpoint to ONNX variants and write the model card"),
-    "serve": ("kiln_serving.cli", "serve a compiled model over the Open Inference Protocol"),
+    "serve": ("kiln_serving.serve_cli", "serve a compiled model over the Open Inference Protocol"),
     "operator": ("kiln_operator.cli", "run the Kubernetes operator"),
     "run": ("kiln.local", "train, compile and optionally serve a TrainingJob on this machine"),
 }

@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(model_dir: Path, name: str, host: str, port: int, serving: api.ServingSpec) -> int:
-    from kiln_serving import cli as serving_cli  # lazily: onnxruntime loads only when serving
+    from kiln_serving import serve_cli  # lazily: onnxruntime loads only when serving
 
     url = f"http://{host}:{port}"
     sys.stdout.write(
@@ -164,4 +164,4 @@ def _serve(model_dir: Path, name: str, host: str, port: int, serving: api.Servin
         f"print(c.get_model_metadata('{name}'))\"\n"
     )
     sys.stdout.flush()
-    return serving_cli.serve_local(model_dir, name, host=host, port=port, serving=serving)
+    return serve_cli.serve_local(model_dir, name, host=host, port=port, serving=serving)

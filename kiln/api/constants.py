@@ -30,6 +30,8 @@ CONFIG_FILE: Final = "trainingjob.yaml"
 
 # Ports.
 SERVING_HTTP_PORT: Final = 8080
+# KServe's and MLServer's gRPC port for the Open Inference Protocol (Triton uses 8001).
+SERVING_GRPC_PORT: Final = 8081
 TRAINER_METRICS_PORT: Final = 9400
 OPERATOR_METRICS_PORT: Final = 9401
 OPERATOR_HEALTH_PORT: Final = 8081

@@ -79,7 +79,10 @@ def build_deployment(
         "command": ["kiln"],
         "args": server_args(owner, spec, serving_variant(spec, model)),
         "env": objects.home_env(),
-        "ports": [{"name": "http", "containerPort": constants.SERVING_HTTP_PORT}],
+        "ports": [
+            {"name": "http", "containerPort": constants.SERVING_HTTP_PORT},
+            {"name": "grpc", "containerPort": constants.SERVING_GRPC_PORT},
+        ],
         "resources": objects.resources(
             serving.cpu or cfg.serving_cpu, serving.memory or cfg.serving_memory, 1 if serving.gpu else 0
         ),
@@ -133,7 +136,11 @@ def build_service(owner: Owner) -> Manifest:
         "spec": {
             "type": "ClusterIP",
             "selector": objects.selector(owner.name, objects.SERVING),
-            "ports": [{"name": "http", "port": constants.SERVING_HTTP_PORT, "targetPort": "http"}],
+            "ports": [
+                {"name": "http", "port": constants.SERVING_HTTP_PORT, "targetPort": "http"},
+                # appProtocol lets meshes and gateways route HTTP/2 to it.
+                {"name": "grpc", "port": constants.SERVING_GRPC_PORT, "targetPort": "grpc", "appProtocol": "grpc"},
+            ],
         },
     }
 

@@ -2,15 +2,15 @@
 
 import argparse
 
-from kiln_serving import cli
+from kiln_serving import serve_cli
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kiln_serving", description="Serve a compiled model over the Open Inference Protocol."
     )
-    cli.add_arguments(parser)
-    return cli.run(parser.parse_args())
+    serve_cli.add_arguments(parser)
+    return serve_cli.run(parser.parse_args())
 
 
 if __name__ == "__main__":

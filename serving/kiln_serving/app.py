@@ -4,58 +4,72 @@ Routes only: the data plane does the protocol work. Domain errors become HTTP st
 the one place that knows the mapping, and every error body is the protocol's {"error": "..."}.
 """
 
+import asyncio
 import contextlib
-import json
 import logging
-import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from kiln_serving import batching, binary, dataplane, errors, metrics
+from kiln_serving import binary, errors, grpc_service, jsontext, metrics
 from kiln_serving.config import ServingConfig
-from kiln_serving.model import Model, OnnxModel
+from kiln_serving.dataplane import DataPlane
+from kiln_serving.model import Model
 
 log = logging.getLogger(__name__)
 
-STATUS: dict[type[errors.ServingError], int] = {
-    errors.InvalidInput: 400,
-    errors.ModelNotFound: 404,
-    errors.PayloadTooLarge: 413,
-    errors.ModelNotReady: 503,
-    errors.ServerBusy: 503,
-    errors.InferenceFailed: 500,
-}
+T = TypeVar("T")
+
 
 # Binary tensors in a request body start on this boundary (a cache line; numpy and SIMD kernels need less).
 _ALIGNMENT = 64
 
 
 def _json(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps(content, separators=(",", ":")).encode()
+    body = jsontext.dumps(content)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def _error_response(err: errors.ServingError) -> Response:
-    status = next((code for kind, code in STATUS.items() if isinstance(err, kind)), 500)
+    status = errors.status(err)[0]
     headers = {"Retry-After": str(err.retry_after_seconds)} if isinstance(err, errors.ServerBusy) else None
     return _json({"error": str(err)}, status, headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with errors.PayloadTooLarge as soon as it (or its decompressed form) passes `limit`."""
+def declared_length(request: Request) -> int | None:
+    """The Content-Length, if it is a plain number."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    return int(declared) if declared is not None and declared.isascii() and declared.isdigit() else None
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """tritonclient's request_compression_algorithm; decompress no further than the limit (zip bombs)."""
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        body = inflater.decompress(body, limit + 1)
+    except zlib.error as err:
+        raise errors.InvalidInput(f"body is not valid {encoding} data: {err}") from None
+    if len(body) > limit:
+        raise errors.PayloadTooLarge(f"decompressed request body is over the limit of {limit} bytes")
+    return body
+
+
+async def read_body(request: Request, dataplane: DataPlane) -> bytes:
+    """The whole body, refused with errors.PayloadTooLarge as soon as it (or its decompressed form) passes the
+    limit; a large compressed body is inflated on a codec thread."""
+    limit = dataplane.config.max_body_bytes
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
         raise errors.PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -64,30 +78,23 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise errors.PayloadTooLarge(f"request body is over the limit of {limit} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
+    del chunks
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding in ("gzip", "deflate"):
-        # tritonclient's request_compression_algorithm; decompress no further than the limit (zip bombs).
-        inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-        try:
-            body = inflater.decompress(body, limit + 1)
-        except zlib.error as err:
-            raise errors.InvalidInput(f"body is not valid {encoding} data: {err}") from None
-        if len(body) > limit:
-            raise errors.PayloadTooLarge(f"decompressed request body is over the limit of {limit} bytes")
+        body = await dataplane.offload(len(body) * 8, _inflate, body, encoding, limit)
     elif encoding != "identity":
         raise errors.InvalidInput(f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or none)")
     return body
 
 
-async def read_tensor_body(request: Request, limit: int, align_at: int) -> bytes | memoryview:
+async def read_tensor_body(request: Request, dataplane: DataPlane, align_at: int) -> bytes | memoryview:
     """Like read_body, but a plain body with a Content-Length is copied once, chunk by chunk, into a writable
     buffer placed so that its byte `align_at` (where binary tensors start) lands on a 64-byte boundary: the
     tensors are then used where they lie (codec.from_bytes) instead of being joined and copied again."""
-    declared = request.headers.get("content-length")
+    length = declared_length(request)
     encoding = request.headers.get("content-encoding", "identity").lower()
-    if declared is None or not declared.isdigit() or int(declared) > limit or encoding != "identity":
-        return await read_body(request, limit)
-    length = int(declared)
+    if length is None or length > dataplane.config.max_body_bytes or encoding != "identity":
+        return await read_body(request, dataplane)
     storage = np.empty(length + _ALIGNMENT, dtype=np.uint8)
     pad = -(storage.ctypes.data + align_at) % _ALIGNMENT
     buffer = storage.data[pad : pad + length]
@@ -99,41 +106,35 @@ async def read_tensor_body(request: Request, limit: int, align_at: int) -> bytes
     return buffer[:size]
 
 
-class Server:
-    """The state behind the routes: model, batcher, data plane and metrics, with their lifecycle."""
+async def _disconnect(request: Request) -> None:
+    """Returns when the client of a request whose body was read goes away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
-    def __init__(self, config: ServingConfig, model: Model | None, registry: CollectorRegistry | None) -> None:
-        self.config = config
-        self.model = model if model is not None else OnnxModel(config)
-        self.metrics = metrics.ServingMetrics(registry)
-        self.model_metrics: metrics.ModelMetrics = self.metrics.for_model(self.model.name, self.model.version)
-        self.batcher = batching.Batcher(
-            self.model,
-            self.model_metrics,
-            config.max_batch_size,
-            config.max_queue_delay_microseconds / 1e6,
-            config.max_queue_size,
-        )
-        self.dataplane = dataplane.DataPlane(self.model, self.batcher)
-        self.loaded = threading.Event()
 
-    def load(self) -> None:
-        """Load in a thread so /v2/health/live answers at once; /ready turns 200 after the warm-up."""
-        self.model.load()
-        self.model_metrics.loaded(self.model.ready, self.model.provider, self.model.load_seconds)
-        self.loaded.set()
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work` (the body already read), cancelling it when the client hangs up meanwhile: a request still
+    queued leaves the batcher's queue (its place freed) and is counted as ClientClosed."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        raise errors.ClientClosed("the client went away")
+    return task.result()
 
-    @contextlib.asynccontextmanager
-    async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
-        self.batcher.start()
-        threading.Thread(target=self.load, name="kiln-model-load", daemon=True).start()
-        try:
-            yield
-        finally:
-            # Reached after uvicorn stopped accepting and in-flight requests finished: drain the queue.
-            self.dataplane.shutting_down = True
-            await self.batcher.stop()
-            log.info("server stopped")
+
+class Routes:
+    """The HTTP face of a DataPlane: one method per route, errors turned into responses in `instrumented`."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+        self.config = dataplane.config
+        self.model = dataplane.model
+        self.model_metrics = dataplane.model_metrics
 
     async def instrumented(self, request: Request, handle: Callable[[], Awaitable[Response]]) -> Response:
         """Count, time and gauge one inference request, and turn errors into responses."""
@@ -142,8 +143,12 @@ class Server:
         started = time.perf_counter()
         self.model_metrics.in_flight.inc()
         try:
-            with self.batcher.arriving():
-                response = await handle()
+            async with self.dataplane.admit(declared_length(request)):
+                with self.dataplane.batcher.arriving():
+                    response = await handle()
+        except (errors.ClientClosed, ClientDisconnect):
+            # Nobody to answer; the status is recorded so that error-rate alerts do not count it.
+            response = Response(status_code=metrics.CLIENT_CLOSED)
         except errors.ServingError as err:
             response = _error_response(err)
         except Exception as err:
@@ -161,6 +166,14 @@ class Server:
 
     async def live(self, _: Request) -> Response:
         return _json({"live": True})
+
+    async def root(self, _: Request) -> Response:
+        """KServe's liveness at GET /."""
+        return _json({"status": "alive"})
+
+    async def statistics(self, request: Request) -> Response:
+        p = request.path_params
+        return _json(self.dataplane.statistics(p.get("name"), p.get("version")))
 
     async def server_ready(self, _: Request) -> Response:
         if self.dataplane.ready():
@@ -182,14 +195,14 @@ class Server:
         async def handle() -> Response:
             p = request.path_params
             self.dataplane.require_ready(p["name"], p.get("version"))
-            header_length = request.headers.get(binary.HEADER)
-            if header_length is not None and header_length.isdigit():  # binary tensors follow the JSON header
-                body: bytes | memoryview = await read_tensor_body(
-                    request, self.config.max_body_bytes, int(header_length)
-                )
+            header_length = binary.header_length(request.headers.get(binary.HEADER))
+            if header_length is not None:  # binary tensors follow the JSON header (or, for 0, are all of it)
+                body: bytes | memoryview = await read_tensor_body(request, self.dataplane, header_length)
             else:
-                body = await read_body(request, self.config.max_body_bytes)
-            result = await self.dataplane.infer(p["name"], p.get("version"), body, header_length)
+                body = await read_body(request, self.dataplane)
+            result = await unless_disconnected(
+                request, self.dataplane.infer(p["name"], p.get("version"), body, header_length)
+            )
             if result.header_length is None:
                 return Response(result.body, media_type="application/json")
             return Response(
@@ -203,8 +216,9 @@ class Server:
             p = request.path_params
             self.dataplane.require_ready(p["name"], p.get("version"))
             image = await self._image(request)
+            top_k = request.query_params.get("top_k")
             return _json(
-                await self.dataplane.classify(p["name"], p.get("version"), image, request.query_params.get("top_k"))
+                await unless_disconnected(request, self.dataplane.classify(p["name"], p.get("version"), image, top_k))
             )
 
         return await self.instrumented(request, handle)
@@ -212,9 +226,9 @@ class Server:
     async def _image(self, request: Request) -> bytes:
         """Raw image bytes, or the `file` field (else the first file) of a multipart upload."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return await read_body(request, self.config.max_body_bytes)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.config.max_body_bytes:
+            return await read_body(request, self.dataplane)
+        declared = declared_length(request)
+        if declared is not None and declared > self.config.max_body_bytes:
             raise errors.PayloadTooLarge(
                 f"request body of {declared} bytes is over the limit of {self.config.max_body_bytes} bytes"
             )
@@ -234,7 +248,7 @@ class Server:
         async def handle() -> Response:
             name = request.path_params["name"]
             self.dataplane.require_ready(name, None)
-            body = await read_body(request, self.config.max_body_bytes)
+            body = await read_body(request, self.dataplane)
             return _json(await self.dataplane.predict_v1(name, body))
 
         return await self.instrumented(request, handle)
@@ -249,7 +263,7 @@ class Server:
         return _json({"name": name, "ready": ready}, 200 if ready else 503)
 
     async def metrics_text(self, _: Request) -> Response:
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(self.dataplane.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def routes(self) -> list[Route]:
         v = "/v2/models/{name}"
@@ -258,6 +272,7 @@ class Server:
         return [
             Route(f"{v}/infer", self.infer, methods=["POST"]),
             Route(f"{vv}/infer", self.infer, methods=["POST"]),
+            Route("/v2/models/stats", self.statistics, methods=["GET"]),
             Route("/v2", self.server_metadata, methods=["GET"]),
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.server_ready, methods=["GET"]),
@@ -271,6 +286,9 @@ class Server:
             Route("/v1/models/{name}:predict", self.predict_v1, methods=["POST"]),
             Route("/v1/models/{name}", self.model_v1, methods=["GET"]),
             Route("/metrics", self.metrics_text, methods=["GET"]),
+            Route(f"{v}/stats", self.statistics, methods=["GET"]),
+            Route(f"{vv}/stats", self.statistics, methods=["GET"]),
+            Route("/", self.root, methods=["GET"]),
         ]
 
 
@@ -288,12 +306,30 @@ async def _http_error(_: Request, err: Exception) -> Response:
 def build_app(
     config: ServingConfig, model: Model | None = None, registry: CollectorRegistry | None = None
 ) -> Starlette:
-    """The ASGI app for one model; `model` defaults to the ONNX model config points at."""
-    server = Server(config, model, registry)
+    """The ASGI app for one model (`model` defaults to the ONNX model config points at); its lifespan also
+    runs the gRPC service on config.grpc_port, on the same event loop and data plane."""
+    dataplane = DataPlane(config, model, registry)
+    routes = Routes(dataplane)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        grpc = await grpc_service.start(dataplane, config.host, config.grpc_port) if config.grpc_port else None
+        app.state.grpc_port = grpc.port if grpc is not None else None
+        dataplane.start()
+        try:
+            yield
+        finally:
+            # Reached after uvicorn stopped accepting and in-flight requests finished: drain the queue.
+            if grpc is not None:
+                await grpc.stop(config.graceful_shutdown_seconds)
+            await dataplane.stop()
+            log.info("server stopped")
+
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         errors.ServingError: _serving_error,
         HTTPException: _http_error,
     }
-    app = Starlette(routes=server.routes(), exception_handlers=handlers, lifespan=server.lifespan)
-    app.state.server = server
+    app = Starlette(routes=routes.routes(), exception_handlers=handlers, lifespan=lifespan)
+    app.state.dataplane = dataplane
+    app.state.grpc_port = None
     return app

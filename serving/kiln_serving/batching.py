@@ -123,7 +123,13 @@ class Batcher:
         self._pending.append(request)
         self.metrics.queue_depth.set(len(self._pending))
         self._dispatch()
-        return await request.future
+        try:
+            return await request.future
+        except asyncio.CancelledError:  # the client went away: free its place unless it already runs
+            with contextlib.suppress(ValueError):
+                self._pending.remove(request)
+                self.metrics.queue_depth.set(len(self._pending))
+            raise
 
     # -- scheduling (event loop) -----------------------------------------------------------------------------
 
@@ -146,7 +152,7 @@ class Batcher:
         self.metrics.queue_depth.set(len(self._pending))
         started = time.perf_counter()
         for r in batch:
-            self.metrics.queue_seconds.observe(started - r.enqueued)
+            self.metrics.queued(started - r.enqueued)
         self._running = True
         assert self._executor is not None
         work = asyncio.get_running_loop().run_in_executor(self._executor, self._execute, batch)

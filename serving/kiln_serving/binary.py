@@ -5,36 +5,37 @@ tensors of the inputs whose `parameters.binary_data_size` is set, in input order
 layout for outputs asked for as binary (tritonclient does that by default).
 """
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
-from kiln_serving import errors
+from kiln_serving import errors, jsontext
 
 HEADER = "Inference-Header-Content-Length"
 
 
-def split(body: bytes | memoryview, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
-    """The JSON header as a dict and the binary rest (empty without the extension), which is not copied."""
-    if header_length is None:
-        length = len(body)
-    else:
-        try:
-            length = int(header_length)
-        except ValueError:
-            raise errors.InvalidInput(f"{HEADER} must be an integer, got {header_length!r}") from None
-        if length == 0:
-            raise errors.InvalidInput(f"raw binary requests ({HEADER}: 0) are not supported; send a JSON header first")
-        if not 0 < length <= len(body):
-            raise errors.InvalidInput(f"{HEADER} is {length} but the body has only {len(body)} bytes")
+def header_length(value: str | None) -> int | None:
+    """The header's value as a byte count; only ASCII digits count (int() would also take '٣' or ' 3')."""
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()):
+        raise errors.InvalidInput(f"{HEADER} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def split(body: bytes | memoryview, length: int | None) -> tuple[dict[str, Any], memoryview]:
+    """The JSON header as a dict and the binary rest (empty without the extension), which is not copied.
+    A length of 0 (a raw binary request) is the caller's to handle."""
+    if length is not None and not 0 < length <= len(body):
+        raise errors.InvalidInput(f"{HEADER} is {length} but the body has only {len(body)} bytes")
+    text = bytes(body[:length]) if length is not None or not isinstance(body, bytes) else body
     try:
-        header = json.loads(bytes(body[:length]))
-    except (ValueError, UnicodeDecodeError) as err:
-        hint = f" (binary body without the {HEADER} header?)" if header_length is None else ""
-        raise errors.InvalidInput(f"request body is not valid JSON{hint}: {err}") from None
+        header = jsontext.loads_request(text)
+    except errors.InvalidInput as err:
+        hint = f" (binary body without the {HEADER} header?)" if length is None and b"\0" in text else ""
+        raise errors.InvalidInput(f"{err}{hint}") from None
     if not isinstance(header, dict):
         raise errors.InvalidInput(f"request body must be a JSON object, got {type(header).__name__}")
-    return header, memoryview(body)[length:]
+    return header, memoryview(body)[len(text) :]
 
 
 class Reader:
@@ -65,7 +66,7 @@ class Reader:
 
 def join(header: dict[str, Any], chunks: Sequence[bytes]) -> tuple[bytes, int | None]:
     """The response body and the value of its Inference-Header-Content-Length (None: plain JSON)."""
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = jsontext.dumps(header)
     if not chunks:
         return head, None
     return b"".join([head, *chunks]), len(head)

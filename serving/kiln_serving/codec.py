@@ -1,12 +1,13 @@
 """Tensors in Open Inference Protocol terms: datatypes, JSON `data` and raw little-endian bytes <-> numpy."""
 
+import math
 import struct
 from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-from kiln_serving import errors
+from kiln_serving import errors, jsontext
 
 Array = npt.NDArray[np.generic]
 
@@ -73,19 +74,38 @@ def check_shape(name: str, expected: Sequence[int], got: Sequence[int]) -> None:
         raise errors.InvalidInput(f"input '{name}': expected shape {format_shape(expected)}, got {format_shape(got)}")
 
 
+# Largest element count a shape may describe: every byte count derived from it stays inside int64.
+_MAX_ELEMENTS = (1 << 63) // 16
+
+
 def parse_shape(name: str, raw: object) -> tuple[int, ...]:
-    """A request's `shape`: a list of non-negative integers."""
+    """A request's `shape`: a list of non-negative integers whose product fits in int64."""
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
         raise errors.InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers, got {raw!r}")
+    if math.prod(raw) > _MAX_ELEMENTS:
+        raise errors.InvalidInput(f"input '{name}': shape {format_shape(raw)} has more elements than int64 holds")
     return tuple(raw)
 
 
 def _count(shape: Sequence[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return math.prod(shape)
+
+
+def check_finite(name: str, array: Array) -> None:
+    """InvalidInput for NaN or infinities in a float tensor (ServingConfig.allow_non_finite turns this off)."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise errors.InvalidInput(
+            f"input '{name}' contains NaN or infinite values (start the server with --allow-non-finite to accept them)"
+        )
 
 
 def from_json(name: str, datatype: str, shape: Sequence[int], raw: object) -> Array:
-    """A tensor from JSON `data` (flat or nested, row-major)."""
+    """A tensor from JSON `data` (flat or nested, row-major); jsontext may have left it for numpy to parse."""
+    if isinstance(raw, jsontext.Deferred):
+        parsed = raw.to_numpy(NUMPY_DTYPES[datatype]) if datatype in NUMPY_DTYPES else None
+        if parsed is not None:
+            return sized(name, shape, parsed)
+        raw = raw.value()
     if not isinstance(raw, list | int | float | str):
         raise errors.InvalidInput(
             f"input '{name}': 'data' is not a list of {datatype} values (got {type(raw).__name__})"
@@ -93,11 +113,15 @@ def from_json(name: str, datatype: str, shape: Sequence[int], raw: object) -> Ar
     data: list[object] = raw if isinstance(raw, list) else [raw]
     try:
         if datatype == "BYTES":
-            flat: Array = np.array([_text(v) for v in _flatten(data)], dtype=np.object_)
+            flat: Array = np.array([text(v) for v in _flatten(data)], dtype=np.object_)
         else:
             flat = np.asarray(data, dtype=NUMPY_DTYPES[datatype]).reshape(-1)
     except (ValueError, TypeError, OverflowError) as err:
         raise errors.InvalidInput(f"input '{name}': 'data' is not a list of {datatype} values ({err})") from None
+    return sized(name, shape, flat)
+
+
+def sized(name: str, shape: Sequence[int], flat: Array) -> Array:
     if flat.size != _count(shape):
         raise errors.InvalidInput(
             f"input '{name}': shape {format_shape(shape)} needs {_count(shape)} elements, got {flat.size}"
@@ -117,7 +141,7 @@ def _flatten(data: list[object]) -> list[object]:
     return out
 
 
-def _text(value: object) -> str:
+def text(value: object) -> str:
     """onnxruntime string tensors hold str; the protocol carries UTF-8 bytes."""
     if isinstance(value, bytes):
         try:
@@ -141,7 +165,7 @@ def from_bytes(name: str, datatype: str, shape: Sequence[int], raw: memoryview) 
             if offset + length > len(raw):
                 raise errors.InvalidInput(f"input '{name}': BYTES element {len(items)} runs past the end of the data")
             try:
-                items.append(_text(bytes(raw[offset : offset + length])))
+                items.append(text(bytes(raw[offset : offset + length])))
             except ValueError as err:
                 raise errors.InvalidInput(f"input '{name}': BYTES element {len(items)}: {err}") from None
             offset += length
@@ -164,12 +188,14 @@ def from_bytes(name: str, datatype: str, shape: Sequence[int], raw: memoryview) 
     return array.reshape(shape)
 
 
-def to_json(array: Array) -> list[object]:
-    """A tensor as flat row-major JSON `data`."""
+def to_json(array: Array) -> Array | list[object]:
+    """A tensor as flat row-major JSON `data`, for orjson (which writes numpy arrays itself, NaN as null)."""
     if datatype_of(array) == "BYTES":
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
-    values: list[object] = array.reshape(-1).tolist()
-    return values
+    flat = np.ascontiguousarray(array.reshape(-1))
+    if flat.dtype == np.float16:  # orjson writes float32/64 arrays, not float16
+        return flat.astype(np.float32)
+    return flat
 
 
 def to_bytes(array: Array) -> bytes:

@@ -1,10 +1,12 @@
 """Server settings, and the CPU budget a container really has (its cgroup quota, not the host's cores)."""
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln import api
 from kiln.api import constants
 
 
@@ -20,6 +22,8 @@ class ServingConfig:
     model_name: str | None = None
     host: str = "0.0.0.0"
     port: int = constants.SERVING_HTTP_PORT
+    # The Open Inference Protocol over gRPC (tritonclient.grpc, KServe's InferenceGRPCClient); 0 = off.
+    grpc_port: int = constants.SERVING_GRPC_PORT
     # Dynamic batching: most items in one session run, and how long the oldest request may wait for
     # others (0 = batching off, every request runs alone).
     max_batch_size: int = 32
@@ -28,6 +32,11 @@ class ServingConfig:
     max_queue_size: int = 512
     # Largest request body accepted (after decompression); larger ones get 413.
     max_body_bytes: int = 64 * 1024 * 1024
+    # Large bodies (JSON decode, image decode, gunzip) handled at once; more wait, so memory stays bounded.
+    max_concurrent_large_requests: int = 2
+    # Accept NaN and infinities in float inputs (refused with 400 by default: a quantised model answers
+    # them confidently and wrongly).
+    allow_non_finite: bool = False
     # onnxruntime intra-op threads; None = the container's CPU quota.
     intra_op_threads: int | None = None
     # Let idle onnxruntime threads spin-wait: lower latency on dedicated cores, wasted CPU on shared ones.
@@ -40,6 +49,14 @@ class ServingConfig:
     trt_cache_dir: Path | None = None
     # Load the card's offline-optimised graph when it has one.
     use_optimized: bool = False
+    # Connection hygiene (connections.py): largest request head (431 above), how long a head may take to
+    # arrive and a body may pause (408 after), how long an idle keep-alive connection stays open, and the
+    # most open connections (503 at once above; also kept below the file-descriptor limit).
+    max_header_bytes: int = 64 * 1024
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    keep_alive_timeout_seconds: float = 30.0
+    max_connections: int = 2048
     # How long shutdown waits for in-flight requests before closing connections.
     graceful_shutdown_seconds: float = 30.0
     access_log: bool = False
@@ -51,12 +68,32 @@ class ServingConfig:
             "max_queue_delay_microseconds": self.max_queue_delay_microseconds >= 0,
             "max_queue_size": self.max_queue_size >= 1,
             "max_body_bytes": self.max_body_bytes >= 1,
+            "max_concurrent_large_requests": self.max_concurrent_large_requests >= 1,
             "intra_op_threads": self.intra_op_threads is None or self.intra_op_threads >= 1,
             "port": 0 <= self.port <= 65535,
+            "grpc_port": 0 <= self.grpc_port <= 65535,
+            "max_header_bytes": self.max_header_bytes >= 1024,
+            "header_timeout_seconds": self.header_timeout_seconds > 0,
+            "body_timeout_seconds": self.body_timeout_seconds > 0,
+            "keep_alive_timeout_seconds": self.keep_alive_timeout_seconds > 0,
+            "max_connections": self.max_connections >= 1,
         }
         for field, ok in checks.items():
             if not ok:
                 raise ValueError(f"{field}: invalid value {getattr(self, field)!r}")
+
+    @classmethod
+    def from_spec(cls, model_dir: Path, serving: api.ServingSpec, **settings: object) -> "ServingConfig":
+        """The one ServingSpec -> ServingConfig mapping. `auto` leaves the choice to the model card, which
+        records the variant the compile step selected; `settings` are the fields a spec does not carry."""
+        variant = None if serving.variant == "auto" else serving.variant
+        base = cls(
+            model_dir=model_dir,
+            variant=variant,
+            max_batch_size=serving.max_batch_size,
+            max_queue_delay_microseconds=serving.max_queue_delay_microseconds,
+        )
+        return dataclasses.replace(base, **settings)  # type: ignore[arg-type]
 
     @property
     def batching(self) -> bool:

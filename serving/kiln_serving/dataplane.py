@@ -1,19 +1,39 @@
-"""The Open Inference Protocol's data plane: decode and validate requests, run them through the batcher,
-encode responses. Knows the protocol, not HTTP: errors are domain errors that app.py turns into statuses."""
+"""The Open Inference Protocol's data plane: one model with its batcher and metrics, its lifecycle, and the
+protocol's operations (decode, run through the batcher, encode). Knows the protocol, not HTTP or gRPC:
+errors are domain errors that app.py and grpc_service.py turn into statuses.
 
-import json
-from collections.abc import Mapping
+Heavy work runs off the event loop: a body of LARGE_BYTES or more is decoded and its answer encoded on the
+`kiln-codec` threads, and at most config.max_concurrent_large_requests of them are read and decoded at once
+(`admit`), so health checks stay fast and memory stays bounded however many large requests arrive.
+"""
+
+import asyncio
+import contextlib
+import functools
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
 import kiln
-from kiln_serving import batching, binary, codec, errors, images
-from kiln_serving.model import Model, TensorInfo
+from kiln import api
+from kiln_serving import batching, binary, codec, errors, images, jsontext, metrics, protocol
+from kiln_serving.config import ServingConfig
+from kiln_serving.model import Model, OnnxModel, TensorInfo
+
+log = logging.getLogger(__name__)
 
 SERVER_NAME = "kiln"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "classification", "statistics"]
+# Bodies from this size on are decoded on the codec threads and admitted a few at a time.
+LARGE_BYTES = 256 * 1024
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -27,10 +47,59 @@ class InferResponse:
 class DataPlane:
     """One model behind the protocol."""
 
-    def __init__(self, model: Model, batcher: batching.Batcher) -> None:
-        self.model = model
-        self.batcher = batcher
+    def __init__(self, config: ServingConfig, model: Model | None, registry: CollectorRegistry | None) -> None:
+        self.config = config
+        self.model = model if model is not None else OnnxModel(config)
+        self.metrics = metrics.ServingMetrics(registry)
+        self.model_metrics = self.metrics.for_model(self.model.name, self.model.version)
+        self.batcher = batching.Batcher(
+            self.model,
+            self.model_metrics,
+            config.max_batch_size,
+            config.max_queue_delay_microseconds / 1e6,
+            config.max_queue_size,
+        )
+        self.loaded = threading.Event()
         self.shutting_down = False
+        self._codec = ThreadPoolExecutor(config.max_concurrent_large_requests, thread_name_prefix="kiln-codec")
+        self._large: asyncio.Semaphore | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Blocking: load and warm up (in a thread, so liveness answers at once), then record the outcome."""
+        self.model.load()
+        self.model_metrics.loaded(self.model.ready, self.model.provider, self.model.load_seconds)
+        self.loaded.set()
+
+    def start(self) -> None:
+        self.batcher.start()
+        threading.Thread(target=self.load, name="kiln-model-load", daemon=True).start()
+
+    async def stop(self) -> None:
+        """After the listeners stopped and in-flight requests finished: drain the queue."""
+        self.shutting_down = True
+        await self.batcher.stop()
+        self._codec.shutdown(wait=False, cancel_futures=True)
+
+    # -- heavy work -----------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def admit(self, size: int | None) -> AsyncIterator[None]:
+        """Hold one of the large-request places while a body of `size` bytes (None: unknown) is handled."""
+        if size is not None and size < LARGE_BYTES:
+            yield
+            return
+        if self._large is None:
+            self._large = asyncio.Semaphore(self.config.max_concurrent_large_requests)
+        async with self._large:
+            yield
+
+    async def offload(self, size: int, work: Callable[..., T], *args: Any) -> T:
+        """work(*args), on a codec thread when `size` bytes make it heavy, else right here."""
+        if size < LARGE_BYTES:
+            return work(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._codec, functools.partial(work, *args))
 
     # -- health and metadata -------------------------------------------------------------------------------
 
@@ -69,106 +138,53 @@ class DataPlane:
             "parameters": model.parameters,
         }
 
+    def statistics(self, name: str | None, version: str | None) -> dict[str, object]:
+        """Triton's statistics extension: all models (here: one) or the one named."""
+        if name is not None:
+            self.check_model(name, version)
+        return {"model_stats": [self.model_metrics.triton_statistics()]}
+
     # -- inference ------------------------------------------------------------------------------------------
 
+    async def run(self, request: protocol.Request) -> dict[str, codec.Array]:
+        """A decoded request through the batcher."""
+        return await self.batcher.submit(request.inputs)
+
     async def infer(
-        self, name: str, version: str | None, body: bytes | memoryview, header_length: str | None
+        self, name: str, version: str | None, body: bytes | memoryview, header_length: int | None
     ) -> InferResponse:
-        """POST /v2/models/{name}[/versions/{v}]/infer, JSON or with the binary extension."""
+        """POST /v2/models/{name}[/versions/{v}]/infer: JSON, the binary extension, or a raw binary tensor."""
         model = self.require_ready(name, version)
+        request = await self.offload(len(body), self._decode, model, body, header_length)
+        outputs = await self.run(request)
+        size = sum(outputs[w.name].nbytes for w in request.outputs) * 4  # JSON text is a few times the bytes
+        return await self.offload(size, self._encode, model, request, outputs)
+
+    def _decode(self, model: Model, body: bytes | memoryview, header_length: int | None) -> protocol.Request:
+        if header_length == 0:
+            return protocol.from_raw(model, memoryview(body), self.config.allow_non_finite)
         header, rest = binary.split(body, header_length)
-        inputs = self._decode_inputs(model, header, binary.Reader(rest))
-        wanted = self._requested_outputs(model, header)
-        outputs = await self.batcher.submit(inputs)
+        return protocol.from_json(model, header, binary.Reader(rest), self.config.allow_non_finite)
 
-        response: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
-        if "id" in header:
-            response["id"] = header["id"]
-        encoded, chunks = [], []
-        for out_name, as_binary in wanted:
-            array = outputs[out_name]
-            entry: dict[str, Any] = {"name": out_name, "datatype": codec.datatype_of(array), "shape": list(array.shape)}
-            if as_binary:
-                raw = codec.to_bytes(array)
-                entry["parameters"] = {"binary_data_size": len(raw)}
-                chunks.append(raw)
-            else:
-                entry["data"] = codec.to_json(array)
-            encoded.append(entry)
-        response["outputs"] = encoded
-        body_out, length = binary.join(response, chunks)
-        return InferResponse(body_out, length)
-
-    def _decode_inputs(self, model: Model, header: Mapping[str, Any], reader: binary.Reader) -> dict[str, codec.Array]:
-        raw_inputs = header.get("inputs")
-        if not isinstance(raw_inputs, list) or not raw_inputs:
-            raise errors.InvalidInput("request needs 'inputs': a non-empty list of tensors")
-        expected = {t.name: t for t in model.inputs}
-        tensors: dict[str, codec.Array] = {}
-        for raw in raw_inputs:
-            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-                raise errors.InvalidInput("each input must be an object with a 'name'")
-            in_name = raw["name"]
-            spec = expected.get(in_name)
-            if spec is None:
-                raise errors.InvalidInput(
-                    f"unknown input '{in_name}'; model '{model.name}' takes {_names(model.inputs)}"
-                )
-            if in_name in tensors:
-                raise errors.InvalidInput(f"input '{in_name}' is given twice")
-            datatype = raw.get("datatype")
-            if datatype != spec.datatype:
-                raise errors.InvalidInput(f"input '{in_name}': expected datatype {spec.datatype}, got {datatype}")
-            if datatype not in codec.NUMPY_DTYPES:
-                raise errors.InvalidInput(f"input '{in_name}': datatype {datatype} is not supported by this server")
-            shape = codec.parse_shape(in_name, raw.get("shape"))
-            codec.check_shape(in_name, spec.shape, shape)
-            parameters = raw.get("parameters") or {}
-            if not isinstance(parameters, dict):
-                raise errors.InvalidInput(f"input '{in_name}': 'parameters' must be an object")
-            if "binary_data_size" in parameters:
-                chunk = reader.take(in_name, parameters["binary_data_size"])
-                tensors[in_name] = codec.from_bytes(in_name, datatype, shape, chunk)
-            elif "data" in raw:
-                tensors[in_name] = codec.from_json(in_name, datatype, shape, raw["data"])
-            else:
-                raise errors.InvalidInput(f"input '{in_name}' has neither 'data' nor parameters.binary_data_size")
-        reader.finish()
-        missing = [n for n in expected if n not in tensors]
-        if missing:
-            raise errors.InvalidInput(f"missing input{'s' if len(missing) > 1 else ''} {_names(missing)}")
-        return tensors
-
-    def _requested_outputs(self, model: Model, header: Mapping[str, Any]) -> list[tuple[str, bool]]:
-        """(output name, as binary) in the order asked for; all outputs when none are listed."""
-        parameters = header.get("parameters") or {}
-        binary_default = bool(isinstance(parameters, dict) and parameters.get("binary_data_output", False))
-        raw_outputs = header.get("outputs")
-        if raw_outputs is None:
-            return [(t.name, binary_default) for t in model.outputs]
-        if not isinstance(raw_outputs, list):
-            raise errors.InvalidInput("'outputs' must be a list of {\"name\": ...} objects")
-        known = {t.name for t in model.outputs}
-        wanted = []
-        for raw in raw_outputs:
-            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-                raise errors.InvalidInput("each requested output must be an object with a 'name'")
-            if raw["name"] not in known:
-                raise errors.InvalidInput(
-                    f"unknown output '{raw['name']}'; model '{model.name}' has {_names(model.outputs)}"
-                )
-            out_params = raw.get("parameters") or {}
-            as_binary = out_params.get("binary_data", binary_default) if isinstance(out_params, dict) else False
-            wanted.append((raw["name"], bool(as_binary)))
-        return wanted
+    @staticmethod
+    def _encode(model: Model, request: protocol.Request, outputs: dict[str, codec.Array]) -> InferResponse:
+        header, chunks = protocol.answer(model, request, outputs)
+        return InferResponse(*binary.join(header, chunks))
 
     async def predict_v1(self, name: str, body: bytes) -> dict[str, object]:
         """KServe v1: {"instances": [...]} -> {"predictions": [...]}; one row per instance."""
         model = self.require_ready(name, None)
-        try:
-            request = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise errors.InvalidInput(f"request body is not valid JSON: {err}") from None
+        inputs = await self.offload(len(body), self._decode_v1, model, body)
+        outputs = await self.batcher.submit(inputs)
+        names = [t.name for t in model.outputs]
+        predictions: list[object] = []
+        for row in range(len(next(iter(inputs.values())))):
+            values = {n: outputs[n][row].tolist() for n in names}
+            predictions.append(values[names[0]] if len(names) == 1 else values)
+        return {"predictions": predictions}
+
+    def _decode_v1(self, model: Model, body: bytes) -> dict[str, codec.Array]:
+        request = jsontext.loads(body)
         instances = request.get("instances") if isinstance(request, dict) else None
         if not isinstance(instances, list) or not instances:
             raise errors.InvalidInput('request needs "instances": a non-empty list')
@@ -181,16 +197,10 @@ class DataPlane:
             else:
                 raise errors.InvalidInput(
                     f"each instance must be an object with input '{spec.name}' "
-                    f"(model '{model.name}' takes {_names(model.inputs)})"
+                    f"(model '{model.name}' takes {protocol.names(model.inputs)})"
                 )
             inputs[spec.name] = _stack(spec, rows)
-        outputs = await self.batcher.submit(inputs)
-        names = [t.name for t in model.outputs]
-        predictions: list[object] = []
-        for row in range(len(instances)):
-            values = {n: outputs[n][row].tolist() for n in names}
-            predictions.append(values[names[0]] if len(names) == 1 else values)
-        return {"predictions": predictions}
+        return protocol.complete(model, inputs, self.config.allow_non_finite)
 
     async def classify(self, name: str, version: str | None, image: bytes, top_k: str | None) -> dict[str, object]:
         """An image in, the card's preprocessing applied, the top-k classes with softmax probabilities out."""
@@ -201,15 +211,13 @@ class DataPlane:
                 f"classify needs a model card (model-card.json with preprocessing and class names); model "
                 f"'{model.name}' was loaded from a plain ONNX file: use /v2/models/{model.name}/infer instead"
             )
-        try:
-            k = int(top_k) if top_k is not None else 5
-        except ValueError:
-            raise errors.InvalidInput(f"top_k must be a positive integer, got {top_k!r}") from None
+        k = 5 if top_k is None else int(top_k) if top_k.isascii() and top_k.isdigit() else 0
         if k < 1:
-            raise errors.InvalidInput(f"top_k must be a positive integer, got {k}")
+            raise errors.InvalidInput(f"top_k must be a positive integer, got {top_k!r}")
         by_name = {t.name: t for t in model.inputs}
         spec = by_name.get(card.input.name) or model.inputs[0]
-        tensor = images.to_tensor(images.decode(image), card.preprocessing, codec.NUMPY_DTYPES[spec.datatype])
+        # Decoding is heavy whatever the byte count: a tiny PNG can hold millions of pixels.
+        tensor = await self.offload(LARGE_BYTES, _image_tensor, image, card, codec.NUMPY_DTYPES[spec.datatype])
         codec.check_shape(spec.name, spec.shape, tensor.shape)
         outputs = await self.batcher.submit({spec.name: tensor})
         logits = outputs.get(card.output.name, next(iter(outputs.values())))
@@ -230,8 +238,8 @@ class DataPlane:
         }
 
 
-def _names(items: list[TensorInfo] | list[str]) -> str:
-    return ", ".join(f"'{i.name if isinstance(i, TensorInfo) else i}'" for i in items)
+def _image_tensor(image: bytes, card: api.ModelCard, dtype: np.dtype[np.generic]) -> codec.Array:
+    return images.to_tensor(images.decode(image), card.preprocessing, dtype)
 
 
 def _stack(spec: TensorInfo, rows: list[object]) -> codec.Array:

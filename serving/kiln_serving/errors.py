@@ -1,4 +1,5 @@
-"""Domain errors of the server. app.py maps each to an HTTP status in one place; nothing below it knows HTTP."""
+"""Domain errors of the server, and the one table of what each is in HTTP and in gRPC (app.py and
+grpc_service.py read it; nothing else knows either protocol)."""
 
 
 class ServingError(Exception):
@@ -31,3 +32,29 @@ class ServerBusy(ServingError):
 
 class InferenceFailed(ServingError):
     """The runtime failed on a request that passed validation (HTTP 500)."""
+
+
+class UnsupportedMediaType(ServingError):
+    """The body is in a format this endpoint does not take (HTTP 415)."""
+
+
+class ClientClosed(ServingError):
+    """The client hung up before the answer; nobody is left to tell (counted, never logged as an error)."""
+
+
+# error -> (HTTP status, gRPC status code name); the first matching class wins, ServingError last.
+STATUS: dict[type[ServingError], tuple[int, str]] = {
+    InvalidInput: (400, "INVALID_ARGUMENT"),
+    ModelNotFound: (404, "NOT_FOUND"),
+    PayloadTooLarge: (413, "RESOURCE_EXHAUSTED"),
+    UnsupportedMediaType: (415, "INVALID_ARGUMENT"),
+    ServerBusy: (503, "RESOURCE_EXHAUSTED"),
+    ModelNotReady: (503, "UNAVAILABLE"),
+    ClientClosed: (499, "CANCELLED"),
+    ServingError: (500, "INTERNAL"),
+}
+
+
+def status(err: ServingError) -> tuple[int, str]:
+    """The HTTP status and gRPC code of an error."""
+    return next(codes for kind, codes in STATUS.items() if isinstance(err, kind))

@@ -1,15 +1,47 @@
-"""Prometheus metrics of one server, in their own registry so two servers in one process never collide.
+"""Prometheus metrics of one server, in their own registry so two servers in one process never collide, and
+the same numbers in the shape of Triton's statistics extension.
 
 Names carry the `kiln_serving_` prefix and base units (seconds, items); labels are the model, its version,
-the HTTP status and the provider: small fixed sets, never anything taken per request.
+the HTTP status and the provider: small fixed sets, never anything taken per request. A client that hung up
+before its answer is counted under status CLIENT_CLOSED (nginx's 499), not as a server error.
 """
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+CLIENT_CLOSED = 499
+
+
+@dataclass
+class Duration:
+    """A count and its total nanoseconds, as Triton's statistics report them."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.ns += int(seconds * 1e9)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class Statistics:
+    """One model's totals for GET /v2/models/{name}/stats (Triton's statistics extension)."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
 
 
 class ServingMetrics:
@@ -98,6 +130,7 @@ class ModelMetrics:
     inferences: Counter
     in_flight: Gauge
     queue_depth: Gauge
+    statistics: Statistics = field(default_factory=Statistics)
 
     def request(self, status: int, seconds: float | None, known_model: bool = True) -> None:
         """Count one inference request; unknown model names are counted under empty labels, not their own."""
@@ -105,11 +138,46 @@ class ModelMetrics:
         self.parent.requests.labels(model=model, version=version, status=str(status)).inc()
         if seconds is not None and known_model:
             self.request_seconds.observe(seconds)
+            if status != CLIENT_CLOSED:
+                (self.statistics.success if status < 400 else self.statistics.fail).add(seconds)
+
+    def queued(self, seconds: float) -> None:
+        self.queue_seconds.observe(seconds)
+        self.statistics.queue.add(seconds)
 
     def batch(self, items: int, seconds: float) -> None:
+        """One runtime call (worker thread)."""
         self.batch_size.observe(items)
         self.inferences.inc(items)
         self.compute_seconds.observe(seconds)
+        stats = self.statistics
+        stats.compute_infer.add(seconds)
+        stats.inference_count += items
+        stats.execution_count += 1
+        stats.last_inference_ms = int(time.time() * 1000)
+
+    def triton_statistics(self) -> dict[str, object]:
+        """This model's entry of Triton's `model_stats` list."""
+        stats = self.statistics
+        zero = Duration().to_dict()
+        return {
+            "name": self.name,
+            "version": self.version,
+            "last_inference": stats.last_inference_ms,
+            "inference_count": stats.inference_count,
+            "execution_count": stats.execution_count,
+            "inference_stats": {
+                "success": stats.success.to_dict(),
+                "fail": stats.fail.to_dict(),
+                "queue": stats.queue.to_dict(),
+                "compute_input": zero,
+                "compute_infer": stats.compute_infer.to_dict(),
+                "compute_output": zero,
+                "cache_hit": zero,
+                "cache_miss": zero,
+            },
+            "batch_stats": [],
+        }
 
     def loaded(self, ready: bool, provider: str, seconds: float) -> None:
         labels = {"model": self.name, "version": self.version}

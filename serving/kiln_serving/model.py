@@ -260,24 +260,28 @@ class OnnxModel(Model):
         ]
 
     def _warm_up(self) -> None:
-        """Run batch 1, and the largest batch when batching, on zeros; symbolic inner dimensions make it best-effort."""
+        """Run batch 1, and the largest batch when batching, on zeros ("0" for text). Best-effort when the
+        right values cannot be known: symbolic inner dimensions, or text inputs (a model may want words, JSON
+        or numbers in them); then a rejected warm-up is logged and skipped, and the model is ready anyway."""
         batches = [1]
         if self.batchable and self.config.batching:
             batches.append(self.config.max_batch_size)
         guessed = any(d < 0 for t in self.inputs for d in t.shape[1:])
+        text = any(t.datatype == "BYTES" for t in self.inputs)
         for batch in batches:
             feed = {}
             for t in self.inputs:
                 shape = tuple(batch if i == 0 and d < 0 else max(d, 1) for i, d in enumerate(t.shape))
                 dtype = codec.NUMPY_DTYPES.get(t.datatype, np.dtype("<f4"))
-                feed[t.name] = np.full(shape, "", dtype=object) if t.datatype == "BYTES" else np.zeros(shape, dtype)
+                feed[t.name] = np.full(shape, "0", dtype=object) if t.datatype == "BYTES" else np.zeros(shape, dtype)
             try:
                 self.predict(feed)
             except Exception as err:
-                if not guessed:
+                if not (guessed or text):
                     raise
                 log.warning(
-                    "warm-up skipped: the model has dynamic inner dimensions and rejected %s (%s)",
+                    "warm-up skipped: the model has %s and rejected %s (%s)",
+                    "text inputs" if text else "dynamic inner dimensions",
                     {k: v.shape for k, v in feed.items()},
                     err,
                 )

@@ -16,8 +16,10 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
-from kiln_serving.app import Server, build_app
+from kiln_serving import connections
+from kiln_serving.app import build_app
 from kiln_serving.config import ServingConfig
+from kiln_serving.dataplane import DataPlane
 from kiln_serving.model import Model
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ def _uvicorn(app: Starlette, config: ServingConfig) -> uvicorn.Server:
             log_config=None,  # keep the process's logging setup
             access_log=config.access_log,
             timeout_graceful_shutdown=int(config.graceful_shutdown_seconds),
-            timeout_keep_alive=30,
+            http=connections.protocol(config),
+            timeout_keep_alive=config.keep_alive_timeout_seconds,  # type: ignore[arg-type]
         )
     )
 
@@ -82,7 +85,7 @@ def serve(config: ServingConfig, model: Model | None = None) -> int:
     host, port = sock.getsockname()[:2]
     log.info(
         "serving %s on http://%s:%d (Open Inference Protocol v2, metrics at /metrics)",
-        app.state.server.model.name,
+        app.state.dataplane.model.name,
         host,
         port,
     )
@@ -96,8 +99,9 @@ def serve(config: ServingConfig, model: Model | None = None) -> int:
 
 
 @dataclass
-class BackgroundServer:
-    """A server running in a thread of this process (`kiln run --serve`, tests, benchmarks)."""
+class Server:
+    """The server running in a thread of this process (`kiln run --serve`, tests, benchmarks): HTTP on
+    `port`, gRPC on `grpc_port` (None when off)."""
 
     app: Starlette
     sock: socket.socket
@@ -114,24 +118,37 @@ class BackgroundServer:
         port: int = self.sock.getsockname()[1]
         return port
 
+    def _address(self, port: int | None) -> str:
+        host = self.sock.getsockname()[0]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     @property
     def address(self) -> str:
         """host:port, the form tritonclient wants."""
-        host = self.sock.getsockname()[0]
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return self._address(self.port)
 
     @property
     def url(self) -> str:
         return f"http://{self.address}"
 
     @property
-    def server(self) -> Server:
-        server: Server = self.app.state.server
-        return server
+    def grpc_port(self) -> int | None:
+        port: int | None = self.app.state.grpc_port
+        return port
+
+    @property
+    def grpc_address(self) -> str:
+        """host:port of the gRPC service, the form tritonclient.grpc wants."""
+        return self._address(self.grpc_port)
+
+    @property
+    def dataplane(self) -> DataPlane:
+        dataplane: DataPlane = self.app.state.dataplane
+        return dataplane
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         """Block until the model finished loading (ready or not); True when it did within timeout."""
-        return self.server.loaded.wait(timeout)
+        return self.dataplane.loaded.wait(timeout)
 
     def stop(self) -> None:
         """Graceful stop: in-flight requests finish, then the batcher drains."""
@@ -139,18 +156,16 @@ class BackgroundServer:
         self.thread.join()
         self.sock.close()
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> "Server":
         return self
 
     def __exit__(self, *_: object) -> None:
         self.stop()
 
 
-def start(
-    config: ServingConfig, model: Model | None = None, registry: CollectorRegistry | None = None
-) -> BackgroundServer:
+def start(config: ServingConfig, model: Model | None = None, registry: CollectorRegistry | None = None) -> Server:
     """Start serving in a background thread and return at once; use wait_loaded() before sending requests."""
     app = build_app(config, model, registry)
-    running = BackgroundServer(app=app, sock=bind(config.host, config.port), uvicorn_server=_uvicorn(app, config))
+    running = Server(app=app, sock=bind(config.host, config.port), uvicorn_server=_uvicorn(app, config))
     running.thread.start()
     return running

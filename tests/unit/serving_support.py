@@ -16,7 +16,7 @@ from PIL import Image
 
 from kiln import api
 from kiln.api import constants
-from kiln_serving import BackgroundServer, ServingConfig, start
+from kiln_serving import Server, ServingConfig, start
 from kiln_serving.model import Model
 
 SIZE = 8
@@ -139,6 +139,7 @@ def config(model_dir: Path, **overrides: object) -> ServingConfig:
     settings: dict[str, object] = {
         "host": "127.0.0.1",
         "port": 0,
+        "grpc_port": 0,
         "intra_op_threads": 1,
         "max_queue_delay_microseconds": 1000,
     }
@@ -147,7 +148,7 @@ def config(model_dir: Path, **overrides: object) -> ServingConfig:
 
 
 @contextlib.contextmanager
-def serving(cfg: ServingConfig, model: Model | None = None) -> Iterator[BackgroundServer]:
+def serving(cfg: ServingConfig, model: Model | None = None) -> Iterator[Server]:
     """A real uvicorn server in a thread on a free port, model loaded (ready or not) before the body runs."""
     server = start(cfg, model)
     try:

@@ -267,12 +267,16 @@ def test_serving_probes_use_the_open_inference_protocol_health_endpoints() -> No
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert {"name": "http", "containerPort": 8080} in container["ports"]
+    assert {"name": "grpc", "containerPort": 8081} in container["ports"]  # the server's default --grpc-port
 
 
 def test_the_serving_service_is_the_endpoint_in_status() -> None:
     service = serving_objects.build_service(OWNER)
     assert service["metadata"]["name"] == "digits-serving"
-    assert service["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http"}]
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8080, "targetPort": "http"},
+        {"name": "grpc", "port": 8081, "targetPort": "grpc", "appProtocol": "grpc"},
+    ]
     assert objects.endpoint("digits", "team-a") == "http://digits-serving.team-a.svc:8080/v2/models/digits"
 
 

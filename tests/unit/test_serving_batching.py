@@ -14,7 +14,7 @@ import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 from serving_support import classifier, config, images_batch, reference, serving, trained_folder
 
-from kiln_serving import BackgroundServer, ServingConfig, codec
+from kiln_serving import Server, ServingConfig, codec
 from kiln_serving.model import OnnxModel
 
 
@@ -33,14 +33,14 @@ class GatedModel(OnnxModel):
         return super().predict(inputs)
 
 
-def batch_sizes(server: BackgroundServer) -> dict[str, float]:
+def batch_sizes(server: Server) -> dict[str, float]:
     """Cumulative bucket counts of kiln_serving_batch_size, by upper bound."""
     text = httpx.get(f"{server.url}/metrics").text
     return {s.labels["le"]: s.value for f in text_string_to_metric_families(text) if f.name == "kiln_serving_batch_size"
             for s in f.samples if s.name.endswith("_bucket")}  # fmt: skip
 
 
-def metric(server: BackgroundServer, name: str) -> float:
+def metric(server: Server, name: str) -> float:
     text = httpx.get(f"{server.url}/metrics").text
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
@@ -56,7 +56,7 @@ def wait_until(
         pause(0.01)
 
 
-def json_infer(server: BackgroundServer, x: np.ndarray) -> httpx.Response:
+def json_infer(server: Server, x: np.ndarray) -> httpx.Response:
     body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
     return httpx.post(f"{server.url}/v2/models/tiny/infer", json=body, timeout=120)
 

@@ -25,7 +25,7 @@ def environment() -> dict[str, str]:
 def test_python_m_kiln_serving_serves_tritonclient_and_exits_zero_on_sigterm(tmp_path: Path) -> None:
     folder = trained_folder(tmp_path / "tiny")
     command = [sys.executable, "-m", "kiln_serving", "--model-dir", str(folder), "--host", "127.0.0.1",
-               "--port", "0", "--intra-op-threads", "1"]  # fmt: skip
+               "--port", "0", "--grpc-port", "0", "--intra-op-threads", "1"]  # fmt: skip
     process = subprocess.Popen(command, env=environment(), stderr=subprocess.PIPE, text=True)
     try:
         log = []
@@ -62,9 +62,10 @@ def test_kiln_serve_exits_with_the_config_error_code_for_a_missing_model_dir(tmp
 def test_serve_local_serves_a_trained_folder_with_the_jobs_serving_settings(tmp_path: Path) -> None:
     folder = trained_folder(tmp_path / "tiny")
     probe = (
-        "import sys; from pathlib import Path; from kiln import api; from kiln_serving import cli; "
+        "import sys; from pathlib import Path; from kiln import api; from kiln_serving import serve_cli; "
         "spec = api.ServingSpec(variant='int8-static', max_batch_size=4); "
-        "sys.exit(cli.serve_local(Path(sys.argv[1]), 'digits', host='127.0.0.1', port=int(sys.argv[2]), serving=spec))"
+        "sys.exit(serve_cli.serve_local(Path(sys.argv[1]), 'digits', host='127.0.0.1', port=int(sys.argv[2]), "
+        "serving=spec, grpc_port=0))"
     )
     with socket.socket() as s:  # a free port for the child; nothing else binds in between on a test machine
         s.bind(("127.0.0.1", 0))

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from kiln import api
 from kiln import cli as kiln_cli
 from kiln.api import constants
-from kiln_serving import cli, codec, providers
+from kiln_serving import codec, providers, serve_cli
 from kiln_serving.config import ServingConfig, cpu_quota
 from kiln_serving.errors import InvalidInput
 
@@ -90,8 +91,8 @@ def test_shape_errors_say_what_was_expected_and_what_came() -> None:
 
 def test_serve_flags_become_a_config_with_the_documented_defaults(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    defaults = cli.config_from_args(parser.parse_args(["--model-dir", str(tmp_path)]))
+    serve_cli.add_arguments(parser)
+    defaults = serve_cli.config_from_args(parser.parse_args(["--model-dir", str(tmp_path)]))
     assert defaults.port == constants.SERVING_HTTP_PORT
     assert defaults.providers is None and defaults.intra_op_threads is None and defaults.batching
     args = parser.parse_args([
@@ -100,7 +101,7 @@ def test_serve_flags_become_a_config_with_the_documented_defaults(tmp_path: Path
         "--max-body-bytes", "1000", "--intra-op-threads", "3", "--providers", "cuda,cpu", "--allow-cpu-fallback",
         "--trt-cache-dir", str(tmp_path / "trt"), "--use-optimized",
     ])  # fmt: skip
-    cfg = cli.config_from_args(args)
+    cfg = serve_cli.config_from_args(args)
     assert cfg == ServingConfig(
         model_dir=tmp_path, variant="int8-static", model_name="m", host="127.0.0.1", port=0, max_batch_size=8,
         max_queue_delay_microseconds=0, max_queue_size=4, max_body_bytes=1000, intra_op_threads=3,
@@ -121,3 +122,12 @@ def test_kiln_serve_help_lists_the_serving_flags(capsys: pytest.CaptureFixture[s
                  "--max-queue-size", "--max-body-bytes", "--intra-op-threads", "--providers", "--allow-cpu-fallback",
                  "--trt-cache-dir", "--use-optimized"):  # fmt: skip
         assert flag in text
+
+
+def test_serving_config_defaults_agree_with_the_serving_spec_and_from_spec_is_the_one_mapping(tmp_path: Path) -> None:
+    spec, defaults = api.ServingSpec(), ServingConfig(model_dir=tmp_path)
+    assert defaults.max_batch_size == spec.max_batch_size
+    assert defaults.max_queue_delay_microseconds == spec.max_queue_delay_microseconds
+    assert ServingConfig.from_spec(tmp_path, spec) == defaults  # "auto" leaves the choice to the card (None)
+    chosen = ServingConfig.from_spec(tmp_path, api.ServingSpec(variant="int8-static", max_batch_size=4), port=0)
+    assert (chosen.variant, chosen.max_batch_size, chosen.port) == ("int8-static", 4, 0)

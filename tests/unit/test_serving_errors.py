@@ -13,7 +13,7 @@ import tritonclient.http as triton
 from serving_support import config, images_batch, reference, serving
 from serving_support import trained_folder as make_trained_folder
 
-from kiln_serving import BackgroundServer
+from kiln_serving import Server
 
 LIMIT = 16 * 1024
 X = images_batch(2, seed=9)
@@ -94,8 +94,35 @@ CASES: list[tuple[str, str, str, dict[str, object], int, str]] = [
     ("gzip over the limit", "POST", "/v2/models/tiny/infer",
      {"content": gzip.compress(b" " * (LIMIT * 4)), "headers": {"Content-Encoding": "gzip"}}, 413,
      "decompressed request body is over the limit"),
-    ("bad image", "POST", "/v2/models/tiny/classify", {"content": b"GIF89a not really"}, 400,
+    ("image format off the allow-list", "POST", "/v2/models/tiny/classify", {"content": b"GIF89a not really"}, 415,
+     "unsupported image format; send one of PNG, JPEG"),
+    ("eps never reaches ghostscript", "POST", "/v2/models/tiny/classify",
+     {"content": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"}, 415, "unsupported image format"),
+    ("broken png", "POST", "/v2/models/tiny/classify", {"content": b"\x89PNG\r\n\x1a\n broken"}, 400,
      "cannot decode the image"),
+    ("duplicate output", "POST", "/v2/models/tiny/infer",
+     {"json": infer_body() | {"outputs": [{"name": "logits"}, {"name": "logits"}]}}, 400,
+     "output 'logits' is requested twice"),
+    ("deeply nested json", "POST", "/v2/models/tiny/infer",
+     {"content": b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"}, 400, "nested deeper than 64 levels"),
+    ("shape overflowing int64", "POST", "/v2/models/tiny/infer",
+     {"json": infer_body(shape=[2**40, 3, 2**40, 8])}, 400, "has more elements than int64 holds"),
+    ("non-ascii digit in header length", "POST", "/v2/models/tiny/infer",
+     {"content": json.dumps(infer_body()).encode(),
+      "headers": {"Inference-Header-Content-Length": "\u00b2".encode("latin-1")}}, 400,
+     "Inference-Header-Content-Length must be a non-negative integer"),
+    ("nan in json", "POST", "/v2/models/tiny/infer",
+     {"content": json.dumps(infer_body(data=[float("nan")] * 384)).encode()}, 400,
+     "input 'input' contains NaN or infinite values"),
+    ("infinity as binary", "POST", "/v2/models/tiny/infer",
+     binary_request({"inputs": [BINARY_INPUT]}, np.full(384, np.inf, dtype=np.float32).tobytes()), 400,
+     "contains NaN or infinite values"),
+    ("raw binary of a partial row", "POST", "/v2/models/tiny/infer",
+     {"content": b"\0" * 100, "headers": {"Inference-Header-Content-Length": "0"}}, 400,
+     "raw binary request of 100 bytes is not a whole number of 'input' rows of 768 bytes"),
+    ("negative classification", "POST", "/v2/models/tiny/infer",
+     {"json": infer_body() | {"outputs": [{"name": "logits", "parameters": {"classification": -1}}]}}, 400,
+     "classification must be a non-negative integer"),
     ("empty image", "POST", "/v2/models/tiny/classify", {"content": b""}, 400, "empty image"),
     ("multipart without file", "POST", "/v2/models/tiny/classify", {"files": {"note": (None, b"hi")}}, 400,
      "multipart upload has no file"),
@@ -115,12 +142,12 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(folder: Path) -> Iterator[BackgroundServer]:
+def server(folder: Path) -> Iterator[Server]:
     with serving(config(folder, max_body_bytes=LIMIT)) as running:
         yield running
 
 
-def assert_still_serving(server: BackgroundServer, folder: Path) -> None:
+def assert_still_serving(server: Server, folder: Path) -> None:
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
     answer = httpx.post(f"{server.url}/v2/models/tiny/infer", json=infer_body())
     assert answer.status_code == 200
@@ -130,7 +157,7 @@ def assert_still_serving(server: BackgroundServer, folder: Path) -> None:
 
 @pytest.mark.parametrize(("case", "method", "path", "kwargs", "status", "message"), CASES, ids=[c[0] for c in CASES])
 def test_a_bad_request_gets_its_status_and_an_actionable_error_and_the_server_stays_ready(
-    server: BackgroundServer, folder: Path, case: str, method: str, path: str, kwargs: dict[str, object],
+    server: Server, folder: Path, case: str, method: str, path: str, kwargs: dict[str, object],
     status: int, message: str,
 ) -> None:  # fmt: skip
     response = httpx.request(method, f"{server.url}{path}", **kwargs)  # type: ignore[arg-type]
@@ -140,7 +167,7 @@ def test_a_bad_request_gets_its_status_and_an_actionable_error_and_the_server_st
     assert_still_serving(server, folder)
 
 
-def test_tritonclient_reports_the_status_and_message_of_an_error(server: BackgroundServer, folder: Path) -> None:
+def test_tritonclient_reports_the_status_and_message_of_an_error(server: Server, folder: Path) -> None:
     client = triton.InferenceServerClient(server.address)
     wrong = np.zeros((1, 3, 28, 28), dtype=np.float32)
     tensor = triton.InferInput("input", list(wrong.shape), "FP32")

@@ -1,5 +1,5 @@
-"""kiln_serving's imports flow one way (app -> dataplane -> batching -> model) and never reach torch or the
-other components."""
+"""kiln_serving's imports flow one way (app and grpc_service -> dataplane -> batching -> protocol -> model) and
+never reach torch or the other components."""
 
 import ast
 import os
@@ -10,8 +10,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "serving" / "kiln_serving"
 
 # Lower layers first; a module may import only modules listed before it.
-LAYERS = ["errors", "config", "providers", "codec", "binary", "images", "metrics", "model", "batching",
-          "dataplane", "app", "server", "cli", "__main__", "__init__"]  # fmt: skip
+LAYERS = ["errors", "config", "providers", "jsontext", "codec", "binary", "images", "metrics", "model", "protocol",
+          "batching", "dataplane", "grpc_service", "app", "connections", "server", "serve_cli", "__main__",
+          "__init__"]  # fmt: skip
 FORBIDDEN = ("torch", "torchvision", "kiln_trainer", "kiln_operator", "kopf", "fastapi")
 
 
@@ -42,7 +43,7 @@ def test_serving_modules_import_only_lower_layers_and_nothing_forbidden() -> Non
 
 
 def test_starting_the_server_code_never_loads_torch() -> None:
-    probe = "import sys, kiln_serving, kiln_serving.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    probe = "import sys, kiln_serving, kiln_serving.serve_cli; assert 'torch' not in sys.modules, 'torch imported'"
     roots = os.pathsep.join([str(PACKAGE.parents[1]), str(PACKAGE.parent)])
     done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": roots},
                           capture_output=True, text=True, timeout=120)  # fmt: skip

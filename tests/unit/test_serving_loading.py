@@ -10,10 +10,12 @@ import pytest
 import tritonclient.http as triton
 from serving_support import classifier, config, images_batch, png, reference, serving, trained_folder
 
-from kiln_serving import BackgroundServer
+from kiln import api
+from kiln.api import constants
+from kiln_serving import Server
 
 
-def infer(server: BackgroundServer, name: str, x: np.ndarray) -> np.ndarray:
+def infer(server: Server, name: str, x: np.ndarray) -> np.ndarray:
     client = triton.InferenceServerClient(server.address)
     tensor = triton.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
@@ -101,3 +103,11 @@ def test_asking_for_cuda_on_a_cpu_only_build_is_not_ready_unless_cpu_fallback_is
         assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
         assert httpx.get(f"{server.url}/v2/models/tiny").json()["parameters"]["provider"] == "CPUExecutionProvider"
         assert 'provider="CPUExecutionProvider"' in httpx.get(f"{server.url}/metrics").text
+
+
+def test_without_a_variant_flag_the_cards_selected_variant_is_served(tmp_path: Path) -> None:
+    folder = trained_folder(tmp_path / "tiny")
+    card = api.ModelCard.read(folder / constants.MODEL_CARD_FILE)
+    card.model_copy(update={"selected": "int8-static"}).write(folder / constants.MODEL_CARD_FILE)
+    with serving(config(folder)) as server:
+        assert httpx.get(f"{server.url}/v2/models/tiny").json()["parameters"]["variant"] == "int8-static"

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving_support import CLASSES, DATATYPES, SIZE, all_datatypes, config, images_batch, png, reference, serving
 from serving_support import trained_folder as make_trained_folder
 
-from kiln_serving import BackgroundServer, images
+from kiln_serving import Server, images
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,13 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(folder: Path) -> Iterator[BackgroundServer]:
+def server(folder: Path) -> Iterator[Server]:
     with serving(config(folder)) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> triton.InferenceServerClient:
+def client(server: Server) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(server.address)
 
 
@@ -73,7 +73,7 @@ def test_binary_inference_as_tritonclient_sends_by_default_matches_in_process_on
 
 
 def test_a_large_binary_request_with_an_odd_header_length_is_read_in_place_correctly(
-    server: BackgroundServer, folder: Path
+    server: Server, folder: Path
 ) -> None:
     # Over 64 KB arrives in several chunks; a header length that is not a multiple of 4 misaligns the tensor
     # in the body, which the server's buffer placement (or, failing that, a copy) must make up for.
@@ -112,7 +112,7 @@ def test_json_inference_echoes_the_request_id_and_matches_in_process_onnxruntime
     assert np.abs(result.as_numpy("logits") - expected).max() <= 1e-5
 
 
-def test_nested_json_data_is_read_row_major_like_flat_data(server: BackgroundServer) -> None:
+def test_nested_json_data_is_read_row_major_like_flat_data(server: Server) -> None:
     x = images_batch(1, seed=3)
     bodies = [{"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": data}]}
               for data in (x.tolist(), x.reshape(-1).tolist())]  # fmt: skip
@@ -158,7 +158,7 @@ def test_every_datatype_round_trips_as_json_and_as_binary_and_only_requested_out
                 assert out.dtype == array.dtype and np.array_equal(out, array), t
 
 
-def test_kserve_v1_predict_answers_one_prediction_per_instance(server: BackgroundServer, folder: Path) -> None:
+def test_kserve_v1_predict_answers_one_prediction_per_instance(server: Server, folder: Path) -> None:
     x = images_batch(3, seed=5)
     assert httpx.get(f"{server.url}/v1/models/tiny").json() == {"name": "tiny", "ready": True}
     response = httpx.post(f"{server.url}/v1/models/tiny:predict", json={"instances": x.tolist()})
@@ -170,7 +170,7 @@ def test_kserve_v1_predict_answers_one_prediction_per_instance(server: Backgroun
 
 
 def test_classify_applies_the_cards_preprocessing_to_a_png_and_returns_top_k_softmax(
-    server: BackgroundServer, folder: Path
+    server: Server, folder: Path
 ) -> None:
     from kiln import api
 
@@ -195,7 +195,7 @@ def test_classify_applies_the_cards_preprocessing_to_a_png_and_returns_top_k_sof
 
 
 def test_metrics_parse_as_prometheus_text_and_carry_the_documented_series(
-    server: BackgroundServer, client: triton.InferenceServerClient
+    server: Server, client: triton.InferenceServerClient
 ) -> None:
     x = images_batch(4)
     tensor = triton.InferInput("input", list(x.shape), "FP32")

@@ -1,4 +1,4 @@
-"""`kiln serve` and `python -m kiln_serving`: flags -> ServingConfig -> a blocking server."""
+"""The `kiln serve` command (also `python -m kiln_serving`): flags -> ServingConfig -> a blocking server."""
 
 import argparse
 import logging
@@ -9,6 +9,23 @@ from kiln import api
 from kiln.api import constants
 from kiln_serving import providers, server
 from kiln_serving.config import ServingConfig
+
+# ServingConfig fields set by a flag of the same name that takes a number, and what the flag says.
+SETTINGS = {
+    "port": "HTTP port, 0 = any free",
+    "grpc_port": "gRPC port (KServe v2 / Triton GRPCInferenceService), 0 = off",
+    "max_batch_size": "most items merged into one runtime call",
+    "max_queue_delay_microseconds": "longest the oldest request waits for others to batch with; 0 turns batching off",
+    "max_queue_size": "requests waiting for the runtime before new ones get 503 + Retry-After",
+    "max_body_bytes": "largest request body accepted, else 413",
+    "max_concurrent_large_requests": "large bodies decoded at once; more wait, bounding memory",
+    "max_header_bytes": "largest request head (request line and headers), else 431",
+    "header_timeout_seconds": "how long a request head may take to arrive, else 408 and close",
+    "body_timeout_seconds": "longest pause inside a request body, else 408 and close",
+    "keep_alive_timeout_seconds": "how long an idle keep-alive connection stays open",
+    "max_connections": "open connections beyond which new ones get 503 at once",
+    "graceful_shutdown_seconds": "how long shutdown waits for in-flight requests",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,31 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--variant", help="variant from the model card to serve (default: the card's selected one)")
     add("--model-name", help="name clients use (default: the card's name, else the folder's)")
     add("--host", default=defaults.host, help="address to listen on (default: %(default)s)")
-    add("--port", type=int, default=constants.SERVING_HTTP_PORT, help="HTTP port, 0 = any free (default: %(default)s)")
-    add(
-        "--max-batch-size",
-        type=int,
-        default=defaults.max_batch_size,
-        help="most items merged into one runtime call (default: %(default)s)",
-    )
-    add(
-        "--max-queue-delay-microseconds",
-        type=int,
-        default=defaults.max_queue_delay_microseconds,
-        help="longest the oldest request waits for others to batch with; 0 turns batching off (default: %(default)s)",
-    )
-    add(
-        "--max-queue-size",
-        type=int,
-        default=defaults.max_queue_size,
-        help="requests waiting for the runtime before new ones get 503 + Retry-After (default: %(default)s)",
-    )
-    add(
-        "--max-body-bytes",
-        type=int,
-        default=defaults.max_body_bytes,
-        help="largest request body accepted, else 413 (default: %(default)s)",
-    )
+    for field, help_text in SETTINGS.items():
+        flag = "--" + field.replace("_", "-")
+        default = getattr(defaults, field)
+        add(flag, type=type(default), default=default, help=f"{help_text} (default: %(default)s)")
+    add("--allow-non-finite", action="store_true", help="accept NaN and infinities in float inputs (else 400)")
     add(
         "--intra-op-threads",
         type=int,
@@ -72,12 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--trt-cache-dir", type=Path, default=None, help="folder where TensorRT caches its engines")
     add("--use-optimized", action="store_true", help="serve the card's offline-optimised graph when it has one")
-    add(
-        "--graceful-shutdown-seconds",
-        type=float,
-        default=defaults.graceful_shutdown_seconds,
-        help="how long shutdown waits for in-flight requests (default: %(default)s)",
-    )
     add("--access-log", action="store_true", help="log every request")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default: %(default)s)")
 
@@ -89,19 +80,15 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
         variant=args.variant,
         model_name=args.model_name,
         host=args.host,
-        port=args.port,
-        max_batch_size=args.max_batch_size,
-        max_queue_delay_microseconds=args.max_queue_delay_microseconds,
-        max_queue_size=args.max_queue_size,
-        max_body_bytes=args.max_body_bytes,
+        allow_non_finite=args.allow_non_finite,
         intra_op_threads=args.intra_op_threads,
         ort_spinning=args.ort_spinning,
         providers=providers.parse(args.providers),
         allow_cpu_fallback=args.allow_cpu_fallback,
         trt_cache_dir=args.trt_cache_dir,
         use_optimized=args.use_optimized,
-        graceful_shutdown_seconds=args.graceful_shutdown_seconds,
         access_log=args.access_log,
+        **{field: getattr(args, field) for field in SETTINGS},
     )
 
 
@@ -119,18 +106,25 @@ def run(args: argparse.Namespace) -> int:
     return server.serve(config)
 
 
-def serve_local(model_dir: Path, name: str, *, host: str, port: int, serving: api.ServingSpec) -> int:
+def serve_local(
+    model_dir: Path,
+    name: str,
+    *,
+    host: str,
+    port: int,
+    serving: api.ServingSpec,
+    grpc_port: int = constants.SERVING_GRPC_PORT,
+) -> int:
     """`kiln run --serve`: serve a freshly trained folder in this process with the job's serving settings."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServingConfig(
-        model_dir=model_dir,
-        variant=None if serving.variant == "auto" else serving.variant,
+    config = ServingConfig.from_spec(
+        model_dir,
+        serving,
         model_name=name,
         host=host,
         port=port,
-        max_batch_size=serving.max_batch_size,
-        max_queue_delay_microseconds=serving.max_queue_delay_microseconds,
+        grpc_port=grpc_port,
         allow_cpu_fallback=True,  # a laptop without a GPU still serves a job that asked for one
     )
     return server.serve(config)

@@ -1,0 +1,116 @@
+"""Connection hygiene for the HTTP server: uvicorn's httptools protocol with the limits it lacks.
+
+- Request heads (request line + headers) over max_header_bytes get 431 and the connection is closed, before
+  anything is parsed further: a 64 MB header no longer ties up the event loop.
+- A head must arrive within header_timeout_seconds of its first byte, and a body may pause at most
+  body_timeout_seconds between chunks; a half-sent request is answered 408 and closed, so idle sockets do
+  not pile up until the process runs out of file descriptors.
+- Past max_connections (capped below the process's file-descriptor limit) a new connection is answered 503
+  at once and closed, so the server stays reachable for probes as soon as any connection ends.
+Idle keep-alive connections are closed by uvicorn after keep_alive_timeout_seconds.
+"""
+
+import asyncio
+import logging
+import resource
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from kiln_serving.config import ServingConfig
+
+log = logging.getLogger(__name__)
+
+# File descriptors kept free for the listening socket, model files, logs and the gRPC service.
+_SPARE_FDS = 64
+
+
+def _response(status: int, reason: str) -> bytes:
+    body = f'{{"error":"{reason}"}}'.encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body  # fmt: skip
+
+
+def connection_cap(configured: int) -> int:
+    """max_connections, lowered to what the file-descriptor limit (RLIMIT_NOFILE) leaves room for."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(1, min(configured, soft - _SPARE_FDS))
+
+
+def protocol(config: ServingConfig) -> type[HttpToolsProtocol]:
+    """The protocol class for uvicorn.Config(http=...), with config's limits."""
+    cap = connection_cap(config.max_connections)
+
+    class GuardedHttp(HttpToolsProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._head_bytes = 0
+            self._in_head = True  # between requests the next bytes start a head
+            self._timer: asyncio.TimerHandle | None = None
+
+        def _arm(self, seconds: float) -> None:
+            self._disarm()
+            self._timer = self.loop.call_later(seconds, self._expire)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _expire(self) -> None:
+            self._timer = None
+            self._refuse(408, "Request Timeout")
+
+        def _refuse(self, status: int, reason: str) -> None:
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.disconnected = True  # the app, if it already runs, sees a disconnect
+                self.cycle.message_event.set()
+            if not self.transport.is_closing():
+                self.transport.write(_response(status, reason))
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > cap:
+                log.warning("refusing a connection: %d open, the limit is %d", len(self.connections) - 1, cap)
+                self._refuse(503, "Service Unavailable")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self.transport.is_closing():
+                return
+            if self._in_head:
+                if self._head_bytes == 0:
+                    self._arm(config.header_timeout_seconds)  # the whole head within this, however slow
+                self._head_bytes += len(data)
+                if self._head_bytes > config.max_header_bytes and not self._head_done(data):
+                    self._refuse(431, "Request Header Fields Too Large")
+                    return
+            elif self.cycle is not None and self.cycle.more_body:
+                self._arm(config.body_timeout_seconds)  # the next body chunk within this
+            super().data_received(data)
+
+        def _head_done(self, data: bytes) -> bool:
+            """Whether this chunk ends the head within the limit (its end is in the last bytes counted)."""
+            end = data.find(b"\r\n\r\n")
+            return end >= 0 and self._head_bytes - len(data) + end + 4 <= config.max_header_bytes
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+            if self.cycle is not None and self.cycle.more_body and not self.parser.should_upgrade():
+                self._arm(config.body_timeout_seconds)
+            else:
+                self._disarm()
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
+            self._in_head, self._head_bytes = True, 0
+
+    return GuardedHttp

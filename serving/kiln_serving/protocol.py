@@ -1,0 +1,186 @@
+"""One inference request in Open Inference Protocol terms, wire format aside: check the tensors against the
+model, pick the outputs, build the answer (classification extension included). The HTTP/JSON decoding here
+and the gRPC one (grpc_service.py) both end in a `Request`, so both refuse the same requests the same way.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kiln_serving import binary, codec, errors
+from kiln_serving.model import Model, TensorInfo
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """One requested output: as binary data or JSON, and as top-k classes when classification > 0."""
+
+    name: str
+    binary: bool = False
+    classification: int = 0
+
+
+@dataclass
+class Request:
+    inputs: dict[str, codec.Array]
+    outputs: list[Wanted]
+    id: str | None = None
+    items: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        first = next(iter(self.inputs.values()), None)
+        self.items = int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+def names(items: Sequence[TensorInfo] | Sequence[str]) -> str:
+    return ", ".join(f"'{i.name if isinstance(i, TensorInfo) else i}'" for i in items)
+
+
+def input_spec(model: Model, name: object, datatype: object, raw_shape: object) -> tuple[TensorInfo, tuple[int, ...]]:
+    """The model's input `name` and the request's shape, after checking name, datatype and shape."""
+    spec = next((t for t in model.inputs if t.name == name), None)
+    if spec is None:
+        raise errors.InvalidInput(f"unknown input '{name}'; model '{model.name}' takes {names(model.inputs)}")
+    if datatype != spec.datatype:
+        raise errors.InvalidInput(f"input '{spec.name}': expected datatype {spec.datatype}, got {datatype}")
+    if datatype not in codec.NUMPY_DTYPES:
+        raise errors.InvalidInput(f"input '{spec.name}': datatype {datatype} is not supported by this server")
+    shape = codec.parse_shape(spec.name, raw_shape)
+    codec.check_shape(spec.name, spec.shape, shape)
+    return spec, shape
+
+
+def complete(model: Model, tensors: dict[str, codec.Array], allow_non_finite: bool) -> dict[str, codec.Array]:
+    """Every input given (once, which the caller checked) and, unless allowed, finite."""
+    missing = [t.name for t in model.inputs if t.name not in tensors]
+    if missing:
+        raise errors.InvalidInput(f"missing input{'s' if len(missing) > 1 else ''} {names(missing)}")
+    if not allow_non_finite:
+        for name, array in tensors.items():
+            codec.check_finite(name, array)
+    return tensors
+
+
+def wanted(model: Model, requested: Sequence[tuple[object, Mapping[str, Any]]], binary_default: bool) -> list[Wanted]:
+    """The outputs asked for, in order (all when none are); names must be known and unique."""
+    if not requested:
+        return [Wanted(t.name, binary_default) for t in model.outputs]
+    known = {t.name for t in model.outputs}
+    chosen: list[Wanted] = []
+    for name, parameters in requested:
+        if not isinstance(name, str) or name not in known:
+            raise errors.InvalidInput(f"unknown output '{name}'; model '{model.name}' has {names(model.outputs)}")
+        if any(w.name == name for w in chosen):
+            raise errors.InvalidInput(f"output '{name}' is requested twice")
+        k = parameters.get("classification", 0)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise errors.InvalidInput(f"output '{name}': classification must be a non-negative integer, got {k!r}")
+        chosen.append(Wanted(name, bool(parameters.get("binary_data", binary_default)), k))
+    return chosen
+
+
+def from_json(model: Model, header: Mapping[str, Any], reader: binary.Reader, allow_non_finite: bool) -> Request:
+    """The HTTP request: a JSON header, with binary tensors after it for the binary extension."""
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise errors.InvalidInput("request needs 'inputs': a non-empty list of tensors")
+    tensors: dict[str, codec.Array] = {}
+    for raw in raw_inputs:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise errors.InvalidInput("each input must be an object with a 'name'")
+        spec, shape = input_spec(model, raw["name"], raw.get("datatype"), raw.get("shape"))
+        if spec.name in tensors:
+            raise errors.InvalidInput(f"input '{spec.name}' is given twice")
+        parameters = _parameters(raw, f"input '{spec.name}'")
+        if "binary_data_size" in parameters:
+            chunk = reader.take(spec.name, parameters["binary_data_size"])
+            tensors[spec.name] = codec.from_bytes(spec.name, spec.datatype, shape, chunk)
+        elif "data" in raw:
+            tensors[spec.name] = codec.from_json(spec.name, spec.datatype, shape, raw["data"])
+        else:
+            raise errors.InvalidInput(f"input '{spec.name}' has neither 'data' nor parameters.binary_data_size")
+    reader.finish()
+    request_parameters = _parameters(header, "request")
+    raw_outputs = header.get("outputs")
+    if raw_outputs is not None and not isinstance(raw_outputs, list):
+        raise errors.InvalidInput("'outputs' must be a list of {\"name\": ...} objects")
+    requested = []
+    for raw in raw_outputs or []:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise errors.InvalidInput("each requested output must be an object with a 'name'")
+        requested.append((raw["name"], _parameters(raw, f"output '{raw['name']}'")))
+    chosen = wanted(model, requested, bool(request_parameters.get("binary_data_output", False)))
+    request_id = header.get("id")
+    return Request(complete(model, tensors, allow_non_finite), chosen, None if request_id is None else str(request_id))
+
+
+def from_raw(model: Model, body: memoryview, allow_non_finite: bool) -> Request:
+    """A raw binary request (Inference-Header-Content-Length: 0): the body is the only input's tensor; a
+    dynamic first dimension is what the byte count makes it."""
+    if len(model.inputs) != 1:
+        raise errors.InvalidInput(f"raw binary requests need a model with one input; '{model.name}' has "
+                                  f"{len(model.inputs)}: send a JSON header")  # fmt: skip
+    spec = model.inputs[0]
+    dtype = codec.NUMPY_DTYPES.get(spec.datatype)
+    if dtype is None or dtype.kind == "O" or any(d < 0 for d in spec.shape[1:]):
+        raise errors.InvalidInput(f"raw binary requests need a fixed-size numeric input; '{spec.name}' is "
+                                  f"{spec.datatype} {codec.format_shape(spec.shape)}: send a JSON header")  # fmt: skip
+    row = int(np.prod(spec.shape[1:], dtype=np.int64)) * dtype.itemsize
+    first = spec.shape[0] if spec.shape else 1
+    if first < 0:
+        first = len(body) // row if row and len(body) % row == 0 else -1
+    shape = (first, *spec.shape[1:]) if spec.shape else ()
+    if first < 0:
+        raise errors.InvalidInput(f"raw binary request of {len(body)} bytes is not a whole number of "
+                                  f"'{spec.name}' rows of {row} bytes")  # fmt: skip
+    tensor = codec.from_bytes(spec.name, spec.datatype, shape, body)
+    return Request(complete(model, {spec.name: tensor}, allow_non_finite), wanted(model, [], False))
+
+
+def classification(array: codec.Array, k: int, labels: Sequence[str]) -> codec.Array:
+    """Triton's classification extension: per batch row the top k as "score:index[:label]" BYTES."""
+    rows = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+    k = min(k, rows.shape[1])
+    order = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :k]
+    texts = [[f"{rows[r, i]:f}:{i}" + (f":{labels[i]}" if i < len(labels) else "") for i in order[r]]
+             for r in range(rows.shape[0])]  # fmt: skip
+    result = np.array(texts, dtype=np.object_)
+    return result if array.ndim > 1 else result.reshape(-1)
+
+
+def results(model: Model, request: Request, outputs: Mapping[str, codec.Array]) -> list[tuple[Wanted, codec.Array]]:
+    """The outputs asked for, in order, as they are to be sent (classification applied)."""
+    labels = model.card.class_names if model.card is not None else []
+    chosen = []
+    for want in request.outputs:
+        array = outputs[want.name]
+        chosen.append((want, classification(array, want.classification, labels) if want.classification else array))
+    return chosen
+
+
+def answer(model: Model, request: Request, outputs: Mapping[str, codec.Array]) -> tuple[dict[str, Any], list[bytes]]:
+    """The HTTP response header (as a dict) and, for outputs asked for as binary, their bytes in order."""
+    response: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
+    if request.id is not None:
+        response["id"] = request.id
+    encoded, chunks = [], []
+    for want, array in results(model, request, outputs):
+        entry: dict[str, Any] = {"name": want.name, "datatype": codec.datatype_of(array), "shape": list(array.shape)}
+        if want.binary:
+            raw = codec.to_bytes(array)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = codec.to_json(array)
+        encoded.append(entry)
+    response["outputs"] = encoded
+    return response, chunks
+
+
+def _parameters(raw: Mapping[str, Any], what: str) -> Mapping[str, Any]:
+    parameters = raw.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise errors.InvalidInput(f"{what}: 'parameters' must be an object")
+    return parameters

@@ -1,0 +1,180 @@
+"""Triton's and KServe's extras answer as those servers do: classification, statistics, raw binary requests,
+GET / liveness; text models become ready; images of every common mode are scaled by their real range; and
+every response is RFC 8259 JSON, also when outputs are NaN."""
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from onnx import TensorProto, helper
+from PIL import Image
+from serving_support import CLASSES, SIZE, _save, all_datatypes, config, images_batch, reference, serving
+from serving_support import trained_folder as make_trained_folder
+
+from kiln import api
+from kiln_serving import Server, images
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_trained_folder(tmp_path_factory.mktemp("extensions") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path) -> Iterator[Server]:
+    with serving(config(folder)) as running:
+        yield running
+
+
+def strict_json(text: str) -> object:
+    """json.loads that refuses NaN and Infinity tokens, as RFC 8259 does."""
+
+    def refuse(token: str) -> object:
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_classification_extension_returns_tritons_score_index_label_strings(server: Server, folder: Path) -> None:
+    x = images_batch(2, seed=21)
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    client = triton.InferenceServerClient(server.address)
+    logits = reference(folder / "models" / "model.onnx", {"input": x})["logits"]
+    for as_binary in (True, False):
+        wanted = [triton.InferRequestedOutput("logits", binary_data=as_binary, class_count=2)]
+        got = client.infer("tiny", [tensor], outputs=wanted).as_numpy("logits")
+        assert got.shape == (2, 2)
+        for row in range(2):
+            best = np.argsort(-logits[row])[:2]
+            entries = [(v.decode() if isinstance(v, bytes) else v).split(":") for v in got[row]]
+            assert [int(e[1]) for e in entries] == best.tolist()
+            assert [e[2] for e in entries] == [CLASSES[i] for i in best]
+            assert [float(e[0]) for e in entries] == pytest.approx(logits[row][best].tolist(), abs=1e-5)
+
+
+def test_statistics_extension_counts_successes_and_executions(server: Server) -> None:
+    client = triton.InferenceServerClient(server.address)
+    x = images_batch(3, seed=22)
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    before = client.get_inference_statistics("tiny")["model_stats"][0]
+    client.infer("tiny", [tensor])
+    after = client.get_inference_statistics("tiny")["model_stats"][0]
+    assert after["name"] == "tiny" and after["version"] == "1"
+    assert int(after["inference_stats"]["success"]["count"]) == int(before["inference_stats"]["success"]["count"]) + 1
+    assert int(after["inference_count"]) == int(before["inference_count"]) + 3
+    assert int(after["execution_count"]) >= int(before["execution_count"]) + 1
+    assert "statistics" in client.get_server_metadata()["extensions"]
+    assert httpx.get(f"{server.url}/v2/models/stats").json()["model_stats"][0]["name"] == "tiny"
+
+
+def test_a_raw_binary_request_is_the_single_inputs_tensor(server: Server, folder: Path) -> None:
+    x = images_batch(3, seed=23)
+    response = httpx.post(f"{server.url}/v2/models/tiny/infer", content=x.astype("<f4").tobytes(),
+                          headers={"Inference-Header-Content-Length": "0"})  # fmt: skip
+    assert response.status_code == 200, response.text
+    out = response.json()["outputs"][0]
+    assert out["shape"] == [3, len(CLASSES)]
+    expected = reference(folder / "models" / "model.onnx", {"input": x})["logits"]
+    assert np.abs(np.asarray(out["data"]).reshape(3, -1) - expected).max() <= 1e-5
+
+
+def test_get_root_answers_kserve_liveness(server: Server) -> None:
+    response = httpx.get(f"{server.url}/")
+    assert response.status_code == 200 and response.json() == {"status": "alive"}
+
+
+def test_non_finite_inputs_are_accepted_with_the_flag_and_answered_in_valid_json(tmp_path: Path) -> None:
+    model = all_datatypes(tmp_path / "types" / "model.onnx")
+    with serving(config(model.parent, allow_non_finite=True)) as running:
+        inputs = []
+        for t in ("FP32", "FP64"):
+            x = np.array([[np.nan, np.inf, 1.5]] * 2, dtype=triton.triton_to_np_dtype(t))
+            tensor = triton.InferInput(f"in_{t}", list(x.shape), t)
+            tensor.set_data_from_numpy(x)
+            inputs.append(tensor)
+        for t in ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16"):
+            x = np.zeros((2, 3), dtype=triton.triton_to_np_dtype(t))
+            tensor = triton.InferInput(f"in_{t}", list(x.shape), t)
+            tensor.set_data_from_numpy(x)
+            inputs.append(tensor)
+        body = {"inputs": [{"name": i.name(), "shape": i.shape(), "datatype": i.datatype(),
+                            "parameters": {"binary_data_size": len(i._get_binary_data())}} for i in inputs],
+                "outputs": [{"name": "out_FP32"}, {"name": "out_FP64"}]}  # fmt: skip
+        head = json.dumps(body).encode()
+        response = httpx.post(f"{running.url}/v2/models/types/infer",
+                              content=head + b"".join(i._get_binary_data() for i in inputs),
+                              headers={"Inference-Header-Content-Length": str(len(head))})  # fmt: skip
+        assert response.status_code == 200, response.text
+        answer = strict_json(response.text)
+        assert isinstance(answer, dict)
+        assert [o["data"][:3] for o in answer["outputs"]] == [[None, None, 1.5]] * 2
+
+
+def text_model(path: Path) -> Path:
+    """Text in, numbers out (Cast string -> float): the warm-up must give it text it can read."""
+    node = helper.make_node("Cast", ["text"], ["value"], to=TensorProto.FLOAT)
+    graph = helper.make_graph([node], "text-to-number",
+                              [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch"])],
+                              [helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch"])])  # fmt: skip
+    return _save(graph, path)
+
+
+def test_a_text_model_becomes_ready_and_reads_its_bytes_input(tmp_path: Path) -> None:
+    model = text_model(tmp_path / "text" / "model.onnx")
+    with serving(config(model.parent)) as running:
+        client = triton.InferenceServerClient(running.address)
+        assert client.is_model_ready("text")
+        tensor = triton.InferInput("text", [2], "BYTES")
+        tensor.set_data_from_numpy(np.array([b"1.5", b"-2"], dtype=np.object_))
+        assert client.infer("text", [tensor]).as_numpy("value").tolist() == [1.5, -2.0]
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+PRE = api.Preprocessing(image_size=SIZE, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+
+
+def tensor_of(data: bytes) -> np.ndarray:
+    return images.to_tensor(images.decode(data), PRE, np.dtype(np.float32))
+
+
+def test_sixteen_bit_palette_cmyk_alpha_and_grey_images_scale_like_their_8_bit_rgb_twin() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
+    grey = rgb[:, :, 0]
+    expected_rgb = tensor_of(encoded(Image.fromarray(rgb)))
+    expected_grey = tensor_of(encoded(Image.fromarray(grey)))
+    wide = Image.fromarray(grey.astype(np.uint16) * 257)  # the same greys over the full 16-bit range
+    assert wide.mode.startswith("I;16")
+    cases = {
+        "16-bit grey": (encoded(wide), expected_grey),
+        "palette": (encoded(Image.fromarray(rgb).quantize(256, method=Image.Quantize.FASTOCTREE)), None),
+        "alpha": (encoded(Image.fromarray(np.dstack([rgb, np.full(grey.shape, 255, np.uint8)]))), expected_rgb),
+        "grey and alpha": (encoded(Image.fromarray(grey).convert("LA")), expected_grey),
+        "cmyk jpeg": (encoded(Image.fromarray(rgb).convert("CMYK"), "JPEG"), None),
+    }
+    for case, (data, expected) in cases.items():
+        got = tensor_of(data)
+        assert got.shape == (1, 3, SIZE, SIZE), case
+        # Palette and JPEG are lossy; every case must stay near its twin, not jump to white or black.
+        tolerance = 0.02 if expected is not None else 0.6
+        assert np.abs(got - (expected if expected is not None else expected_rgb)).mean() <= tolerance, case
+
+
+def test_classify_sees_a_mid_grey_16_bit_png_as_mid_grey(server: Server) -> None:
+    grey16 = encoded(Image.fromarray(np.full((SIZE, SIZE), 32768, dtype=np.uint16)))
+    grey8 = encoded(Image.fromarray(np.full((SIZE, SIZE), 128, dtype=np.uint8)))
+    wide, narrow = (httpx.post(f"{server.url}/v2/models/tiny/classify", content=b).json() for b in (grey16, grey8))
+    assert [p["label"] for p in wide["predictions"]] == [p["label"] for p in narrow["predictions"]]
+    for a, b in zip(wide["predictions"], narrow["predictions"], strict=True):
+        assert a["probability"] == pytest.approx(b["probability"], abs=0.02)

@@ -1,0 +1,109 @@
+"""The Open Inference Protocol over gRPC, as tritonclient.grpc speaks it: same model, batching, metrics and
+errors as HTTP, on a real grpc.aio server beside the HTTP one."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from serving_support import CLASSES, config, images_batch, reference, serving
+from serving_support import trained_folder as make_trained_folder
+from tritonclient.utils import InferenceServerException
+
+from kiln_cluster.controlplane import free_port
+from kiln_serving import Server
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_trained_folder(tmp_path_factory.mktemp("grpc") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path) -> Iterator[Server]:
+    with serving(config(folder, grpc_port=free_port())) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[triton_grpc.InferenceServerClient]:
+    c = triton_grpc.InferenceServerClient(server.grpc_address)
+    yield c
+    c.close()
+
+
+def requests_by_status(server: Server) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    return {s.labels["status"]: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "kiln_serving_requests_total" and s.labels["model"] == "tiny"}  # fmt: skip
+
+
+def test_tritonclient_grpc_sees_health_and_metadata(client: triton_grpc.InferenceServerClient) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("tiny") and client.is_model_ready("tiny", "1")
+    assert client.get_server_metadata(as_json=True)["name"] == "kiln"
+    meta = client.get_model_metadata("tiny", as_json=True)
+    assert meta["platform"] == "onnxruntime_onnx" and meta["versions"] == ["1"]
+    assert meta["inputs"][0]["name"] == "input" and meta["inputs"][0]["shape"] == ["-1", "3", "8", "8"]
+
+
+def test_grpc_inference_with_raw_contents_matches_onnxruntime_and_is_counted(
+    server: Server, client: triton_grpc.InferenceServerClient, folder: Path
+) -> None:
+    before = requests_by_status(server).get("200", 0.0)
+    x = images_batch(3, seed=31)
+    tensor = triton_grpc.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    result = client.infer("tiny", [tensor], request_id="7")
+    assert result.get_response().id == "7"
+    expected = reference(folder / "models" / "model.onnx", {"input": x})["logits"]
+    assert np.abs(result.as_numpy("logits") - expected).max() <= 1e-5
+    top = client.infer("tiny", [tensor], outputs=[triton_grpc.InferRequestedOutput("logits", class_count=1)])
+    labels = [v.decode().split(":")[2] for v in top.as_numpy("logits").reshape(-1)]
+    assert labels == [CLASSES[i] for i in expected.argmax(axis=1)]
+    assert requests_by_status(server)["200"] >= before + 2
+
+
+def test_grpc_errors_carry_the_protocols_status_codes(
+    server: Server, client: triton_grpc.InferenceServerClient
+) -> None:
+    wrong = np.zeros((1, 3, 5, 5), dtype=np.float32)
+    tensor = triton_grpc.InferInput("input", list(wrong.shape), "FP32")
+    tensor.set_data_from_numpy(wrong)
+    with pytest.raises(InferenceServerException) as bad:
+        client.infer("tiny", [tensor])
+    assert bad.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "expected shape [-1,3,8,8], got [1,3,5,5]" in bad.value.message()
+    with pytest.raises(InferenceServerException) as missing:
+        client.get_model_metadata("resnet")
+    assert missing.value.status() == "StatusCode.NOT_FOUND"
+    nan = np.full((1, 3, 8, 8), np.nan, dtype=np.float32)
+    tensor.set_shape(list(nan.shape))
+    tensor.set_data_from_numpy(nan)
+    with pytest.raises(InferenceServerException) as not_finite:
+        client.infer("tiny", [tensor])
+    assert not_finite.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert requests_by_status(server).get("400", 0) >= 2
+
+
+def test_a_model_that_cannot_load_answers_unavailable_over_grpc(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with serving(config(tmp_path / "empty", grpc_port=free_port())) as running:
+        channel = triton_grpc.InferenceServerClient(running.grpc_address)
+        assert channel.is_server_live() and not channel.is_server_ready()
+        x = images_batch(1)
+        tensor = triton_grpc.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException) as err:
+            channel.infer("empty", [tensor])
+        assert err.value.status() == "StatusCode.UNAVAILABLE"
+        channel.close()
+
+
+def test_grpc_port_zero_turns_grpc_off(folder: Path) -> None:
+    with serving(config(folder, grpc_port=0)) as running:
+        assert running.grpc_port is None
+        assert httpx.get(f"{running.url}/v2/health/ready").status_code == 200

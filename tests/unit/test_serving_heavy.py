@@ -1,0 +1,194 @@
+"""Heavy and hostile requests: health answers while a big JSON request is decoded, a JSON request's memory
+stays within a few times its body, and a client that hangs up is counted as such, not as a server error."""
+
+import json
+import logging
+import socket
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from serving_support import SIZE, config, reference, serving
+from serving_support import trained_folder as make_trained_folder
+
+from kiln_serving import Server, codec
+from kiln_serving.model import Model, TensorInfo
+
+PATIENCE = 60
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_trained_folder(tmp_path_factory.mktemp("heavy") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path) -> Iterator[Server]:
+    with serving(config(folder)) as running:
+        yield running
+
+
+def big_json(rows: int, seed: int = 0) -> tuple[np.ndarray, bytes]:
+    x = np.random.default_rng(seed).normal(size=(rows, 3, SIZE, SIZE)).round(3).astype(np.float32)
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.tolist()}]}
+    return x, json.dumps(body).encode()
+
+
+def raw_post(port: int, path: str, body: bytes, declared: int | None = None) -> socket.socket:
+    """Send a POST (possibly less body than declared) on a fresh connection and return the socket."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body) if declared is None else declared}\r\n\r\n").encode()  # fmt: skip
+    sock.sendall(head)
+    sock.sendall(body)  # not head + body: that copy would count against the server in the memory test
+    return sock
+
+
+def read_response(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        data = b"".join(chunks)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        if _ and b"content-length:" in head.lower():
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            if len(rest) >= length:
+                return data
+    return b"".join(chunks)
+
+
+def statuses(server: Server, model: str = "tiny") -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    return {s.labels["status"]: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "kiln_serving_requests_total" and s.labels["model"] == model}  # fmt: skip
+
+
+def test_health_never_waits_for_a_big_json_request_to_be_decoded(server: Server, folder: Path) -> None:
+    # About 12 MB of JSON. Reference: how long json.loads takes on it here, now; with the decode on the event
+    # loop every health probe waited at least that long.
+    x, body = big_json(4000)
+    started = time.perf_counter()
+    json.loads(body)
+    decode_seconds = time.perf_counter() - started
+    done: dict[str, float] = {}
+
+    def send_big() -> None:
+        sock = raw_post(server.port, "/v2/models/tiny/infer", body)
+        done["sent"] = time.perf_counter()
+        done["ok"] = float(read_response(sock).startswith(b"HTTP/1.1 200"))
+        done["answer"] = time.perf_counter()
+        sock.close()
+
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        assert client.get("/v2/health/live").status_code == 200  # connected and warm before the clock starts
+        big = threading.Thread(target=send_big)
+        big.start()
+        answered = [time.perf_counter()]
+        while big.is_alive():
+            assert client.get("/v2/health/live").status_code == 200
+            answered.append(time.perf_counter())
+    big.join()
+    assert done["ok"] == 1.0
+    during = [t for t in answered if t <= done["answer"]] + [done["answer"]]
+    longest = max(b - a for a, b in zip(during, during[1:], strict=False))
+    assert longest < decode_seconds / 2, f"a health probe waited {longest:.2f}s; json.loads takes {decode_seconds:.2f}s"
+    # And the big request itself was answered correctly.
+    response = httpx.post(f"{server.url}/v2/models/tiny/infer", content=body, timeout=120)
+    expected = reference(folder / "models" / "model.onnx", {"input": x})["logits"]
+    got = np.asarray(response.json()["outputs"][0]["data"], dtype=np.float32).reshape(len(x), -1)
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_a_json_request_peaks_at_under_three_times_its_body_in_memory(server: Server) -> None:
+    _, body = big_json(2000, seed=1)
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        sock = raw_post(server.port, "/v2/models/tiny/infer", body)
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
+        sock.close()
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+    assert peak <= 3 * len(body), f"peak {peak / 1e6:.1f} MB for a {len(body) / 1e6:.1f} MB body"
+
+
+def test_a_client_hanging_up_mid_body_is_counted_as_499_without_an_error_log(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = statuses(server)
+    with caplog.at_level(logging.INFO, logger="kiln_serving"):
+        sock = raw_post(server.port, "/v2/models/tiny/infer", b'{"inputs": [', declared=100_000)
+        sock.close()
+        deadline = time.monotonic() + 60
+        while statuses(server).get("499", 0) <= before.get("499", 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    after = statuses(server)
+    assert after.get("499", 0) == before.get("499", 0) + 1
+    assert after.get("500", 0) == before.get("500", 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
+class GatedModel(Model):
+    """Identity on [N, 2] floats that runs only once the test opens its gate: a way to hold the worker busy."""
+
+    def __init__(self) -> None:
+        super().__init__(name="gated", inputs=[TensorInfo("x", "FP32", (-1, 2))],
+                         outputs=[TensorInfo("y", "FP32", (-1, 2))])  # fmt: skip
+        self.gate = threading.Event()
+
+    def load(self) -> None:
+        self.ready, self.reason = True, None
+
+    def predict(self, inputs: Mapping[str, codec.Array]) -> dict[str, codec.Array]:
+        self.gate.wait(PATIENCE)
+        return {"y": np.asarray(inputs["x"])}
+
+
+def gauge(server: Server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return next(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name == f"kiln_serving_{name}")  # fmt: skip
+
+
+def queue_depth(server: Server) -> float:
+    return gauge(server, "queue_depth")
+
+
+def test_a_queued_request_whose_client_hangs_up_gives_its_place_in_the_queue_back(tmp_path: Path) -> None:
+    model = GatedModel()
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]}).encode()
+    with serving(config(tmp_path, max_queue_size=1, max_queue_delay_microseconds=0), model) as server:
+        running = raw_post(server.port, "/v2/models/gated/infer", body)  # holds the worker at the gate
+        deadline = time.monotonic() + PATIENCE
+        # In flight, neither arriving nor queued: the first request is at the model's gate.
+        while server.dataplane.batcher.incoming or queue_depth(server) or gauge(server, "requests_in_flight") < 1:
+            assert time.monotonic() < deadline, "the first request never reached the model"
+            time.sleep(0.02)
+        leaving = raw_post(server.port, "/v2/models/gated/infer", body)  # queued: the only place
+        while queue_depth(server) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        leaving.close()
+        while queue_depth(server) > 0:  # its place is given back without the worker ever running it
+            assert time.monotonic() < deadline, "the hung-up request kept its place in the queue"
+            time.sleep(0.02)
+        waiting = raw_post(server.port, "/v2/models/gated/infer", body)  # fits only because the place is free
+        while queue_depth(server) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        model.gate.set()
+        assert read_response(running).startswith(b"HTTP/1.1 200")
+        assert read_response(waiting).startswith(b"HTTP/1.1 200")
+        assert statuses(server, "gated").get("499") == 1
