@@ -247,7 +247,7 @@ def test_the_artifacts_claim_can_be_brought_by_the_user_or_bound_statically() ->
 
 
 @needs_helm
-def test_the_serving_network_policy_admits_only_http_to_the_serving_pods_from_the_listed_peers() -> None:
+def test_the_serving_network_policy_admits_only_http_and_grpc_to_the_serving_pods_from_the_listed_peers() -> None:
     assert not of_kind(render(), "NetworkPolicy")
     policies = of_kind(render(*values_args(CHART / "ci" / "namespaced-values.yaml")), "NetworkPolicy")
     assert sorted(p["metadata"]["namespace"] for p in policies) == ["ml-team-a", "ml-team-b"]
@@ -260,5 +260,5 @@ def test_the_serving_network_policy_admits_only_http_to_the_serving_pods_from_th
         (rule,) = spec["ingress"]
         (serving_container,) = pods["serving"]["spec"]["containers"]
         port_names = {p["name"] for p in serving_container["ports"]}
-        assert [p["port"] for p in rule["ports"]] == ["http"] and "http" in port_names
+        assert [p["port"] for p in rule["ports"]] == ["http", "grpc"] and {"http", "grpc"} <= port_names
         assert {"podSelector": {}} in rule["from"]
