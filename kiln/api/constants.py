@@ -40,6 +40,16 @@ DDP_MASTER_PORT: Final = 29500
 # Environment the operator gives trainer pods.
 ENV_TRAININGJOB_NAME: Final = "KILN_TRAININGJOB_NAME"
 ENV_TRAININGJOB_NAMESPACE: Final = "KILN_TRAININGJOB_NAMESPACE"
+# Set by the operator (and the per-pod launcher) in every trainer process, so spec.resources.env may not.
+RESERVED_TRAINER_ENV: Final = (
+    ENV_TRAININGJOB_NAME, ENV_TRAININGJOB_NAMESPACE, "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+    "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTHONUNBUFFERED", "HOME", "TMPDIR",
+)  # fmt: skip
+
+# Kueue: the label naming the LocalQueue a workload is submitted to, and the WorkloadPriorityClass label;
+# both are copied from the TrainingJob to its Job, where Kueue's Job integration reads them.
+KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL: Final = "kueue.x-k8s.io/priority-class"
 
 LABEL_TRAININGJOB: Final = f"{GROUP}/trainingjob"
 LABEL_COMPONENT: Final = "app.kubernetes.io/component"
