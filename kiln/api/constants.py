@@ -13,6 +13,9 @@ SHORT_NAMES: Final = ("tj",)
 # Exit code of the trainer for an invalid config or data set (sysexits' EX_CONFIG). The operator's Job
 # podFailurePolicy fails the job at once on it instead of retrying something that can never work.
 EXIT_CONFIG_ERROR: Final = 78
+# Exit code of a trainer that lost a peer of its process group (sysexits' EX_TEMPFAIL): the failure that
+# counts is the lost peer's own, so the Job's podFailurePolicy ignores this one in its backoff count.
+EXIT_PEER_LOST: Final = 75
 
 # Files and folders inside a trainer's output directory.
 MODEL_CARD_FILE: Final = "model-card.json"

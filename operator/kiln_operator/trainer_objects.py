@@ -4,9 +4,10 @@ Semantics with several workers (the Job is Indexed, completions = parallelism = 
 - The Job succeeds only when every index succeeded; rank 0 writes the model, the others must finish too.
 - A worker that fails is replaced by a new pod with the same index once it has fully terminated
   (podReplacementPolicy Failed, so a stale rank never shares its DNS name with its replacement). Its peers
-  usually fail as well when their collective operations break, and every replacement resumes from the last
-  checkpoint. One incident can thus cost up to `workers` pod failures, so the Job's backoffLimit is
-  runPolicy.backoffLimit x workers: runPolicy.backoffLimit counts retries of the whole gang.
+  notice within seconds (the trainer's heartbeat watchdog, or a broken collective) and exit with
+  EXIT_PEER_LOST (75), which the podFailurePolicy ignores: they are replaced too and the whole group resumes
+  from the last checkpoint, and the incident counts one failure, the lost worker's, against backoffLimit
+  (= runPolicy.backoffLimit, the retries of the whole gang).
 - Exit code 78 (invalid config or data) fails the Job at once; evictions and preemptions
   (DisruptionTarget) are retried without counting against the limit.
 - With resources.processesPerWorker > 1 each pod runs one trainer process per local rank (the launcher in
@@ -141,7 +142,7 @@ def _trainer_env(owner: Owner, spec: api.TrainingJobSpec) -> list[Manifest]:
         {"name": "MASTER_PORT", "value": str(constants.DDP_MASTER_PORT)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *objects.home_env(),
-        *(var.to_dict() for var in spec.resources.env or []),
+        *(var.model_dump(mode="json", by_alias=True, exclude_none=True) for var in spec.resources.env or []),
     ]
 
 
@@ -224,7 +225,7 @@ def build_job(
         "completionMode": "Indexed",
         "completions": workers,
         "parallelism": workers,
-        "backoffLimit": policy.backoff_limit * workers,
+        "backoffLimit": policy.backoff_limit,
         "suspend": policy.suspend or bool(queue),
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": {
@@ -235,6 +236,14 @@ def build_job(
                         "containerName": objects.TRAINER_CONTAINER,
                         "operator": "In",
                         "values": [constants.EXIT_CONFIG_ERROR],
+                    },
+                },
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": objects.TRAINER_CONTAINER,
+                        "operator": "In",
+                        "values": [constants.EXIT_PEER_LOST],
                     },
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
