@@ -128,9 +128,11 @@ def master_address(owner: Owner, workers: int) -> str:
 
 def _trainer_env(owner: Owner, spec: api.TrainingJobSpec) -> list[Manifest]:
     workers, processes = spec.resources.workers, api.processes_per_worker(spec.resources)
-    index = {"valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}}
+    index: Manifest = {
+        "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}
+    }
     # One process per pod is rank = index itself; with several the launcher derives each RANK and LOCAL_RANK.
-    ranks = [{"name": "RANK", **index}, {"name": "LOCAL_RANK", "value": "0"}] if processes == 1 else []
+    ranks: list[Manifest] = [{"name": "RANK", **index}, {"name": "LOCAL_RANK", "value": "0"}] if processes == 1 else []
     return [
         {"name": constants.ENV_TRAININGJOB_NAME, "value": owner.name},
         {"name": constants.ENV_TRAININGJOB_NAMESPACE, "value": owner.namespace},

@@ -120,6 +120,12 @@ def run(args: argparse.Namespace) -> int:
         log.warning("interrupted; run again with the same --output to resume")
         return 130
     except Exception as err:
+        from kiln_trainer import distributed
+
+        if distributed.is_peer_failure(err):
+            log.error("training stopped: a peer of the process group was lost (%s); the group restarts", err)
+            write_termination_message(f"lost a peer of the process group: {err}")
+            return constants.EXIT_PEER_LOST
         log.error("training failed: %s", err, exc_info=True)
         lines = traceback.format_exception(err)
         write_termination_message("".join(lines[-6:]))

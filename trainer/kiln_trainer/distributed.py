@@ -118,3 +118,12 @@ def broadcast(ctx: Context, obj: Any) -> Any:
     box = [obj if ctx.is_main else None]
     dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.device.type == "cuda" else None)
     return box[0]
+
+
+PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether a collective failed because a peer went away (not this rank's own bug), so the exit should be
+    EXIT_PEER_LOST: the lost peer's failure is the one the Job counts."""
+    return isinstance(err, dist.DistError) or any(text in str(err) for text in PEER_FAILURES)

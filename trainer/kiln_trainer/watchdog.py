@@ -47,9 +47,8 @@ class Watchdog:
         on_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.rank, self.world_size, self.timeout = rank, world_size, timeout
-        self._store = dist.TCPStore(
-            host, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=max(timeout, 5.0))
-        )
+        wait = datetime.timedelta(seconds=max(timeout, 5.0))
+        self._store = dist.TCPStore(host, port, world_size, is_master=False, timeout=wait)  # type: ignore[attr-defined]
         self._on_lost = on_lost or _exit
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kiln-peer-watchdog", daemon=True)
