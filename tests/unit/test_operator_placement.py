@@ -45,12 +45,16 @@ def serving_template(**serving: Any) -> dict[str, Any]:
     return dict(deployment["spec"]["template"])
 
 
+def placed_template(component: str) -> dict[str, Any]:
+    """The pod template of `component` built from a spec that sets every placement field."""
+    if component == "trainer":
+        return trainer_template(trainer_objects.build_job(OWNER, spec(resources=PLACEMENT), CFG))
+    return serving_template(**PLACEMENT)
+
+
 @pytest.mark.parametrize("component", ["trainer", "serving"])
 def test_placement_reaches_the_pods_of_trainer_and_server_alike(component: str) -> None:
-    if component == "trainer":
-        template = trainer_template(trainer_objects.build_job(OWNER, spec(resources=PLACEMENT), CFG))
-    else:
-        template = serving_template(**PLACEMENT)
+    template = placed_template(component)
     pod = template["spec"]
     assert pod["nodeSelector"] == {"pool": "ml"}
     assert pod["tolerations"] == [TOLERATION]
@@ -63,10 +67,7 @@ def test_placement_reaches_the_pods_of_trainer_and_server_alike(component: str) 
 
 @pytest.mark.parametrize("component", ["trainer", "serving"])
 def test_extra_pod_labels_and_annotations_never_override_the_operators_own(component: str) -> None:
-    if component == "trainer":
-        template = trainer_template(trainer_objects.build_job(OWNER, spec(resources=PLACEMENT), CFG))
-    else:
-        template = serving_template(**PLACEMENT)
+    template = placed_template(component)
     labels, annotations = template["metadata"]["labels"], template["metadata"]["annotations"]
     assert labels["team"] == "vision"
     assert labels["app.kubernetes.io/component"] == component  # the selector label stays the operator's
