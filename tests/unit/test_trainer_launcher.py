@@ -16,7 +16,9 @@ from kiln import api
 from kiln.api import constants
 from kiln_trainer import checkpoint, errors, launcher
 
-DATA = {"maxSamples": 800}
+DATA = {"maxSamples": 600}
+# Several real processes importing torch on two shared cores: more than the default per-test budget.
+SLOW = pytest.mark.timeout(1800)
 EPOCHS = 3
 BATCH = 32
 QUIET = ("--no-compile", "--metrics-port", "0", "--log-format", "json")
@@ -54,6 +56,7 @@ def train_alone(tmp_path: Path, seed: int) -> float:
     return best_accuracy(tmp_path / f"alone-{seed}")
 
 
+@SLOW
 def test_two_pods_of_two_processes_train_as_world_size_four_and_match_a_single_process(tmp_path: Path) -> None:
     # The same global batch as the single process (4 ranks x BATCH/4), so both take the same steps.
     body = support.spec_dict(data=DATA, training={"epochs": EPOCHS, "batchSize": BATCH // 4, "seed": 42})
@@ -88,7 +91,7 @@ def test_two_pods_of_two_processes_train_as_world_size_four_and_match_a_single_p
     assert summary["workers"] == 4
 
     # Accuracy: within the spread single-process runs show across seeds (never tighter than 10 points).
-    alone = [train_alone(tmp_path, seed) for seed in (42, 7, 1234)]
+    alone = [train_alone(tmp_path, seed) for seed in (42, 7)]
     margin = max(0.10, 3 * (max(alone) - min(alone)))
     together = best_accuracy(outputs[0])
     assert abs(together - statistics.mean(alone)) <= margin, (together, alone, margin)
@@ -114,6 +117,7 @@ def logged_epochs(stdout: str) -> list[int]:
     return [int(json.loads(line)["epoch"]) for line in stdout.splitlines() if '"event": "epoch"' in line]
 
 
+@SLOW
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_killed_worker_ends_its_peer_and_a_rerun_resumes_without_redoing_an_epoch(
     tmp_path: Path, victim: int
