@@ -13,6 +13,9 @@ SHORT_NAMES: Final = ("tj",)
 # Exit code of the trainer for an invalid config or data set (sysexits' EX_CONFIG). The operator's Job
 # podFailurePolicy fails the job at once on it instead of retrying something that can never work.
 EXIT_CONFIG_ERROR: Final = 78
+# Exit code of a trainer that lost a peer of its process group (sysexits' EX_TEMPFAIL): the failure that
+# counts is the lost peer's own, so the Job's podFailurePolicy ignores this one in its backoff count.
+EXIT_PEER_LOST: Final = 75
 
 # Files and folders inside a trainer's output directory.
 MODEL_CARD_FILE: Final = "model-card.json"
@@ -40,6 +43,16 @@ DDP_MASTER_PORT: Final = 29500
 # Environment the operator gives trainer pods.
 ENV_TRAININGJOB_NAME: Final = "KILN_TRAININGJOB_NAME"
 ENV_TRAININGJOB_NAMESPACE: Final = "KILN_TRAININGJOB_NAMESPACE"
+# Set by the operator (and the per-pod launcher) in every trainer process, so spec.resources.env may not.
+RESERVED_TRAINER_ENV: Final = (
+    ENV_TRAININGJOB_NAME, ENV_TRAININGJOB_NAMESPACE, "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+    "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTHONUNBUFFERED", "HOME", "TMPDIR",
+)  # fmt: skip
+
+# Kueue: the label naming the LocalQueue a workload is submitted to, and the WorkloadPriorityClass label;
+# both are copied from the TrainingJob to its Job, where Kueue's Job integration reads them.
+KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL: Final = "kueue.x-k8s.io/priority-class"
 
 LABEL_TRAININGJOB: Final = f"{GROUP}/trainingjob"
 LABEL_COMPONENT: Final = "app.kubernetes.io/component"

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from kiln.api.architectures import BUILTIN_ARCHITECTURES, TORCHVISION_ARCHITECTURES
 from kiln.api.base import ApiModel
+from kiln.api.placement import EnvVar, PodPlacement
 
 Dataset = Literal["cifar10", "imagefolder", "digits", "fake"]
 Variant = Literal["fp32", "fp16", "int8-dynamic", "int8-static"]
@@ -210,19 +211,41 @@ class ExportSpec(ApiModel):
     )
 
 
-class ResourcesSpec(ApiModel):
-    """Trainer pods: how many, on what, where."""
+class _TrainerPods(ApiModel):
+    """How many trainer pods, of what size."""
 
     workers: int = Field(1, ge=1, le=1024, description="Trainer pods; more than one trains with PyTorch DDP.")
     gpus_per_worker: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per worker.")
+    processes_per_worker: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Trainer processes per pod, one per local rank (torchrun-style). Defaults to gpusPerWorker, "
+        "or 1 on CPU; the world size is workers x processesPerWorker.",
+    )
     cpu: str | None = Field(None, max_length=32, description="CPU request and limit per worker (e.g. '2').")
     memory: str | None = Field(None, max_length=32, description="Memory request and limit per worker (e.g. '4Gi').")
-    node_selector: dict[str, str] | None = Field(None, description="Node selector for trainer pods.")
-    tolerations: (
-        list[Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]] | None
-    ) = Field(None, description="Tolerations.")
-    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass for trainer pods.")
     image: str | None = Field(None, max_length=1024, description="Trainer image override.")
+    env: list[EnvVar] | None = Field(
+        None, max_length=256, description="Extra environment of the trainer container (value or valueFrom)."
+    )
+
+
+class ResourcesSpec(PodPlacement, _TrainerPods):
+    """Trainer pods: how many, on what, where."""
+
+    @model_validator(mode="after")
+    def _unique_env(self) -> "ResourcesSpec":
+        names = [var.name for var in self.env or []]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"env: {', '.join(duplicates)} listed more than once")
+        return self
+
+
+def processes_per_worker(resources: ResourcesSpec) -> int:
+    """Trainer processes in each pod: as set, else one per GPU, else one."""
+    return resources.processes_per_worker or resources.gpus_per_worker or 1
 
 
 class RunPolicySpec(ApiModel):
@@ -246,7 +269,7 @@ class ArtifactsSpec(ApiModel):
     )
 
 
-class ServingSpec(ApiModel):
+class _ServingPods(ApiModel):
     """The inference endpoint rolled out once the model is compiled."""
 
     enabled: bool = Field(True, description="Serve the compiled model when training ends.")
@@ -264,6 +287,11 @@ class ServingSpec(ApiModel):
     cpu: str | None = Field(None, max_length=32, description="CPU request and limit per replica.")
     memory: str | None = Field(None, max_length=32, description="Memory request and limit per replica.")
     image: str | None = Field(None, max_length=1024, description="Serving image override.")
+
+
+class ServingSpec(PodPlacement, _ServingPods):
+    """The inference endpoint rolled out once the model is compiled; with more than one replica a
+    PodDisruptionBudget keeps all but one available through voluntary disruptions (node drains)."""
 
 
 class TrainingJobSpec(ApiModel):

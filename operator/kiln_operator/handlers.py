@@ -114,6 +114,7 @@ def roll_serving_deployment(body: kopf.Body, name: str, namespace: str | None, m
 @metrics.instrumented("suspend_trainer_job")
 def suspend_trainer_job(new: Any, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     """runPolicy.suspend true/false suspends or resumes the trainer Job (pods stop; progress is checkpointed).
+    Only a Job the operator suspended is resumed; a queued Job's suspension is Kueue's (reconciler.suspend_job).
 
     Also runs on creation: an edit that lands while the creation is handled arrives as part of it.
     """

@@ -34,6 +34,7 @@ PLURALS: Final = {
     "Job": "jobs",
     "Deployment": "deployments",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "PodDisruptionBudget": "poddisruptionbudgets",
     constants.KIND: constants.PLURAL,
 }
 

@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
+from kiln import api
 from kiln.api import constants
 
 Manifest = dict[str, Any]
@@ -26,6 +27,8 @@ TRAINER_CONTAINER: Final = "trainer"
 SERVING_CONTAINER: Final = "server"
 GPU_RESOURCE: Final = "nvidia.com/gpu"
 USER_ID: Final = 1000
+# On a trainer Job the operator suspended for runPolicy.suspend: only such a Job is the operator's to resume.
+SUSPENDED_BY_USER_ANNOTATION: Final = f"{constants.GROUP}/suspended-by-user"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,16 @@ class Owner:
     def from_body(cls, body: Mapping[str, Any]) -> "Owner":
         meta = body["metadata"]
         return cls(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+
+
+def is_queued(job: Mapping[str, Any]) -> bool:
+    """Whether a Job is submitted to a Kueue LocalQueue, so Kueue (not the operator) owns its spec.suspend."""
+    return bool(((job.get("metadata") or {}).get("labels") or {}).get(constants.KUEUE_QUEUE_LABEL))
+
+
+def suspended_by_user(job: Mapping[str, Any]) -> bool:
+    """Whether the operator holds this Job for runPolicy.suspend."""
+    return SUSPENDED_BY_USER_ANNOTATION in ((job.get("metadata") or {}).get("annotations") or {})
 
 
 def config_map_name(name: str) -> str:
@@ -189,3 +202,32 @@ def artifacts_volume(volume: Mapping[str, Any] | None, default_pvc: str) -> Mani
     """The artifacts volume: the spec's volume source, else the operator's PVC."""
     source = dict(volume) if volume else {"persistentVolumeClaim": {"claimName": default_pvc}}
     return {"name": "artifacts", **source}
+
+
+def pod_placement(placement: api.PodPlacement, own_selector: Mapping[str, str]) -> Manifest:
+    """The pod spec fields a component's placement sets; a spread constraint without labelSelector spreads the
+    component's own pods (what a user writing one for this job means)."""
+    fields: Manifest = {}
+    if placement.node_selector:
+        fields["nodeSelector"] = dict(placement.node_selector)
+    if placement.tolerations:
+        fields["tolerations"] = [dict(t) for t in placement.tolerations]
+    if placement.affinity:
+        fields["affinity"] = dict(placement.affinity)
+    if placement.topology_spread_constraints:
+        fields["topologySpreadConstraints"] = [
+            {"labelSelector": {"matchLabels": dict(own_selector)}, **c} for c in placement.topology_spread_constraints
+        ]
+    if placement.priority_class_name:
+        fields["priorityClassName"] = placement.priority_class_name
+    return fields
+
+
+def pod_metadata(placement: api.PodPlacement, labels: Mapping[str, str], annotations: Mapping[str, str]) -> Manifest:
+    """A pod template's metadata: the user's extra labels and annotations under the operator's own, which win
+    (selectors and scrape annotations must stay what the operator relies on)."""
+    meta: Manifest = {"labels": {**(placement.pod_labels or {}), **labels}}
+    merged = {**(placement.pod_annotations or {}), **annotations}
+    if merged:
+        meta["annotations"] = merged
+    return meta

@@ -72,12 +72,14 @@ def validate(body: Body) -> api.TrainingJobSpec:
 def ensure_trainer(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec) -> list[str]:
     """Create whichever trainer objects are missing; returns the kinds created (those that existed are kept)."""
     owner = objects.Owner.from_body(body)
-    children = trainer_objects.build_trainer_objects(owner, spec, cfg)
+    labels = body["metadata"].get("labels") or {}
+    children = trainer_objects.build_trainer_objects(owner, spec, cfg, labels)
     return [child["kind"] for child in children if client.create_if_absent(child)]
 
 
 def apply_serving(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec) -> None:
-    """Create or converge the serving Service, Deployment and HPA to the current spec, model and config.
+    """Create or converge the serving Service, PodDisruptionBudget, Deployment and HPA to the current spec,
+    model and config.
 
     HPAs are touched only when the operator autoscales (the chart grants their verbs only then). Replicas
     follow serving_objects' rules: fixed replicas are applied after a stale HPA is gone; an autoscaled
@@ -87,6 +89,10 @@ def apply_serving(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spe
     model = (body.get("status") or {}).get("model")
     name = objects.serving_name(owner.name)
     client.apply(serving_objects.build_service(owner))
+    if serving_objects.needs_disruption_budget(spec, cfg):
+        client.apply(serving_objects.build_disruption_budget(owner))
+    else:
+        client.delete(serving_objects.PDB_API_VERSION, serving_objects.PDB_KIND, owner.namespace, name)
     deployment = serving_objects.build_deployment(owner, spec, cfg, model)
     if not serving_objects.autoscaled(spec, cfg):
         if cfg.serving_hpa_enabled:  # scaled to zero or no CPU request: fixed replicas, no HPA
@@ -118,23 +124,37 @@ def autoscaler_drifted(client: kube.Kube, cfg: config.OperatorConfig, body: Body
 
 
 def remove_serving(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str) -> bool:
-    """Delete the serving HPA, Deployment and Service (serving was disabled); True if anything was deleted."""
+    """Delete the serving HPA, Deployment, PodDisruptionBudget and Service (serving was disabled); True if
+    anything was deleted."""
     serving = objects.serving_name(name)
     deleted = False
     if cfg.serving_hpa_enabled:  # first, so it never scales a Deployment that is going away
         deleted = client.delete(serving_objects.HPA_API_VERSION, serving_objects.HPA_KIND, namespace, serving)
     deleted = client.delete("apps/v1", "Deployment", namespace, serving) or deleted
+    deleted = client.delete(serving_objects.PDB_API_VERSION, serving_objects.PDB_KIND, namespace, serving) or deleted
     return client.delete("v1", "Service", namespace, serving) or deleted
 
 
 def suspend_job(client: kube.Kube, namespace: str, name: str, suspend: bool) -> bool:
-    """Set the trainer Job's spec.suspend unless it already has that value or has finished."""
+    """Hold or resume the trainer Job for runPolicy.suspend; True if the Job was patched.
+
+    A queued Job (Kueue owns its spec.suspend) and a finished one are left alone. A Job is resumed only if the
+    operator suspended it (SUSPENDED_BY_USER_ANNOTATION), so a Job held by another controller stays held.
+    """
     job = client.get("batch/v1", "Job", namespace, objects.job_name(name))
-    if job is None or status.assess_training(job, [], {}).state in ("Succeeded", "Failed"):
+    if job is None or objects.is_queued(job):
         return False
-    if bool((job.get("spec") or {}).get("suspend")) == suspend:
+    if status.assess_training(job, [], {}).state in ("Succeeded", "Failed"):
         return False
-    client.patch("batch/v1", "Job", namespace, objects.job_name(name), {"spec": {"suspend": suspend}})
+    held = bool((job.get("spec") or {}).get("suspend"))
+    mine = objects.suspended_by_user(job)
+    if (held and mine) if suspend else not mine:
+        return False  # already held by the operator, or not the operator's to resume
+    marker = {objects.SUSPENDED_BY_USER_ANNOTATION: "true" if suspend else None}
+    body: dict[str, Any] = {"metadata": {"annotations": marker}}
+    if suspend or held:
+        body["spec"] = {"suspend": suspend}
+    client.patch("batch/v1", "Job", namespace, objects.job_name(name), body)
     return True
 
 

@@ -12,6 +12,9 @@ sets it only when it creates the Deployment (a POST at the HPA's minimum) and le
 server-side apply. A field left out of an apply is reset to its default (1) if the applier owned it, so a
 Deployment created before autoscaling was on first hands `replicas` to a second field manager
 (`build_replicas_handoff`, the handoff the Kubernetes server-side apply docs describe).
+
+With more than one replica (fixed or the HPA's minimum) a PodDisruptionBudget allows one server pod at a
+time to be evicted voluntarily (drains, cluster autoscaler), so the endpoint never goes dark during one.
 """
 
 from collections.abc import Mapping
@@ -27,6 +30,8 @@ HEALTH_LIVE: Final = "/v2/health/live"
 HEALTH_READY: Final = "/v2/health/ready"
 HPA_API_VERSION: Final = "autoscaling/v2"
 HPA_KIND: Final = "HorizontalPodAutoscaler"
+PDB_API_VERSION: Final = "policy/v1"
+PDB_KIND: Final = "PodDisruptionBudget"
 # The field manager that keeps `spec.replicas` while the operator's own apply set lets go of it.
 HANDOFF_MANAGER: Final = f"{objects.MANAGER}-replicas-handoff"
 
@@ -109,6 +114,7 @@ def build_deployment(
     }
     if cfg.image_pull_secrets:
         pod_spec["imagePullSecrets"] = objects.image_pull_secrets(cfg.image_pull_secrets)
+    pod_spec.update(objects.pod_placement(serving, objects.selector(owner.name, objects.SERVING)))
     replicas = {} if autoscaled(spec, cfg) else {"replicas": serving.replicas}
     return {
         "apiVersion": "apps/v1",
@@ -120,7 +126,7 @@ def build_deployment(
             "selector": {"matchLabels": objects.selector(owner.name, objects.SERVING)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling},
             "template": {
-                "metadata": {"labels": objects.labels(owner.name, objects.SERVING), "annotations": annotations},
+                "metadata": objects.pod_metadata(serving, objects.labels(owner.name, objects.SERVING), annotations),
                 "spec": pod_spec,
             },
         },
@@ -155,7 +161,7 @@ def autoscaled(spec: api.TrainingJobSpec, cfg: config.OperatorConfig) -> bool:
 def build_autoscaler(owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfig) -> Manifest:
     """The HPA of the server Deployment: its minimum is the larger of serving.replicas and the operator's, and
     its maximum never falls below that (the API refuses maxReplicas < minReplicas)."""
-    minimum = max(spec.serving.replicas, cfg.serving_hpa_min_replicas)
+    minimum = minimum_replicas(spec, cfg)
     name = objects.serving_name(owner.name)
     return {
         "apiVersion": HPA_API_VERSION,
@@ -175,6 +181,28 @@ def build_autoscaler(owner: Owner, spec: api.TrainingJobSpec, cfg: config.Operat
                 }
             ],
         },
+    }
+
+
+def minimum_replicas(spec: api.TrainingJobSpec, cfg: config.OperatorConfig) -> int:
+    """The fewest server replicas that run: serving.replicas, or the HPA's minimum when autoscaled."""
+    if autoscaled(spec, cfg):
+        return max(spec.serving.replicas, cfg.serving_hpa_min_replicas)
+    return spec.serving.replicas
+
+
+def needs_disruption_budget(spec: api.TrainingJobSpec, cfg: config.OperatorConfig) -> bool:
+    """A budget only makes sense with a replica to spare; with one it would block every drain."""
+    return minimum_replicas(spec, cfg) > 1
+
+
+def build_disruption_budget(owner: Owner) -> Manifest:
+    """At most one server pod voluntarily evicted at a time."""
+    return {
+        "apiVersion": PDB_API_VERSION,
+        "kind": PDB_KIND,
+        "metadata": objects.metadata(owner, objects.serving_name(owner.name), objects.SERVING),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": objects.selector(owner.name, objects.SERVING)}},
     }
 
 

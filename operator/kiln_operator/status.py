@@ -9,9 +9,11 @@ Phases: Pending (no trainer pod running yet, or the Job is being re-created) -> 
 Job is complete; waiting for status.model, then for the serving Deployment to become available) ->
 Serving (at least one replica available) or Succeeded (serving disabled, or serving.replicas is 0:
 nothing to route to, so no endpoint). Failed when the Job failed (a specific reason) or the serving
-rollout exceeded its progress deadline; Suspended while runPolicy.suspend holds the Job. completionTime is
-set once, on the first of Serving, Succeeded or Failed. restarts counts retries: replacement pods of an
-index plus in-place container restarts (pods the Job kills when it ends are not retries).
+rollout exceeded its progress deadline; Suspended while runPolicy.suspend holds the Job; Pending, with
+a Suspended condition of reason Queued, while Kueue has not admitted it (AdmissionPending: another
+controller holds it). completionTime is set once, on the first of Serving, Succeeded or Failed.
+restarts counts retries: replacement pods of an index plus in-place container restarts (pods the Job
+kills when it ends are not retries).
 """
 
 import dataclasses
@@ -171,6 +173,22 @@ def _is_running(pod: Body) -> bool:
     return alive and not (pod.get("metadata") or {}).get("deletionTimestamp")
 
 
+def _suspended(job: Body) -> Verdict:
+    """Who holds a suspended Job: the user (runPolicy.suspend), Kueue's queue, or another controller."""
+    if objects.suspended_by_user(job):
+        return Verdict(
+            "Suspended",
+            "SuspendedByUser",
+            "runPolicy.suspend is true: trainer pods are stopped; training resumes from the last checkpoint",
+        )
+    if objects.is_queued(job):
+        queue = job["metadata"]["labels"][constants.KUEUE_QUEUE_LABEL]
+        return Verdict("Queued", "Queued", f"waiting in LocalQueue {queue} for Kueue to admit the trainer Job")
+    return Verdict(
+        "Queued", "AdmissionPending", "the trainer Job is suspended by another controller; it starts when resumed"
+    )
+
+
 def assess_training(job: Body | None, pods: Sequence[Body], status: Body) -> Verdict:
     """Training's state from the Job's conditions (never by their order) and its pods."""
     if job is None:
@@ -184,11 +202,7 @@ def assess_training(job: Body | None, pods: Sequence[Body], status: Body) -> Ver
     if "Complete" in conditions or "SuccessCriteriaMet" in conditions:
         return Verdict("Succeeded", "JobComplete", f"all {workers} worker(s) succeeded")
     if (job.get("spec") or {}).get("suspend"):
-        return Verdict(
-            "Suspended",
-            "SuspendedByUser",
-            "runPolicy.suspend is true: trainer pods are stopped; training resumes from the last checkpoint",
-        )
+        return _suspended(job)
     running = [p for p in pods if _is_running(p)]
     if running or job_status.get("ready") or job_status.get("succeeded"):
         count = max(len(running), job_status.get("ready") or 0)
@@ -229,7 +243,7 @@ def decide_phase(training: Verdict, has_model: bool, serving: Verdict) -> str:
         return "Failed"
     if training.state == "Suspended":
         return "Suspended"
-    if training.state in ("Missing", "Pending"):
+    if training.state in ("Missing", "Pending", "Queued"):
         return "Pending"
     if training.state == "Running":
         return "Running"
@@ -335,9 +349,9 @@ def assess(obs: Observation, now: str) -> Manifest:
         ),
         cond(
             "Suspended",
-            suspended,
-            "SuspendedByUser" if suspended else "NotSuspended",
-            training.message if suspended else "",
+            suspended or training.state == "Queued",
+            training.reason if suspended or training.state == "Queued" else "NotSuspended",
+            training.message if suspended or training.state == "Queued" else "",
         ),
     ]
     completion = current.get("completionTime") or (now if phase in FINAL_PHASES else None)

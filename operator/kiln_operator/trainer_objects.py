@@ -4,13 +4,23 @@ Semantics with several workers (the Job is Indexed, completions = parallelism = 
 - The Job succeeds only when every index succeeded; rank 0 writes the model, the others must finish too.
 - A worker that fails is replaced by a new pod with the same index once it has fully terminated
   (podReplacementPolicy Failed, so a stale rank never shares its DNS name with its replacement). Its peers
-  usually fail as well when their collective operations break, and every replacement resumes from the last
-  checkpoint. One incident can thus cost up to `workers` pod failures, so the Job's backoffLimit is
-  runPolicy.backoffLimit x workers: runPolicy.backoffLimit counts retries of the whole gang.
+  notice within seconds (the trainer's heartbeat watchdog, or a broken collective) and exit with
+  EXIT_PEER_LOST (75), which the podFailurePolicy ignores: they are replaced too and the whole group resumes
+  from the last checkpoint, and the incident counts one failure, the lost worker's, against backoffLimit
+  (= runPolicy.backoffLimit, the retries of the whole gang).
 - Exit code 78 (invalid config or data) fails the Job at once; evictions and preemptions
   (DisruptionTarget) are retried without counting against the limit.
+- With resources.processesPerWorker > 1 each pod runs one trainer process per local rank (the launcher in
+  `kiln train` spawns them): WORLD_SIZE is workers x processes, GROUP_RANK the pod's index, and every process
+  derives RANK = GROUP_RANK x LOCAL_WORLD_SIZE + LOCAL_RANK, as torchrun does.
+
+Queues (Kueue): a TrainingJob labelled kueue.x-k8s.io/queue-name gets a Job with the same label, created
+suspended, as Kueue's own integrations create theirs; Kueue unsuspends it on admission (no webhook needed).
+The operator never resumes a Job it did not suspend itself: a Job it suspends for runPolicy.suspend carries
+objects.SUSPENDED_BY_USER_ANNOTATION, and only such a Job is resumed when runPolicy.suspend turns false.
 """
 
+from collections.abc import Mapping
 from typing import Final
 
 import yaml
@@ -22,6 +32,13 @@ from kiln_operator.objects import Manifest, Owner
 
 COMPLETION_INDEX_ANNOTATION: Final = "batch.kubernetes.io/job-completion-index"
 GPU_SHM_SIZE: Final = "2Gi"
+# TrainingJob labels that travel to the Job, where Kueue's Job integration reads them.
+QUEUE_LABELS: Final = (constants.KUEUE_QUEUE_LABEL, constants.KUEUE_PRIORITY_LABEL)
+
+
+def queue_labels(trainingjob_labels: Mapping[str, str] | None) -> dict[str, str]:
+    """The Kueue labels of a TrainingJob (its LocalQueue and WorkloadPriorityClass), for its Job."""
+    return {k: v for k, v in (trainingjob_labels or {}).items() if k in QUEUE_LABELS and v}
 
 
 def trainingjob_document(owner: Owner, spec: api.TrainingJobSpec) -> str:
@@ -103,24 +120,31 @@ def build_workers_service(owner: Owner) -> Manifest:
 
 
 def master_address(owner: Owner, workers: int) -> str:
-    """Rank 0's stable address: its pod's DNS name under the headless Service, or loopback alone."""
+    """Rank 0's stable address: its pod's DNS name under the headless Service, or loopback in a single pod."""
     if workers == 1:
         return "127.0.0.1"
     return f"{objects.job_name(owner.name)}-0.{objects.workers_service_name(owner.name)}.{owner.namespace}.svc"
 
 
-def _trainer_env(owner: Owner, workers: int) -> list[Manifest]:
-    rank_ref = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
+def _trainer_env(owner: Owner, spec: api.TrainingJobSpec) -> list[Manifest]:
+    workers, processes = spec.resources.workers, api.processes_per_worker(spec.resources)
+    index: Manifest = {
+        "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}
+    }
+    # One process per pod is rank = index itself; with several the launcher derives each RANK and LOCAL_RANK.
+    ranks: list[Manifest] = [{"name": "RANK", **index}, {"name": "LOCAL_RANK", "value": "0"}] if processes == 1 else []
     return [
         {"name": constants.ENV_TRAININGJOB_NAME, "value": owner.name},
         {"name": constants.ENV_TRAININGJOB_NAMESPACE, "value": owner.namespace},
-        {"name": "WORLD_SIZE", "value": str(workers)},
-        {"name": "RANK", "valueFrom": {"fieldRef": {"fieldPath": rank_ref}}},
-        {"name": "LOCAL_RANK", "value": "0"},
+        {"name": "WORLD_SIZE", "value": str(workers * processes)},
+        {"name": "GROUP_RANK", **index},
+        {"name": "LOCAL_WORLD_SIZE", "value": str(processes)},
+        *ranks,
         {"name": "MASTER_ADDR", "value": master_address(owner, workers)},
         {"name": "MASTER_PORT", "value": str(constants.DDP_MASTER_PORT)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *objects.home_env(),
+        *(var.model_dump(mode="json", by_alias=True, exclude_none=True) for var in spec.resources.env or []),
     ]
 
 
@@ -157,8 +181,13 @@ def trainer_args(owner: Owner) -> list[str]:
     ]  # fmt: skip
 
 
-def build_job(owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfig) -> Manifest:
-    """The Indexed trainer Job; see the module docstring for its multi-worker semantics."""
+def build_job(
+    owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfig, labels: Mapping[str, str] | None = None
+) -> Manifest:
+    """The Indexed trainer Job; see the module docstring for its multi-worker and queueing semantics.
+
+    `labels` are the TrainingJob's own; its Kueue labels are copied onto the Job.
+    """
     res, policy = spec.resources, spec.run_policy
     workers, gpus = res.workers, res.gpus_per_worker
     volumes, mounts = _trainer_volumes(owner, spec, cfg)
@@ -172,7 +201,7 @@ def build_job(owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfi
         # Explicit: the test node agent runs pods as local processes and cannot read image entrypoints.
         "command": ["kiln"],
         "args": trainer_args(owner),
-        "env": _trainer_env(owner, workers),
+        "env": _trainer_env(owner, spec),
         "ports": ports,
         "resources": objects.resources(res.cpu or cfg.trainer_cpu, res.memory or cfg.trainer_memory, gpus),
         "volumeMounts": mounts,
@@ -192,18 +221,14 @@ def build_job(owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfi
         pod_spec["imagePullSecrets"] = objects.image_pull_secrets(cfg.image_pull_secrets)
     if workers > 1:
         pod_spec["subdomain"] = objects.workers_service_name(owner.name)
-    if res.node_selector:
-        pod_spec["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in res.tolerations]
-    if res.priority_class_name:
-        pod_spec["priorityClassName"] = res.priority_class_name
+    pod_spec.update(objects.pod_placement(res, objects.selector(owner.name, objects.TRAINER)))
+    queue = queue_labels(labels)
     job_spec: Manifest = {
         "completionMode": "Indexed",
         "completions": workers,
         "parallelism": workers,
-        "backoffLimit": policy.backoff_limit * workers,
-        "suspend": policy.suspend,
+        "backoffLimit": policy.backoff_limit,
+        "suspend": policy.suspend or bool(queue),
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": {
             "rules": [
@@ -215,14 +240,23 @@ def build_job(owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfi
                         "values": [constants.EXIT_CONFIG_ERROR],
                     },
                 },
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": objects.TRAINER_CONTAINER,
+                        "operator": "In",
+                        "values": [constants.EXIT_PEER_LOST],
+                    },
+                },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]
         },
         "template": {
-            "metadata": {
-                "labels": objects.labels(owner.name, objects.TRAINER),
-                "annotations": objects.prometheus_annotations(constants.TRAINER_METRICS_PORT),
-            },
+            "metadata": objects.pod_metadata(
+                res,
+                objects.labels(owner.name, objects.TRAINER),
+                objects.prometheus_annotations(constants.TRAINER_METRICS_PORT),
+            ),
             "spec": pod_spec,
         },
     }
@@ -230,19 +264,19 @@ def build_job(owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfi
         job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
     if policy.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": objects.metadata(owner, objects.job_name(owner.name), objects.TRAINER),
-        "spec": job_spec,
-    }
+    held = {objects.SUSPENDED_BY_USER_ANNOTATION: "true"} if policy.suspend and not queue else None
+    metadata = objects.metadata(owner, objects.job_name(owner.name), objects.TRAINER, held)
+    metadata["labels"].update(queue)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 
-def build_trainer_objects(owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfig) -> list[Manifest]:
+def build_trainer_objects(
+    owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfig, labels: Mapping[str, str] | None = None
+) -> list[Manifest]:
     """Everything training needs, in creation order (the Job last, so its pods find the rest in place)."""
     children = [build_config_map(owner, spec), build_service_account(owner), build_role(owner),
                 build_role_binding(owner)]  # fmt: skip
     if spec.resources.workers > 1:
         children.append(build_workers_service(owner))
-    children.append(build_job(owner, spec, cfg))
+    children.append(build_job(owner, spec, cfg, labels))
     return children

@@ -110,9 +110,11 @@ def test_four_workers_get_a_headless_service_a_subdomain_and_rank_zero_as_master
     assert {"name": "ddp", "containerPort": 29500} in container["ports"]
 
 
-def test_one_failure_may_take_down_every_worker_so_the_backoff_limit_counts_gang_retries() -> None:
+def test_a_lost_worker_costs_the_gang_one_retry_because_peers_that_lost_it_are_not_counted() -> None:
     job = trainer_objects.build_job(OWNER, spec(resources={"workers": 4}, runPolicy={"backoffLimit": 2}), CFG)
-    assert job["spec"]["backoffLimit"] == 8
+    assert job["spec"]["backoffLimit"] == 2
+    lost = {"containerName": "trainer", "operator": "In", "values": [constants.EXIT_PEER_LOST]}
+    assert {"action": "Ignore", "onExitCodes": lost} in job["spec"]["podFailurePolicy"]["rules"]
     assert job["spec"]["podReplacementPolicy"] == "Failed"
 
 
@@ -121,6 +123,7 @@ def test_exit_code_78_fails_the_job_at_once_and_disruptions_do_not_count() -> No
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     assert job["spec"]["podFailurePolicy"]["rules"] == [
         {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [78]}},
+        {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]}},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]
     assert trainer_container(job)["terminationMessagePolicy"] == "FallbackToLogsOnError"

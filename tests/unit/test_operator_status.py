@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from kiln_operator import status
+from kiln_operator import objects, status
 
 T0, T1, T2, NOW = "2026-11-28T10:00:00Z", "2026-11-28T10:05:00Z", "2026-11-28T10:09:00Z", "2026-11-28T10:10:00Z"
 MODEL = {"variant": "int8-static", "uri": "/artifacts/team-a/digits/models/int8-static/model.onnx",
@@ -234,7 +234,9 @@ def test_a_deadline_exceeded_job_fails_with_reason_deadline_exceeded() -> None:
 
 def test_a_suspended_job_is_suspended_and_resuming_goes_back_to_pending() -> None:
     suspended_condition = {"type": "Suspended", "status": "True", "reason": "JobSuspended", "message": "Job suspended"}
-    desired = status.assess(observe(job=job(2, [suspended_condition], suspend=True)), NOW)
+    held = job(2, [suspended_condition], suspend=True)
+    held["metadata"]["annotations"] = {objects.SUSPENDED_BY_USER_ANNOTATION: "true"}  # suspended by the operator
+    desired = status.assess(observe(job=held), NOW)
     assert desired["phase"] == "Suspended"
     found = conditions_of(desired)
     assert found["Suspended"]["status"] == "True" and found["Suspended"]["reason"] == "SuspendedByUser"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kiln import api
 from kiln.api import constants
-from kiln_trainer import errors
+from kiln_trainer import errors, launcher
 
 log = logging.getLogger("kiln_trainer")
 
@@ -75,9 +75,27 @@ def _configure_logging() -> None:
         )
 
 
+def _child_args(args: argparse.Namespace) -> list[str]:
+    """The arguments again, for the launcher's per-rank processes."""
+    argv = ["--config", str(args.config), "--output", str(args.output), "--metrics-port", str(args.metrics_port)]
+    argv += ["--log-format", args.log_format] + (["--no-compile"] if args.no_compile else [])
+    return argv
+
+
 def run(args: argparse.Namespace) -> int:
-    """Load and validate the TrainingJob, train, hand off; map every failure to an exit code."""
+    """Load and validate the TrainingJob, train, hand off; map every failure to an exit code.
+
+    With several processes per pod (LOCAL_WORLD_SIZE > 1) this process is the launcher of its local ranks.
+    """
     _configure_logging()
+    try:
+        count = launcher.processes(os.environ)
+        if count > 1:
+            return launcher.launch(_child_args(args), count)
+    except api.ConfigError as err:
+        sys.stderr.write(f"kiln train: error: {err}\n")
+        write_termination_message(str(err))
+        return api.EXIT_CONFIG_ERROR
     from kiln_trainer import loop  # torch is imported only once the arguments are valid
 
     try:
@@ -102,6 +120,12 @@ def run(args: argparse.Namespace) -> int:
         log.warning("interrupted; run again with the same --output to resume")
         return 130
     except Exception as err:
+        from kiln_trainer import distributed
+
+        if distributed.is_peer_failure(err):
+            log.error("training stopped: a peer of the process group was lost (%s); the group restarts", err)
+            write_termination_message(f"lost a peer of the process group: {err}")
+            return constants.EXIT_PEER_LOST
         log.error("training failed: %s", err, exc_info=True)
         lines = traceback.format_exception(err)
         write_termination_message("".join(lines[-6:]))

@@ -14,12 +14,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kiln_trainer import errors
+from kiln_trainer import errors, watchdog
 
 log = logging.getLogger(__name__)
 
-# Long enough for rank 0 to evaluate and checkpoint a large model while the others wait.
+# Long enough for rank 0 to evaluate and checkpoint a large model while the others wait. A lost peer is
+# noticed much sooner, by the heartbeat watchdog (watchdog.py).
 TIMEOUT = datetime.timedelta(minutes=30)
+_watchdogs: list[watchdog.Watchdog] = []
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,15 @@ def setup() -> Context:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=TIMEOUT)
         log.info("distributed: rank %d of %d joined (%s, %s)", rank, world_size, backend, device)
+        port = int(os.environ["MASTER_PORT"])
+        guard = watchdog.Watchdog(rank, world_size, os.environ["MASTER_ADDR"], port, watchdog.peer_timeout())
+        _watchdogs.append(guard.start())
     return Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
 def teardown(ctx: Context) -> None:
+    while _watchdogs:  # first: peers leaving normally must not look lost
+        _watchdogs.pop().stop()
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -111,3 +118,12 @@ def broadcast(ctx: Context, obj: Any) -> Any:
     box = [obj if ctx.is_main else None]
     dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.device.type == "cuda" else None)
     return box[0]
+
+
+PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether a collective failed because a peer went away (not this rank's own bug), so the exit should be
+    EXIT_PEER_LOST: the lost peer's failure is the one the Job counts."""
+    return isinstance(err, dist.DistError) or any(text in str(err) for text in PEER_FAILURES)

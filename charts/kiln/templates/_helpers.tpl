@@ -145,6 +145,10 @@ What the operator may do inside a namespace it watches: the rules of a ClusterRo
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+# The serving PodDisruptionBudget (more than one replica).
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
 {{- if .Values.workloads.serving.autoscaling.enabled }}
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
