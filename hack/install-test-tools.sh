@@ -2,7 +2,8 @@
 # Builds the real cluster the integration and e2e tests run — the control plane (kube-apiserver,
 # kube-controller-manager, kube-scheduler, etcd), the node (kubelet, kube-proxy; containerd, CNI plugins, crictl,
 # CoreDNS and the pause binary through hack/install-node-tools.sh, which also installs runc, podman, debootstrap,
-# iptables, nftables and Prometheus from Debian), a matching kubectl and helm — from the Go module proxy, and
+# iptables, nftables and Prometheus from Debian), a matching kubectl and helm, and Kueue's controller with its CRDs
+# (hack/install-kueue.sh) — from the Go module proxy, and
 # caches them per version so later runs on the same machine skip the build. Prints the folder holding (links to)
 # every binary on its last line.
 #
@@ -108,6 +109,7 @@ for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet
   fi
 done
 node_bin="$(bash "$(dirname "$0")/install-node-tools.sh" | tail -n 1)"
+bash "$(dirname "$0")/install-kueue.sh" >/dev/null
 for tool in "$node_bin"/*; do
   ln -sf "$tool" "$bin/$(basename "$tool")"
 done

@@ -39,6 +39,7 @@ def _blob(layout: tarfile.TarFile, data: bytes) -> dict[str, object]:
 
 def pause_archive(binary: Path, out: Path, name: str = PAUSE_IMAGE) -> Path:
     """An OCI image archive holding only `binary` as /pause (its entrypoint), named `name`."""
+    binary = binary.resolve()  # the binaries folder links to the build cache: the image holds the file itself
     layer_bytes = io.BytesIO()
     with tarfile.open(fileobj=layer_bytes, mode="w") as layer:
         info = layer.gettarinfo(str(binary), arcname="pause")
