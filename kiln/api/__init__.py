@@ -15,7 +15,18 @@ from kiln.api.spec import (
     resolved_normalize,
     resolved_num_classes,
 )
-from kiln.api.status import PHASES, Condition, Metrics, ModelStatus, Progress, TrainingJobStatus
+from kiln.api.status import (
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    Metrics,
+    ModelStatus,
+    Phase,
+    Progress,
+    TrainingJobStatus,
+    condition_types,
+    phases,
+)
 from kiln.api.trainingjob import ConfigError, TrainingJob, load_trainingjob, parse_trainingjob
 
 __all__ = [
@@ -23,12 +34,13 @@ __all__ = [
     "EXIT_CONFIG_ERROR",
     "GROUP",
     "KIND",
-    "PHASES",
     "PLURAL",
     "VARIANTS",
     "VERSION",
     "ClassMetrics",
     "Condition",
+    "ConditionStatus",
+    "ConditionType",
     "ConfigError",
     "DataSpec",
     "ExportSpec",
@@ -37,6 +49,7 @@ __all__ = [
     "ModelSpec",
     "ModelStatus",
     "NormalizeSpec",
+    "Phase",
     "Preprocessing",
     "Progress",
     "ServingSpec",
@@ -47,8 +60,10 @@ __all__ = [
     "TrainingSpec",
     "TrainingSummary",
     "VariantReport",
+    "condition_types",
     "load_trainingjob",
     "parse_trainingjob",
+    "phases",
     "resolved_image_size",
     "resolved_normalize",
     "resolved_num_classes",

@@ -1,15 +1,25 @@
 """TrainingJob status: written by the operator (phase, conditions, endpoint) and the trainer (progress,
 lastCheckpoint, metrics, model). Every field is optional so each writer patches only its own part."""
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 
 from kiln.api.base import ApiModel
 
 Phase = Literal["Pending", "Running", "Exporting", "Serving", "Succeeded", "Failed", "Suspended"]
-PHASES: tuple[Phase, ...] = ("Pending", "Running", "Exporting", "Serving", "Succeeded", "Failed", "Suspended")
 ConditionType = Literal["Created", "Running", "Trained", "Exported", "Serving", "Failed", "Suspended"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+def phases() -> tuple[Phase, ...]:
+    """Every phase, in lifecycle order (read from the Literal, so there is one list)."""
+    return get_args(Phase)
+
+
+def condition_types() -> tuple[ConditionType, ...]:
+    """Every condition type, in the order the operator writes them."""
+    return get_args(ConditionType)
 
 
 class Condition(ApiModel):
@@ -18,7 +28,7 @@ class Condition(ApiModel):
     type: str = Field(
         ..., max_length=64, description="Created, Running, Trained, Exported, Serving, Failed or Suspended."
     )
-    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
+    status: ConditionStatus = Field(..., description="True, False or Unknown.")
     reason: str | None = Field(None, max_length=128, description="CamelCase reason for the last transition.")
     message: str | None = Field(None, max_length=32768, description="Human-readable details.")
     last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")

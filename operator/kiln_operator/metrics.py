@@ -67,7 +67,7 @@ def instrumented(handler: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
 
 def _publish_phases() -> None:
-    counts = dict.fromkeys(api.PHASES, 0)
+    counts = dict.fromkeys(api.phases(), 0)
     for phase in _phases.values():
         if phase in counts:
             counts[phase] += 1

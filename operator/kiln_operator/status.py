@@ -17,16 +17,20 @@ index plus in-place container restarts (pods the Job kills when it ends are not 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Generic, Literal, TypeVar
 
+from kiln import api
 from kiln.api import constants
 from kiln_operator import objects
 
 Manifest = dict[str, Any]
 Body = Mapping[str, Any]
 
-CONDITION_TYPES: Final = ("Created", "Running", "Trained", "Exported", "Serving", "Failed", "Suspended")
-FINAL_PHASES: Final = ("Serving", "Succeeded", "Failed")
+# What the observation says about training (from the Job) and about serving (from the Deployment).
+TrainingState = Literal["Missing", "Pending", "Running", "Suspended", "Succeeded", "Failed"]
+ServingState = Literal["Disabled", "NotExported", "ScaledToZero", "RollingOut", "Available", "Failed"]
+State = TypeVar("State", TrainingState, ServingState)
+FINAL_PHASES: Final[tuple[api.Phase, ...]] = ("Serving", "Succeeded", "Failed")
 # Reasons of a Failed condition that are not about training, so a removed Job does not turn them into one.
 NON_TRAINING_FAILURES: Final = ("ServingRolloutFailed", "InvalidSpec")
 TAIL_LINES: Final = 5
@@ -37,12 +41,16 @@ COMPLETION_INDEX: Final = "batch.kubernetes.io/job-completion-index"
 
 
 @dataclasses.dataclass(frozen=True)
-class Verdict:
+class Verdict(Generic[State]):
     """One aspect (training or serving) of a job: a state plus a CamelCase reason and a message."""
 
-    state: str
+    state: State
     reason: str
     message: str
+
+
+Training = Verdict[TrainingState]
+Serving = Verdict[ServingState]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +143,7 @@ def waiting_message(pods: Iterable[Body], limit: int = 3) -> str:
     return "; ".join(notes[:limit])
 
 
-def training_failure(job_failed: Body, pods: Sequence[Body]) -> Verdict:
+def training_failure(job_failed: Body, pods: Sequence[Body]) -> Training:
     """A specific reason and a message naming the pod, container, exit code and the end of its message."""
     job_reason = job_failed.get("reason") or ""
     job_message = job_failed.get("message") or "the trainer Job failed"
@@ -152,18 +160,18 @@ def training_failure(job_failed: Body, pods: Sequence[Body]) -> Verdict:
     else:
         reason, culprit = job_reason or "TrainerFailed", latest
     message = f"{job_message.rstrip('.')}; {culprit.describe()}" if culprit else job_message
-    return Verdict("Failed", reason, message)
+    return Training("Failed", reason, message)
 
 
-def _training_without_job(status: Body) -> Verdict:
+def _training_without_job(status: Body) -> Training:
     """A removed Job (ttlSecondsAfterFinished, or deleted by hand) must not undo what was already known."""
     conditions = _by_type(status.get("conditions"))
     failed, trained = conditions.get("Failed") or {}, conditions.get("Trained") or {}
     if failed.get("status") == "True" and failed.get("reason") not in NON_TRAINING_FAILURES:
-        return Verdict("Failed", failed.get("reason") or "TrainerFailed", failed.get("message") or "")
+        return Training("Failed", failed.get("reason") or "TrainerFailed", failed.get("message") or "")
     if status.get("model") or trained.get("status") == "True":
-        return Verdict("Succeeded", "JobComplete", trained.get("message") or "the trainer Job finished")
-    return Verdict("Missing", "TrainerJobMissing", "the trainer Job does not exist yet")
+        return Training("Succeeded", "JobComplete", trained.get("message") or "the trainer Job finished")
+    return Training("Missing", "TrainerJobMissing", "the trainer Job does not exist yet")
 
 
 def _is_running(pod: Body) -> bool:
@@ -171,7 +179,7 @@ def _is_running(pod: Body) -> bool:
     return alive and not (pod.get("metadata") or {}).get("deletionTimestamp")
 
 
-def assess_training(job: Body | None, pods: Sequence[Body], status: Body) -> Verdict:
+def assess_training(job: Body | None, pods: Sequence[Body], status: Body) -> Training:
     """Training's state from the Job's conditions (never by their order) and its pods."""
     if job is None:
         return _training_without_job(status)
@@ -182,9 +190,9 @@ def assess_training(job: Body | None, pods: Sequence[Body], status: Body) -> Ver
     if failed:
         return training_failure(failed, pods)
     if "Complete" in conditions or "SuccessCriteriaMet" in conditions:
-        return Verdict("Succeeded", "JobComplete", f"all {workers} worker(s) succeeded")
+        return Training("Succeeded", "JobComplete", f"all {workers} worker(s) succeeded")
     if (job.get("spec") or {}).get("suspend"):
-        return Verdict(
+        return Training(
             "Suspended",
             "SuspendedByUser",
             "runPolicy.suspend is true: trainer pods are stopped; training resumes from the last checkpoint",
@@ -192,20 +200,20 @@ def assess_training(job: Body | None, pods: Sequence[Body], status: Body) -> Ver
     running = [p for p in pods if _is_running(p)]
     if running or job_status.get("ready") or job_status.get("succeeded"):
         count = max(len(running), job_status.get("ready") or 0)
-        return Verdict("Running", "TrainerRunning", f"{count} of {workers} worker(s) running")
-    return Verdict("Pending", "TrainerPending", waiting_message(pods) or "waiting for trainer pods to start")
+        return Training("Running", "TrainerRunning", f"{count} of {workers} worker(s) running")
+    return Training("Pending", "TrainerPending", waiting_message(pods) or "waiting for trainer pods to start")
 
 
-def assess_serving(obs: Observation, endpoint: str) -> Verdict:
+def assess_serving(obs: Observation, endpoint: str) -> Serving:
     """Serving's state from the Deployment: available, rolling out, or failed past its progress deadline."""
     if not obs.serving_enabled:
-        return Verdict("Disabled", "ServingDisabled", "serving.enabled is false")
+        return Serving("Disabled", "ServingDisabled", "serving.enabled is false")
     if not obs.status.get("model"):
-        return Verdict("NotExported", "NotExported", "waiting for a compiled model")
+        return Serving("NotExported", "NotExported", "waiting for a compiled model")
     if obs.serving_replicas == 0:
-        return Verdict("ScaledToZero", "ScaledToZero", "serving.replicas is 0; the Deployment is kept to scale up")
+        return Serving("ScaledToZero", "ScaledToZero", "serving.replicas is 0; the Deployment is kept to scale up")
     if obs.deployment is None:
-        return Verdict("RollingOut", "DeploymentMissing", "creating the serving Deployment")
+        return Serving("RollingOut", "DeploymentMissing", "creating the serving Deployment")
     dep_status = obs.deployment.get("status") or {}
     available, ready = dep_status.get("availableReplicas") or 0, dep_status.get("readyReplicas") or 0
     replicas = (obs.deployment.get("spec") or {}).get("replicas", obs.serving_replicas)
@@ -213,17 +221,17 @@ def assess_serving(obs: Observation, endpoint: str) -> Verdict:
     stalled = progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded"
     if available >= 1:
         note = f"; the newest rollout is stuck: {progressing.get('message', '')}" if stalled else ""
-        return Verdict(
+        return Serving(
             "Available", "DeploymentAvailable", f"{available}/{replicas} replica(s) available at {endpoint}{note}"
         )
     details = waiting_message(obs.serving_pods)
     if stalled:
         message = progressing.get("message") or "progress deadline exceeded"
-        return Verdict("Failed", "ServingRolloutFailed", f"{message}; {details}" if details else message)
-    return Verdict("RollingOut", "RollingOut", details or f"{ready}/{replicas} replica(s) ready")
+        return Serving("Failed", "ServingRolloutFailed", f"{message}; {details}" if details else message)
+    return Serving("RollingOut", "RollingOut", details or f"{ready}/{replicas} replica(s) ready")
 
 
-def decide_phase(training: Verdict, has_model: bool, serving: Verdict) -> str:
+def decide_phase(training: Training, has_model: bool, serving: Serving) -> api.Phase:
     """The one-word summary; the conditions carry the detail."""
     if training.state == "Failed":
         return "Failed"
@@ -243,22 +251,27 @@ def decide_phase(training: Verdict, has_model: bool, serving: Verdict) -> str:
 
 
 def condition(
-    previous: Mapping[str, Body], type_: str, true: bool, reason: str, message: str, now: str, generation: int | None
+    previous: Mapping[str, Body],
+    type_: api.ConditionType,
+    true: bool,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int | None,
 ) -> Manifest:
     """A condition whose lastTransitionTime moves only when its status changes."""
-    status = "True" if true else "False"
+    status: api.ConditionStatus = "True" if true else "False"
     before = previous.get(type_) or {}
     changed = before.get("status") != status or not before.get("lastTransitionTime")
-    result: Manifest = {
-        "type": type_,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": now if changed else before["lastTransitionTime"],
-    }
-    if generation is not None:
-        result["observedGeneration"] = generation
-    return result
+    typed = api.Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=now if changed else before["lastTransitionTime"],
+        observed_generation=generation,
+    )
+    return typed.to_dict()
 
 
 def count_restarts(pods: Iterable[Body], previous: int | None) -> int:
@@ -302,7 +315,7 @@ def assess(obs: Observation, now: str) -> Manifest:
     job_ref = f"Job {objects.job_name(obs.name)}"
     failure = training if failed else serving if serving.state == "Failed" else None
 
-    def cond(type_: str, true: bool, reason: str, message: str) -> Manifest:
+    def cond(type_: api.ConditionType, true: bool, reason: str, message: str) -> Manifest:
         return condition(previous, type_, true, reason, message, now, gen)
 
     if model:
@@ -357,7 +370,7 @@ def assess_invalid(status: Body, generation: int | None, message: str, now: str)
     previous = _by_type(status.get("conditions"))
     conditions = [
         condition(previous, t, t == "Failed", "InvalidSpec", message if t == "Failed" else "", now, generation)
-        for t in CONDITION_TYPES
+        for t in api.condition_types()
     ]
     return {
         "phase": "Failed",

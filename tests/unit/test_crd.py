@@ -73,7 +73,7 @@ def test_the_crd_carries_defaults_enums_bounds_and_descriptions_from_the_model()
     assert spec["training"]["default"] == {}, "nested sections default to {} so their fields get defaults"
     status = _schema()["properties"]["status"]
     assert status["x-kubernetes-preserve-unknown-fields"] is True, "kopf's bookkeeping must survive pruning"
-    assert status["properties"]["phase"]["enum"] == list(api.PHASES)
+    assert status["properties"]["phase"]["enum"] == list(api.phases())
 
 
 def test_the_crd_has_cel_rules_for_immutability_paths_and_variants() -> None:

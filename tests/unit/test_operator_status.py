@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from kiln import api
 from kiln_operator import status
 
 T0, T1, T2, NOW = "2026-11-28T10:00:00Z", "2026-11-28T10:05:00Z", "2026-11-28T10:09:00Z", "2026-11-28T10:10:00Z"
@@ -101,7 +102,7 @@ def observe(current: dict[str, Any] | None = None, **parts: Any) -> status.Obser
 
 def conditions_of(desired: dict[str, Any]) -> dict[str, dict[str, Any]]:
     found = {c["type"]: c for c in desired["conditions"]}
-    assert list(found) == list(status.CONDITION_TYPES)
+    assert list(found) == list(api.condition_types())
     return found
 
 
