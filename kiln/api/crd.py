@@ -44,6 +44,8 @@ PROPERTY_RULES["data"].append(
 
 PRINTER_COLUMNS: list[Schema] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    # The Ready condition, so a serving outage shows although the phase stays Serving.
+    {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
     {"name": "Epoch", "type": "integer", "jsonPath": ".status.progress.epoch"},
     {"name": "Accuracy", "type": "number", "jsonPath": ".status.progress.valAccuracy"},
     {"name": "Model", "type": "string", "jsonPath": ".status.model.variant"},

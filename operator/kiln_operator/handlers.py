@@ -127,13 +127,16 @@ def suspend_trainer_job(new: Any, name: str, namespace: str | None, memo: kopf.M
 def track_training_job(
     event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any
 ) -> None:
-    """Keeps the by-phase gauge current; follows up when the trainer reports the compiled model."""
+    """Keeps the per-phase and per-job gauges current (an acknowledgement silences the job's alerts at once);
+    follows up when the trainer reports the compiled model."""
     client, cfg, namespace = _context(memo, namespace)
     if event.get("type") == "DELETED":
         reconciler.forget(namespace, name)
         return
     current = body.get("status") or {}
     metrics.record_phase(namespace, name, current.get("phase"))
+    if current.get("phase"):
+        reconciler.publish_conditions(body)
     if current.get("phase") == "Exporting" and current.get("model"):
         reconciler.reconcile(client, cfg, namespace, name)
 

@@ -21,7 +21,7 @@ import pydantic
 
 from kiln import api
 from kiln.api import trainingjob
-from kiln_operator import config, kube, metrics, objects, serving_objects, status, trainer_objects
+from kiln_operator import config, kube, metrics, objects, pod_status, serving_objects, status, trainer_objects
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,15 @@ Body = Mapping[str, Any]
 # Transient API failures are retried inside one run, so a lost trigger does not leave a stale status.
 ATTEMPTS: Final = 3
 WARNING_PHASES: Final = ("Failed",)
+# An owner sets this annotation to "true" to silence the alerts of a job they have looked at.
+ACKNOWLEDGED: Final = f"{api.GROUP}/acknowledged"
 # The condition whose message explains a phase in its transition Event.
-SUMMARY_CONDITION: Final = {
+SUMMARY_CONDITION: Final[dict[str, str]] = {
     "Pending": "Created",
     "Running": "Running",
-    "Exporting": "Exported",
-    "Serving": "Serving",
-    "Succeeded": "Serving",
+    "Exporting": "Succeeded",
+    "Serving": "Ready",
+    "Succeeded": "Ready",
     "Failed": "Failed",
     "Suspended": "Suspended",
 }
@@ -53,7 +55,7 @@ def forget(namespace: str, name: str) -> None:
     """Drop what is kept in memory about a deleted TrainingJob."""
     with _guard:
         _dirty.discard((namespace, name))
-    metrics.record_phase(namespace, name, None)
+    metrics.forget_job(namespace, name)
 
 
 def validate(body: Body) -> api.TrainingJobSpec:
@@ -160,6 +162,14 @@ def _seconds_since(timestamp: str | None) -> float | None:
     return (datetime.now(UTC) - created).total_seconds()
 
 
+def publish_conditions(body: Body, desired: Mapping[str, Any] | None = None) -> None:
+    """The per-job gauges the alerts read: conditions, phase, and the owner's acknowledgement."""
+    meta, shown = body["metadata"], desired if desired is not None else body.get("status") or {}
+    acknowledged = (meta.get("annotations") or {}).get(ACKNOWLEDGED) == "true"
+    truth = {c["type"]: c["status"] == "True" for c in shown.get("conditions") or []}
+    metrics.record_conditions(meta["namespace"], meta["name"], str(shown.get("phase")), truth, acknowledged)
+
+
 def write_status(client: kube.Kube, body: Body, desired: Mapping[str, Any], latest_failure: str = "") -> str | None:
     """Patch what changed; count, announce and time phase transitions. Returns the phase (None: deleted)."""
     meta, current = body["metadata"], body.get("status") or {}
@@ -174,6 +184,7 @@ def write_status(client: kube.Kube, body: Body, desired: Mapping[str, Any], late
             raise
     old, new = current.get("phase"), str(desired["phase"])
     metrics.record_phase(namespace, name, new)
+    publish_conditions(body, desired)
     if (desired.get("restarts") or 0) > (current.get("restarts") or 0):
         detail = f": {latest_failure}" if latest_failure else ""
         _announce(body, "Warning", "WorkerFailed", f"{desired['restarts']} trainer restart(s) so far{detail}")
@@ -182,7 +193,7 @@ def write_status(client: kube.Kube, body: Body, desired: Mapping[str, Any], late
         conditions = {c["type"]: c for c in desired.get("conditions") or []}
         summary = conditions.get(SUMMARY_CONDITION.get(new, ""), {}).get("message", "")
         _announce(body, "Warning" if new in WARNING_PHASES else "Normal", new, f"{old or 'New'} -> {new}: {summary}")
-        if new == "Serving" and not current.get("completionTime"):
+        if new == "Serving" and old != "Succeeded":  # Serving is left only for Succeeded (serving disabled)
             elapsed = _seconds_since(meta.get("creationTimestamp"))
             if elapsed is not None:
                 metrics.TIME_TO_SERVING.observe(elapsed)
@@ -201,12 +212,14 @@ def _reconcile_once(client: kube.Kube, cfg: config.OperatorConfig, namespace: st
 
     # Training: the Job and its pods; re-create the Job (and its helpers) if it vanished before finishing.
     job_name = objects.job_name(name)
+    # A Job removed by its TTL is never re-created (that would train again); Failed is terminal.
+    ttl = spec.run_policy.ttl_seconds_after_finished is not None
     job = client.get("batch/v1", "Job", namespace, job_name)
-    if job is None and status.assess_training(None, [], current).state == "Missing":
+    if job is None and status.assess_training(None, [], current, ttl).state == "Missing":
         ensure_trainer(client, cfg, body, spec)
         job = client.get("batch/v1", "Job", namespace, job_name)
     pods = client.list_objects("v1", "Pod", namespace, objects.label_selector(name, objects.TRAINER))
-    training = status.assess_training(job, pods, current)
+    training = status.assess_training(job, pods, current, ttl)
 
     # Serving: only once the model is reported; create it when missing (or its HPA out of step with the
     # config), remove it when disabled.
@@ -234,8 +247,10 @@ def _reconcile_once(client: kube.Kube, cfg: config.OperatorConfig, namespace: st
         trainer_pods=pods,
         deployment=deployment,
         serving_pods=serving_pods,
+        ttl_after_finished=ttl,
+        export_deadline_seconds=cfg.export_deadline_seconds,
     )
-    exits = status.terminations(pods)
+    exits = pod_status.terminations(pods)
     latest_failure = exits[-1].describe() if exits else ""
     return write_status(client, body, status.assess(observation, status.now_rfc3339()), latest_failure)
 
