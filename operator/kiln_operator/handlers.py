@@ -91,22 +91,18 @@ def create_training_job(
     reconciler.reconcile(client, cfg, namespace, name)
 
 
-@kopf.on.field(*TRAININGJOBS, field="spec.serving")
-@metrics.instrumented("roll_serving_deployment")
-def roll_serving_deployment(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """A serving.* edit rolls the Deployment (server-side apply) and converges its HPA, or removes both
-    when serving is disabled."""
-    if not (body.get("status") or {}).get("model"):
-        return  # nothing to serve yet; the model's arrival rolls it out with the current spec
+@kopf.on.update(*TRAININGJOBS, field="spec")
+@metrics.instrumented("apply_spec_edit")
+def apply_spec_edit(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """An edit of what may change in place (runPolicy, serving; the rest is immutable by CEL): the reconciler
+    applies it to the children (the Job's deadline, retries and TTL; the serving Deployment and HPA by
+    server-side apply, or their removal) and moves observedGeneration once they reflect it."""
     client, cfg, namespace = _context(memo, namespace)
     try:
-        spec = reconciler.validate(body)
+        reconciler.validate(body)
     except reconciler.InvalidSpec as err:
+        reconciler.reconcile(client, cfg, namespace, name)  # writes Failed, reason InvalidSpec
         raise kopf.PermanentError(str(err)) from None
-    if spec.serving.enabled:
-        reconciler.apply_serving(client, cfg, body, spec)
-    else:
-        reconciler.remove_serving(client, cfg, namespace, name)
     reconciler.reconcile(client, cfg, namespace, name)
 
 

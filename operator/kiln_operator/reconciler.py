@@ -26,9 +26,12 @@ from kiln_operator import config, kube, metrics, objects, pod_status, serving_ob
 log = logging.getLogger(__name__)
 
 Body = Mapping[str, Any]
+Manifest = dict[str, Any]
 # Transient API failures are retried inside one run, so a lost trigger does not leave a stale status.
 ATTEMPTS: Final = 3
 WARNING_PHASES: Final = ("Failed",)
+# Job fields the API server lets an existing Job change, and runPolicy sets (suspend has its own handler).
+MUTABLE_JOB_FIELDS: Final = ("activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished")
 # An owner sets this annotation to "true" to silence the alerts of a job they have looked at.
 ACKNOWLEDGED: Final = f"{api.GROUP}/acknowledged"
 # The condition whose message explains a phase in its transition Event.
@@ -104,21 +107,6 @@ def apply_serving(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spe
     client.apply(autoscaler)
 
 
-def autoscaler_drifted(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec) -> bool:
-    """Whether the serving HPA is out of step: present when it should not be, missing when it should (autoscaling
-    turned on since the Deployment was made, or the HPA deleted), or with other bounds or target than the config.
-    False without asking the API server when the operator does not autoscale."""
-    if not cfg.serving_hpa_enabled:
-        return False
-    owner = objects.Owner.from_body(body)
-    name = objects.serving_name(owner.name)
-    live = client.get(serving_objects.HPA_API_VERSION, serving_objects.HPA_KIND, owner.namespace, name)
-    if not serving_objects.autoscaled(spec, cfg):
-        return live is not None
-    desired = serving_objects.build_autoscaler(owner, spec, cfg)
-    return live is None or not serving_objects.autoscaler_matches(live, desired)
-
-
 def remove_serving(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str) -> bool:
     """Delete the serving HPA, Deployment and Service (serving was disabled); True if anything was deleted."""
     serving = objects.serving_name(name)
@@ -127,6 +115,25 @@ def remove_serving(client: kube.Kube, cfg: config.OperatorConfig, namespace: str
         deleted = client.delete(serving_objects.HPA_API_VERSION, serving_objects.HPA_KIND, namespace, serving)
     deleted = client.delete("apps/v1", "Deployment", namespace, serving) or deleted
     return client.delete("v1", "Service", namespace, serving) or deleted
+
+
+def job_patch(desired: Body, live: Body) -> Manifest:
+    """The merge patch of the Job's mutable fields from live to desired (None removes a field)."""
+    want, have = desired.get("spec") or {}, live.get("spec") or {}
+    return {k: want.get(k) for k in MUTABLE_JOB_FIELDS if have.get(k) != want.get(k)}
+
+
+def converge_job(
+    client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec, job: Body
+) -> bool:
+    """Patch the runPolicy fields a live Job accepts (deadline, retries, TTL) to the spec; True if it did.
+    Everything else of the Job is immutable and so is the part of the spec it comes from (CEL)."""
+    desired = trainer_objects.build_job(objects.Owner.from_body(body), spec, cfg)
+    patch = job_patch(desired, job)
+    if not patch:
+        return False
+    client.patch("batch/v1", "Job", job["metadata"]["namespace"], job["metadata"]["name"], {"spec": patch})
+    return True
 
 
 def suspend_job(client: kube.Kube, namespace: str, name: str, suspend: bool) -> bool:
@@ -220,16 +227,18 @@ def _reconcile_once(client: kube.Kube, cfg: config.OperatorConfig, namespace: st
         job = client.get("batch/v1", "Job", namespace, job_name)
     pods = client.list_objects("v1", "Pod", namespace, objects.label_selector(name, objects.TRAINER))
     training = status.assess_training(job, pods, current, ttl)
+    failed = status.is_failed(current)
+    if job is not None and not failed and converge_job(client, cfg, body, spec, job):
+        job = client.get("batch/v1", "Job", namespace, job_name)
 
-    # Serving: only once the model is reported; create it when missing (or its HPA out of step with the
-    # config), remove it when disabled.
+    # Serving: only once the model is reported; applied on every run (server-side apply converges it to the
+    # current spec, model and config, and repairs hand edits), removed when disabled.
     deployment, serving_pods = None, []
-    if training.state == "Succeeded" and current.get("model"):
-        deployment = client.get("apps/v1", "Deployment", namespace, objects.serving_name(name))
-        if spec.serving.enabled and (deployment is None or autoscaler_drifted(client, cfg, body, spec)):
+    if training.state == "Succeeded" and current.get("model") and not failed:
+        if spec.serving.enabled:
             apply_serving(client, cfg, body, spec)
-            deployment = client.get("apps/v1", "Deployment", namespace, objects.serving_name(name))
-        elif not spec.serving.enabled and deployment is not None:
+        deployment = client.get("apps/v1", "Deployment", namespace, objects.serving_name(name))
+        if not spec.serving.enabled and deployment is not None:
             remove_serving(client, cfg, namespace, name)
             deployment = None
         if deployment is not None:
@@ -249,6 +258,7 @@ def _reconcile_once(client: kube.Kube, cfg: config.OperatorConfig, namespace: st
         serving_pods=serving_pods,
         ttl_after_finished=ttl,
         export_deadline_seconds=cfg.export_deadline_seconds,
+        children_current=status.rolled_out(deployment),
     )
     exits = pod_status.terminations(pods)
     latest_failure = exits[-1].describe() if exits else ""

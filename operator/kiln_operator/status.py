@@ -228,6 +228,19 @@ def condition(
     return typed.to_dict()
 
 
+def is_failed(current: Body) -> bool:
+    """Whether the job is Failed: terminal, so nothing is created or rolled out for it any more."""
+    return (_by_type(current.get("conditions")).get("Failed") or {}).get("status") == "True"
+
+
+def rolled_out(deployment: Body | None) -> bool:
+    """Whether the serving Deployment's controller has seen its latest spec (no Deployment: nothing to see)."""
+    if deployment is None:
+        return True
+    observed = (deployment.get("status") or {}).get("observedGeneration") or 0
+    return bool(observed >= ((deployment.get("metadata") or {}).get("generation") or 0))
+
+
 def _model_message(model: Body | None) -> str:
     if not model:
         return ""
