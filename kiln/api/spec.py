@@ -239,10 +239,15 @@ class RunPolicySpec(ApiModel):
 
 
 class ArtifactsSpec(ApiModel):
-    """Where checkpoints and compiled models go."""
+    """Where checkpoints and compiled models go: a folder of their own (namespace/name/uid) on the volume."""
 
     volume: VolumeSource | None = Field(
         None, description="A Kubernetes volume source; defaults to the PVC named in the operator's configuration."
+    )
+    retention_policy: Literal["Retain", "Delete"] = Field(
+        "Retain",
+        description="Retain keeps the job's folder when the TrainingJob is deleted; Delete removes it then "
+        "(a short cleanup Job in the TrainingJob's namespace).",
     )
 
 

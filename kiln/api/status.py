@@ -90,6 +90,9 @@ class TrainingJobStatus(ApiModel):
     )
     progress: Progress | None = None
     metrics: Metrics | None = None
+    artifacts_path: str | None = Field(
+        None, description="This job's folder on the artifacts volume (namespace/name/uid): checkpoints and models."
+    )
     last_checkpoint: str | None = Field(None, description="Path of the newest checkpoint.")
     model: ModelStatus | None = None
     endpoint: str | None = Field(None, description="In-cluster URL of the Open Inference Protocol model endpoint.")

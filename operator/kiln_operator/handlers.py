@@ -12,7 +12,7 @@ from typing import Any, Final
 import kopf
 
 from kiln.api import constants
-from kiln_operator import config, kube, metrics, objects, reconciler
+from kiln_operator import cleanup_objects, config, kube, metrics, objects, reconciler
 
 TRAININGJOBS: Final = (constants.GROUP, constants.VERSION, constants.PLURAL)
 CHILD_SELECTOR: Final = f"{constants.LABEL_TRAININGJOB},{objects.LABEL_MANAGED_BY}={objects.MANAGER}"
@@ -116,6 +116,26 @@ def suspend_trainer_job(new: Any, name: str, namespace: str | None, memo: kopf.M
     client, cfg, namespace = _context(memo, namespace)
     if reconciler.suspend_job(client, namespace, name, bool(new)):
         reconciler.reconcile(client, cfg, namespace, name)
+
+
+def _retention_is_delete(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("artifacts") or {}).get("retentionPolicy") == "Delete")
+
+
+@kopf.on.delete(*TRAININGJOBS, when=_retention_is_delete)
+@metrics.instrumented("delete_artifacts")
+def delete_artifacts(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """artifacts.retentionPolicy Delete: start the Job that removes this TrainingJob's folder, then let it go.
+
+    Only such TrainingJobs carry kopf's finalizer (the `when` filter), so deleting the others never waits for
+    the operator. The cleanup Job is not waited for: it runs on after the TrainingJob is gone.
+    """
+    client, cfg, namespace = _context(memo, namespace)
+    try:
+        spec = reconciler.validate(body)
+    except reconciler.InvalidSpec:
+        return  # never ran, so it never wrote anything
+    client.create_if_absent(cleanup_objects.build_cleanup_job(objects.Owner.from_body(body), spec, cfg))
 
 
 @kopf.on.event(*TRAININGJOBS)

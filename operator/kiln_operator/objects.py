@@ -1,7 +1,7 @@
 """Parts every child object shares: deterministic names, labels, the owner reference, pod security.
 
-Names are derived from the TrainingJob's name only, so a restarted operator finds (and never duplicates)
-what it created before; creation treats 409 AlreadyExists as success.
+Names are derived from the TrainingJob's name only (the artifacts folder also from its uid), so a restarted
+operator finds (and never duplicates) what it created before; creation treats 409 AlreadyExists as success.
 """
 
 import dataclasses
@@ -70,9 +70,10 @@ def endpoint(name: str, namespace: str) -> str:
     return f"http://{serving_name(name)}.{namespace}.svc:{constants.SERVING_HTTP_PORT}/v2/models/{name}"
 
 
-def artifacts_dir(name: str, namespace: str) -> str:
-    """Where a job's checkpoints, compiled models and model card live on the artifacts volume."""
-    return f"{constants.ARTIFACTS_MOUNT}/{namespace}/{name}"
+def artifacts_dir(owner: Owner) -> str:
+    """Where a job's checkpoints, compiled models and model card live on the artifacts volume. The uid makes
+    it this TrainingJob's own: one re-created under the same name starts clean, never on old checkpoints."""
+    return f"{constants.ARTIFACTS_MOUNT}/{owner.namespace}/{owner.name}/{owner.uid}"
 
 
 def check_name(name: str) -> None:

@@ -259,6 +259,7 @@ def _reconcile_once(client: kube.Kube, cfg: config.OperatorConfig, namespace: st
         ttl_after_finished=ttl,
         export_deadline_seconds=cfg.export_deadline_seconds,
         children_current=status.rolled_out(deployment),
+        artifacts_path=objects.artifacts_dir(objects.Owner.from_body(body)),
     )
     exits = pod_status.terminations(pods)
     latest_failure = exits[-1].describe() if exits else ""

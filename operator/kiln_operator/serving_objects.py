@@ -43,7 +43,7 @@ def server_args(owner: Owner, spec: api.TrainingJobSpec, variant: str) -> list[s
     serving = spec.serving
     args = [
         "serve",
-        "--model-dir", objects.artifacts_dir(owner.name, owner.namespace),
+        "--model-dir", objects.artifacts_dir(owner),
         "--variant", variant,
         "--model-name", owner.name,
         "--host", "0.0.0.0",

@@ -70,6 +70,8 @@ class Observation:
     export_deadline_seconds: int | None = None
     # The children were applied from this generation's spec in this reconcile (observedGeneration may move).
     children_current: bool = True
+    # This job's folder on the artifacts volume (objects.artifacts_dir).
+    artifacts_path: str | None = None
 
 
 def now_rfc3339() -> str:
@@ -343,6 +345,7 @@ def assess(obs: Observation, now: str) -> Manifest:
         "restarts": pod_status.count_restarts(obs.trainer_pods, current.get("restarts")),
         "endpoint": url if serving.state == "Available" else None,
         "observedGeneration": gen,
+        "artifactsPath": obs.artifacts_path or current.get("artifactsPath"),
     }
 
 
