@@ -82,7 +82,7 @@ def create_training_job(
     """
     client, cfg, namespace = _context(memo, namespace)
     try:
-        spec = reconciler.validate(body)
+        spec = reconciler.validate(body, cfg)
     except reconciler.InvalidSpec as err:
         reconciler.reconcile(client, cfg, namespace, name)  # writes phase Failed, reason InvalidSpec
         raise kopf.PermanentError(str(err)) from None
@@ -99,7 +99,7 @@ def apply_spec_edit(body: kopf.Body, name: str, namespace: str | None, memo: kop
     server-side apply, or their removal) and moves observedGeneration once they reflect it."""
     client, cfg, namespace = _context(memo, namespace)
     try:
-        reconciler.validate(body)
+        reconciler.validate(body, cfg)
     except reconciler.InvalidSpec as err:
         reconciler.reconcile(client, cfg, namespace, name)  # writes Failed, reason InvalidSpec
         raise kopf.PermanentError(str(err)) from None
@@ -132,7 +132,7 @@ def delete_artifacts(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **
     """
     client, cfg, namespace = _context(memo, namespace)
     try:
-        spec = reconciler.validate(body)
+        spec = reconciler.validate(body, cfg)
     except reconciler.InvalidSpec:
         return  # never ran, so it never wrote anything
     client.create_if_absent(cleanup_objects.build_cleanup_job(objects.Owner.from_body(body), spec, cfg))

@@ -21,7 +21,17 @@ import pydantic
 
 from kiln import api
 from kiln.api import trainingjob
-from kiln_operator import config, kube, metrics, objects, pod_status, serving_objects, status, trainer_objects
+from kiln_operator import (
+    config,
+    kube,
+    metrics,
+    objects,
+    pod_status,
+    policy,
+    serving_objects,
+    status,
+    trainer_objects,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +71,17 @@ def forget(namespace: str, name: str) -> None:
     metrics.forget_job(namespace, name)
 
 
-def validate(body: Body) -> api.TrainingJobSpec:
-    """The typed spec, or InvalidSpec naming every bad field (the CRD's schema cannot check everything)."""
+def validate(body: Body, cfg: config.OperatorConfig) -> api.TrainingJobSpec:
+    """The typed spec, or InvalidSpec naming every bad field: what the CRD's schema cannot check, and what the
+    operator's policy refuses (hostPath, image overrides)."""
     name = body["metadata"]["name"]
     try:
         objects.check_name(name)
-        return api.TrainingJobSpec.model_validate(body.get("spec") or {})
+        spec = api.TrainingJobSpec.model_validate(body.get("spec") or {})
+        refused = policy.violations(spec, cfg)
+        if refused:
+            raise InvalidSpec("; ".join(refused))
+        return spec
     except pydantic.ValidationError as err:
         message = trainingjob.format_validation_error(err, f"{body['metadata'].get('namespace')}/{name}")
         raise InvalidSpec(message.replace("\n", " ").replace("  ", " ")) from None
@@ -213,7 +228,7 @@ def _reconcile_once(client: kube.Kube, cfg: config.OperatorConfig, namespace: st
         return None
     current, generation = body.get("status") or {}, body["metadata"].get("generation")
     try:
-        spec = validate(body)
+        spec = validate(body, cfg)
     except InvalidSpec as err:
         return write_status(client, body, status.assess_invalid(current, generation, str(err), status.now_rfc3339()))
 
