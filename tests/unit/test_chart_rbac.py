@@ -236,3 +236,19 @@ def test_the_operator_autoscales_exactly_when_the_chart_grants_it_the_autoscaler
 def test_rbac_can_be_left_to_the_cluster_admin() -> None:
     objs = render("--set", "rbac.create=false")
     assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & {o["kind"] for o in objs}
+
+
+@needs_helm
+def test_the_chart_policy_values_reach_the_operators_configuration() -> None:
+    from kiln_operator import config
+
+    def cfg_of(*values: str) -> config.OperatorConfig:
+        return config.OperatorConfig.from_env(one(render(*values), "ConfigMap", "kiln-config")["data"])
+
+    strict = cfg_of()
+    assert (strict.allow_host_path, strict.allow_image_overrides, strict.allowed_image_prefixes) == (False, False, ())
+    assert strict.export_deadline_seconds == config.OperatorConfig().export_deadline_seconds
+    prefixes = "policy.allowedImagePrefixes={reg.example/ml,ghcr.example/x}"
+    loose = cfg_of("--set", "policy.allowHostPath=true", "--set", prefixes, "--set", "policy.exportDeadlineSeconds=60")
+    assert loose.allow_host_path and loose.allowed_image_prefixes == ("reg.example/ml", "ghcr.example/x")
+    assert loose.export_deadline_seconds == 60
