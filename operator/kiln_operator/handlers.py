@@ -7,6 +7,7 @@ so status follows the cluster within the watch latency. Timers would add a final
 """
 
 import logging
+import threading
 from typing import Any, Final
 
 import kopf
@@ -18,7 +19,19 @@ TRAININGJOBS: Final = (constants.GROUP, constants.VERSION, constants.PLURAL)
 CHILD_SELECTOR: Final = f"{constants.LABEL_TRAININGJOB},{objects.LABEL_MANAGED_BY}={objects.MANAGER}"
 CHILD_LABELS: Final = {constants.LABEL_TRAININGJOB: kopf.PRESENT}
 MAX_WORKERS: Final = 16
-CHILD_RESOURCES: Final = (("batch", "v1", "jobs"), ("v1", "pods"), ("apps", "v1", "deployments"))
+# Every child kind is watched: a Job, pod or Deployment change re-reads the status; any child deleted by hand
+# re-creates it (reconcile with repair), and a periodic resync heals what events missed.
+CHILD_RESOURCES: Final = (
+    ("batch", "v1", "jobs"),
+    ("v1", "pods"),
+    ("apps", "v1", "deployments"),
+    ("v1", "services"),
+    ("v1", "configmaps"),
+    ("v1", "serviceaccounts"),
+    ("rbac.authorization.k8s.io", "v1", "roles"),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+)
+RESYNC_SECONDS: Final = 60
 
 
 def _context(memo: kopf.Memo, namespace: str | None) -> tuple[kube.Kube, config.OperatorConfig, str]:
@@ -60,6 +73,18 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     port = memo.get("metrics_port", constants.OPERATOR_METRICS_PORT)
     if port:
         metrics.serve(int(port), str(memo.get("bind_host", "0.0.0.0")))
+    stop = threading.Event()
+    memo["resync_stop"] = stop
+    args = (memo["kube"], memo["config"], stop, float(memo.get("resync_seconds", RESYNC_SECONDS)))
+    threading.Thread(target=reconciler.resync_forever, args=args, name="kiln-resync", daemon=True).start()
+
+
+@kopf.on.cleanup()
+def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+    """End the periodic resync with the operator."""
+    stop = memo.get("resync_stop")
+    if isinstance(stop, threading.Event):
+        stop.set()
 
 
 @kopf.on.probe(id="trainingjobs")
@@ -149,6 +174,7 @@ def track_training_job(
     if event.get("type") == "DELETED":
         reconciler.forget(namespace, name)
         return
+    reconciler.remember(namespace, name)
     current = body.get("status") or {}
     metrics.record_phase(namespace, name, current.get("phase"))
     if current.get("phase"):
@@ -157,11 +183,11 @@ def track_training_job(
         reconciler.reconcile(client, cfg, namespace, name)
 
 
-def _reconcile_owner(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo) -> None:
+def _reconcile_owner(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, repair: bool = False) -> None:
     owner = labels.get(constants.LABEL_TRAININGJOB)
     if owner:
         client, cfg, namespace = _context(memo, namespace)
-        reconciler.reconcile(client, cfg, namespace, owner)
+        reconciler.reconcile(client, cfg, namespace, owner, repair=repair)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
@@ -183,3 +209,17 @@ def track_child_pod(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo,
 def track_serving_deployment(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     """The serving Deployment changed: replicas became available, or a rollout stalled."""
     _reconcile_owner(labels, namespace, memo)
+
+
+@kopf.on.event("v1", "services", labels=CHILD_LABELS)
+@kopf.on.event("v1", "configmaps", labels=CHILD_LABELS)
+@kopf.on.event("v1", "serviceaccounts", labels=CHILD_LABELS)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=CHILD_LABELS)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_LABELS)
+@metrics.instrumented("repair_deleted_child")
+def repair_deleted_child(event: kopf.RawEvent, labels: kopf.Labels, namespace: str | None, memo: kopf.Memo,
+                         **_: Any) -> None:  # fmt: skip
+    """A child the operator otherwise only creates was deleted (by hand, or by another controller): re-create
+    it, and re-read the status (a deleted serving Service is re-applied and the endpoint reported again)."""
+    if event.get("type") == "DELETED":
+        _reconcile_owner(labels, namespace, memo, repair=True)

@@ -18,13 +18,15 @@ NAMESPACED: Final[Grants] = {
     ("kiln.dev", "trainingjobs/status"): ("get", "patch"),
     # Children's ownerReferences carry blockOwnerDeletion (OwnerReferencesPermissionEnforcement).
     ("kiln.dev", "trainingjobs/finalizers"): ("update",),
-    # reconciler.ensure_trainer: create_if_absent of the trainer's ConfigMap, ServiceAccount, Role, RoleBinding.
-    ("", "configmaps"): ("create",),
-    ("", "serviceaccounts"): ("create",),
-    ("rbac.authorization.k8s.io", "roles"): ("create",),
-    ("rbac.authorization.k8s.io", "rolebindings"): ("create",),
-    # The workers Service (create_if_absent); the serving Service (server-side apply, delete when disabled).
-    ("", "services"): ("create", "patch", "delete"),
+    # reconciler.ensure_trainer: create_if_absent of the trainer's ConfigMap, ServiceAccount, Role, RoleBinding;
+    # kopf watches them (handlers.repair_deleted_child re-creates one deleted by hand).
+    ("", "configmaps"): ("list", "watch", "create"),
+    ("", "serviceaccounts"): ("list", "watch", "create"),
+    ("rbac.authorization.k8s.io", "roles"): ("list", "watch", "create"),
+    ("rbac.authorization.k8s.io", "rolebindings"): ("list", "watch", "create"),
+    # The workers Service (create_if_absent); the serving Service (server-side apply, delete when disabled);
+    # both watched like the others.
+    ("", "services"): ("list", "watch", "create", "patch", "delete"),
     # The trainer Job: reconciler reads it (get), kopf watches it, create_if_absent (also the cleanup Job),
     # suspend_job and converge_job patch it.
     ("batch", "jobs"): ("get", "list", "watch", "create", "patch"),

@@ -58,6 +58,8 @@ SUMMARY_CONDITION: Final[dict[str, str]] = {
 _guard = threading.Lock()
 _running: set[tuple[str, str]] = set()
 _dirty: set[tuple[str, str]] = set()
+_repair: set[tuple[str, str]] = set()  # dirty runs that must also re-create missing trainer children
+_known: set[tuple[str, str]] = set()  # every TrainingJob seen, for the periodic resync
 
 
 class InvalidSpec(ValueError):
@@ -68,7 +70,30 @@ def forget(namespace: str, name: str) -> None:
     """Drop what is kept in memory about a deleted TrainingJob."""
     with _guard:
         _dirty.discard((namespace, name))
+        _repair.discard((namespace, name))
+        _known.discard((namespace, name))
     metrics.forget_job(namespace, name)
+
+
+def remember(namespace: str, name: str) -> None:
+    """Include a TrainingJob in the periodic resync."""
+    with _guard:
+        _known.add((namespace, name))
+
+
+def resync_forever(client: kube.Kube, cfg: config.OperatorConfig, stop: threading.Event, interval: float) -> None:
+    """Every `interval` seconds, reconcile every known TrainingJob with repair: heals what watch events missed
+    (a child deleted while the operator was down, a watch that went quiet) and ends export deadlines."""
+    while not stop.wait(interval):
+        with _guard:
+            keys = sorted(_known)
+        for namespace, name in keys:
+            if stop.is_set():
+                return
+            try:
+                reconcile(client, cfg, namespace, name, repair=True)
+            except Exception as err:  # one job's trouble must not stop the others' resync
+                log.warning("resync of %s/%s failed: %s", namespace, name, err)
 
 
 def validate(body: Body, cfg: config.OperatorConfig) -> api.TrainingJobSpec:
@@ -222,7 +247,9 @@ def write_status(client: kube.Kube, body: Body, desired: Mapping[str, Any], late
     return new
 
 
-def _reconcile_once(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str) -> str | None:
+def _reconcile_once(
+    client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str, repair: bool = False
+) -> str | None:
     body = client.get_trainingjob(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
@@ -245,6 +272,8 @@ def _reconcile_once(client: kube.Kube, cfg: config.OperatorConfig, namespace: st
     failed = status.is_failed(current)
     if job is not None and not failed and converge_job(client, cfg, body, spec, job):
         job = client.get("batch/v1", "Job", namespace, job_name)
+    if repair and job is not None and not failed and training.state in ("Pending", "Running", "Suspended"):
+        ensure_trainer(client, cfg, body, spec)  # a deleted ConfigMap, identity or workers Service comes back
 
     # Serving: only once the model is reported; applied on every run (server-side apply converges it to the
     # current spec, model and config, and repairs hand edits), removed when disabled.
@@ -281,10 +310,12 @@ def _reconcile_once(client: kube.Kube, cfg: config.OperatorConfig, namespace: st
     return write_status(client, body, status.assess(observation, status.now_rfc3339()), latest_failure)
 
 
-def _reconcile_with_retries(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str) -> str | None:
+def _reconcile_with_retries(
+    client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str, repair: bool
+) -> str | None:
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            return _reconcile_once(client, cfg, namespace, name)
+            return _reconcile_once(client, cfg, namespace, name, repair)
         except Exception as err:
             if attempt == ATTEMPTS or not kube.is_transient(err):
                 raise
@@ -293,8 +324,11 @@ def _reconcile_with_retries(client: kube.Kube, cfg: config.OperatorConfig, names
     return None
 
 
-def reconcile(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str) -> str | None:
-    """Bring one TrainingJob's children and status up to date; returns its phase.
+def reconcile(
+    client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str, repair: bool = False
+) -> str | None:
+    """Bring one TrainingJob's children and status up to date; returns its phase. With `repair` (a child was
+    deleted, or the periodic resync) the trainer's helpers are re-created too while training runs.
 
     Returns None at once when the job is gone, or when another thread is reconciling it (that thread then
     runs again, so this trigger is not lost).
@@ -303,16 +337,20 @@ def reconcile(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, nam
     with _guard:
         if key in _running:
             _dirty.add(key)
+            if repair:
+                _repair.add(key)
             return None
         _running.add(key)
     try:
         while True:
-            phase = _reconcile_with_retries(client, cfg, namespace, name)
+            phase = _reconcile_with_retries(client, cfg, namespace, name, repair)
             with _guard:  # checked and cleared atomically with the mark set by other threads
                 if key not in _dirty:
                     _running.discard(key)
                     return phase
                 _dirty.discard(key)
+                repair = key in _repair
+                _repair.discard(key)
     finally:
         with _guard:
             _running.discard(key)

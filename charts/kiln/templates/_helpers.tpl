@@ -132,17 +132,17 @@ What the operator may do inside a namespace it watches: the rules of a ClusterRo
 - apiGroups: ["kiln.dev"]
   resources: ["trainingjobs/finalizers"]
   verbs: ["update"]
-# The trainer's config, identity and role: created once, never changed or read.
+# The trainer's config, identity and role: created, and watched so one deleted by hand is re-created.
 - apiGroups: [""]
   resources: ["configmaps", "serviceaccounts"]
-  verbs: ["create"]
+  verbs: ["list", "watch", "create"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["create"]
-# The headless (DDP) Service is created; the serving Service is applied and removed with serving.
+  verbs: ["list", "watch", "create"]
+# The headless (DDP) Service is created; the serving Service is applied and removed with serving; both watched.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 # The trainer Job (and the artifacts cleanup Job): read, watched, created, patched (suspend, runPolicy).
 - apiGroups: ["batch"]
   resources: ["jobs"]
