@@ -39,6 +39,9 @@ NAMESPACED: Final[Grants] = {
 }
 # Only when the chart turns serving autoscaling on: apply_serving applies the HPA or deletes a stale one.
 AUTOSCALING: Final[Grants] = {("autoscaling", "horizontalpodautoscalers"): ("patch", "delete")}
+# In the release namespace, only with several replicas: leader.LeaderElector reads, creates and updates the
+# one Lease (create cannot be limited by name; get and update are, to kiln-operator).
+LEADER_ELECTION: Final[Grants] = {("coordination.k8s.io", "leases"): ("create", "get", "update")}
 # Cluster-wide, always: kopf discovers resources by listing and watching CRDs.
 CLUSTER: Final[Grants] = {("apiextensions.k8s.io", "customresourcedefinitions"): ("list", "watch")}
 # Cluster-wide, only when watching listed namespaces: kopf lists and watches namespaces to match the

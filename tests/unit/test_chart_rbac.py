@@ -252,3 +252,25 @@ def test_the_chart_policy_values_reach_the_operators_configuration() -> None:
     loose = cfg_of("--set", "policy.allowHostPath=true", "--set", prefixes, "--set", "policy.exportDeadlineSeconds=60")
     assert loose.allow_host_path and loose.allowed_image_prefixes == ("reg.example/ml", "ghcr.example/x")
     assert loose.export_deadline_seconds == 60
+
+
+@needs_helm
+def test_several_operator_replicas_elect_a_leader_through_one_lease_and_one_replica_needs_none() -> None:
+    from kiln_operator import leader, permissions
+
+    single = render()
+    assert one(single, "Deployment", "kiln")["spec"]["replicas"] == 1
+    assert "--leader-elect" not in operator_container(single)["args"]
+    assert not allowed(rules_in(single, NAMESPACE), "coordination.k8s.io", "leases", "create")
+    objs = render("--set", "operator.replicas=2")
+    deployment = one(objs, "Deployment", "kiln")
+    assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    container = operator_container(objs)
+    assert "--leader-elect" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    rules = [r for r in rules_in(objs, NAMESPACE) if "coordination.k8s.io" in r["apiGroups"]]
+    granted = {v for r in rules for v in r["verbs"]}
+    assert granted == set(permissions.LEADER_ELECTION[("coordination.k8s.io", "leases")])
+    assert all(r["verbs"] == ["create"] or r["resourceNames"] == [leader.LEASE_NAME] for r in rules)
+    assert not allowed(rules_in(objs, "default"), "coordination.k8s.io", "leases", "update", leader.LEASE_NAME)
