@@ -5,10 +5,10 @@ authorizer with SubjectAccessReviews, in both watch modes."""
 from typing import Any
 
 import pytest
+
 from kiln_cluster import chart
 from kiln_cluster.chart import RELEASE_NAMESPACE
 from kiln_cluster.rest import Kube
-
 from kiln_operator import permissions
 
 Obj = dict[str, Any]

@@ -4,9 +4,9 @@ in place, the status conditions a map keyed by type, hostile volume sources refu
 from typing import Any
 
 import pytest
-from kiln_cluster.rest import ApiError, Kube
 
 from kiln import api
+from kiln_cluster.rest import ApiError, Kube
 
 TJ = "/apis/kiln.dev/v1alpha1/namespaces/{ns}/trainingjobs"
 SECTIONS = {
