@@ -42,16 +42,8 @@ def build_cleanup_job(owner: Owner, spec: api.TrainingJobSpec, cfg: config.Opera
         "volumeMounts": [{"name": "artifacts", "mountPath": constants.ARTIFACTS_MOUNT}, tmp_mount],
         "securityContext": objects.container_security_context(),
     }
-    pod_spec: Manifest = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": objects.pod_security_context(),
-        "containers": [container],
-        "volumes": [objects.artifacts_volume(spec.artifacts.volume, cfg.artifacts_pvc), tmp_volume],
-    }
-    if cfg.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = objects.image_pull_secrets(cfg.image_pull_secrets)
+    volumes = [objects.artifacts_volume(spec.artifacts.volume, cfg.artifacts_pvc), tmp_volume]
+    pod_spec = {"restartPolicy": "Never", **objects.offline_pod_spec(container, volumes, cfg.image_pull_secrets)}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -186,6 +186,22 @@ def image_pull_secrets(names: Iterable[str]) -> list[Manifest]:
     return [{"name": name} for name in names]
 
 
+def offline_pod_spec(container: Manifest, volumes: list[Manifest], pull_secrets: Iterable[str]) -> Manifest:
+    """A pod that never talks to the API server (no token, no service links), restricted, pulling with the
+    operator's secrets: the model server's and the artifacts cleanup's."""
+    pod_spec: Manifest = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    secrets = image_pull_secrets(pull_secrets)
+    if secrets:
+        pod_spec["imagePullSecrets"] = secrets
+    return pod_spec
+
+
 def artifacts_volume(volume: Mapping[str, Any] | None, default_pvc: str) -> Manifest:
     """The artifacts volume: the spec's volume source, else the operator's PVC."""
     source = dict(volume) if volume else {"persistentVolumeClaim": {"claimName": default_pvc}}
