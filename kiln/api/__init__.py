@@ -18,7 +18,18 @@ from kiln.api.spec import (
     resolved_normalize,
     resolved_num_classes,
 )
-from kiln.api.status import PHASES, Condition, Metrics, ModelStatus, Progress, TrainingJobStatus
+from kiln.api.status import (
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    Metrics,
+    ModelStatus,
+    Phase,
+    Progress,
+    TrainingJobStatus,
+    condition_types,
+    phases,
+)
 from kiln.api.trainingjob import ConfigError, TrainingJob, load_trainingjob, parse_trainingjob
 
 __all__ = [
@@ -26,12 +37,13 @@ __all__ = [
     "EXIT_CONFIG_ERROR",
     "GROUP",
     "KIND",
-    "PHASES",
     "PLURAL",
     "VARIANTS",
     "VERSION",
     "ClassMetrics",
     "Condition",
+    "ConditionStatus",
+    "ConditionType",
     "ConfigError",
     "DataSpec",
     "EnvVar",
@@ -42,6 +54,7 @@ __all__ = [
     "ModelStatus",
     "NormalizeSpec",
     "PodPlacement",
+    "Phase",
     "Preprocessing",
     "Progress",
     "ResourcesSpec",
@@ -53,9 +66,11 @@ __all__ = [
     "TrainingSpec",
     "TrainingSummary",
     "VariantReport",
+    "condition_types",
     "load_trainingjob",
     "parse_trainingjob",
     "processes_per_worker",
+    "phases",
     "resolved_image_size",
     "resolved_normalize",
     "resolved_num_classes",

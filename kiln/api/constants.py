@@ -25,7 +25,7 @@ MODEL_FILE: Final = "model.onnx"
 OPTIMIZED_MODEL_FILE: Final = "model.optimized.onnx"
 
 # Where the artifacts volume is mounted in trainer and serving pods; a job writes under
-# ARTIFACTS_MOUNT/<namespace>/<name>.
+# ARTIFACTS_MOUNT/<namespace>/<name>/<uid> (reported as status.artifactsPath).
 ARTIFACTS_MOUNT: Final = "/artifacts"
 DATA_MOUNT: Final = "/data"
 CONFIG_MOUNT: Final = "/etc/kiln"

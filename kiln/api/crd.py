@@ -17,7 +17,17 @@ from kiln.api.status import TrainingJobStatus
 Schema = dict[str, Any]
 
 # What the API server refuses, with messages a user can act on. Keyed by the property they sit on.
-IMMUTABLE_SECTIONS = ("model", "data", "training", "evaluation", "export")
+# Everything the operator cannot change on a running job is immutable, each with what to do instead; what it
+# can act on (runPolicy: suspend, deadlines, retries, TTL; the serving section) is reconciled on every edit.
+IMMUTABLE_SECTIONS: dict[str, str] = {
+    "model": "the network is fixed once training starts",
+    "data": "the data set is fixed once training starts",
+    "training": "the training loop is fixed once training starts",
+    "evaluation": "evaluation runs inside training",
+    "export": "the compile step runs inside training",
+    "resources": "the trainer Job's pods cannot be resized or moved",
+    "artifacts": "checkpoints and the model are already written there",
+}
 _needs_path = ", ".join(f"'{d}'" for d in DATASETS_NEEDING_PATH)
 SPEC_RULES: list[Schema] = [
     {
@@ -30,10 +40,11 @@ PROPERTY_RULES: dict[str, list[Schema]] = {
     section: [
         {
             "rule": "self == oldSelf",
-            "message": f"{section} is immutable after creation; create a new TrainingJob to change it",
+            "message": f"{section} is immutable after creation; create a new TrainingJob to change it "
+            f"({why}; runPolicy and serving can be edited in place)",
         }
     ]
-    for section in IMMUTABLE_SECTIONS
+    for section, why in IMMUTABLE_SECTIONS.items()
 }
 PROPERTY_RULES["data"].append(
     {
@@ -44,6 +55,8 @@ PROPERTY_RULES["data"].append(
 
 PRINTER_COLUMNS: list[Schema] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    # The Ready condition, so a serving outage shows although the phase stays Serving.
+    {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
     {"name": "Epoch", "type": "integer", "jsonPath": ".status.progress.epoch"},
     {"name": "Accuracy", "type": "number", "jsonPath": ".status.progress.valAccuracy"},
     {"name": "Model", "type": "string", "jsonPath": ".status.model.variant"},

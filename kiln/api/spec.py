@@ -7,7 +7,7 @@ and resolved by ``resolved_*`` helpers, because the API server cannot compute th
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, WithJsonSchema, field_validator, model_validator
 
 from kiln.api.architectures import BUILTIN_ARCHITECTURES, TORCHVISION_ARCHITECTURES
 from kiln.api.base import ApiModel
@@ -19,8 +19,55 @@ ServingVariant = Literal["auto", "fp32", "fp16", "int8-dynamic", "int8-static"]
 VARIANTS: tuple[Variant, ...] = ("fp32", "fp16", "int8-dynamic", "int8-static")
 DATASETS_NEEDING_PATH: tuple[Dataset, ...] = ("cifar10", "imagefolder")
 
-# A Kubernetes volume source (persistentVolumeClaim, hostPath, nfs, ...), passed through untouched.
-VolumeSource = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
+# The volume sources a TrainingJob may mount (exactly one per volume, its fields passed through untouched).
+# Others (iscsi, rbd, secret, projected, ...) are refused here and by the API server; hostPath only where the
+# operator's configuration allows it (checked by the operator, which then fails the job naming the field).
+VOLUME_SOURCES: tuple[str, ...] = (
+    "persistentVolumeClaim",
+    "configMap",
+    "emptyDir",
+    "csi",
+    "nfs",
+    "ephemeral",
+    "hostPath",
+)
+_ONE_SOURCE = (
+    f"must set exactly one volume source: {', '.join(VOLUME_SOURCES[:-1])} (or hostPath where the operator allows it)"
+)
+
+
+def _one_known_source(volume: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(volume) - set(VOLUME_SOURCES))
+    if unknown or len(volume) != 1:
+        found = f"; {', '.join(unknown)} not allowed" if unknown else ""
+        raise ValueError(f"{_ONE_SOURCE}{found}")
+    return volume
+
+
+VolumeSource = Annotated[
+    dict[str, Any],
+    AfterValidator(_one_known_source),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "properties": {
+                k: {
+                    "type": "object",
+                    "description": f"A {k} volume source, its fields as in a Pod's volume"
+                    + (" (only where the operator's configuration allows it)." if k == "hostPath" else "."),
+                    "x-kubernetes-preserve-unknown-fields": True,
+                }
+                for k in VOLUME_SOURCES
+            },
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"[{', '.join(f'has(self.{k})' for k in VOLUME_SOURCES)}].exists_one(x, x)",
+                    "message": _ONE_SOURCE,
+                }
+            ],
+        }
+    ),
+]
 NESTED: dict[str, Any] = {"default": {}}
 
 
@@ -262,10 +309,15 @@ class RunPolicySpec(ApiModel):
 
 
 class ArtifactsSpec(ApiModel):
-    """Where checkpoints and compiled models go."""
+    """Where checkpoints and compiled models go: a folder of their own (namespace/name/uid) on the volume."""
 
     volume: VolumeSource | None = Field(
         None, description="A Kubernetes volume source; defaults to the PVC named in the operator's configuration."
+    )
+    retention_policy: Literal["Retain", "Delete"] = Field(
+        "Retain",
+        description="Retain keeps the job's folder when the TrainingJob is deleted; Delete removes it then "
+        "(a short cleanup Job in the TrainingJob's namespace).",
     )
 
 

@@ -1,24 +1,38 @@
 """TrainingJob status: written by the operator (phase, conditions, endpoint) and the trainer (progress,
 lastCheckpoint, metrics, model). Every field is optional so each writer patches only its own part."""
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 
 from kiln.api.base import ApiModel
 
 Phase = Literal["Pending", "Running", "Exporting", "Serving", "Succeeded", "Failed", "Suspended"]
-PHASES: tuple[Phase, ...] = ("Pending", "Running", "Exporting", "Serving", "Succeeded", "Failed", "Suspended")
-ConditionType = Literal["Created", "Running", "Trained", "Exported", "Serving", "Failed", "Suspended"]
+# Succeeded: trained and compiled (status.model reported); Ready: the model is served; Failed: terminal.
+# Created, Running, Suspended and Trained are the steps on the way.
+ConditionType = Literal["Created", "Running", "Suspended", "Trained", "Succeeded", "Ready", "Failed"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+def phases() -> tuple[Phase, ...]:
+    """Every phase, in lifecycle order (read from the Literal, so there is one list)."""
+    return get_args(Phase)
+
+
+def condition_types() -> tuple[ConditionType, ...]:
+    """Every condition type, in the order the operator writes them."""
+    return get_args(ConditionType)
 
 
 class Condition(ApiModel):
     """A Kubernetes-style condition; read by type and status, never by position."""
 
-    type: str = Field(
-        ..., max_length=64, description="Created, Running, Trained, Exported, Serving, Failed or Suspended."
+    type: ConditionType = Field(
+        ...,
+        description="Succeeded (trained and compiled), Ready (serving available), Failed (terminal), or one of "
+        "the steps Created, Running, Suspended and Trained.",
     )
-    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
+    status: ConditionStatus = Field(..., description="True, False or Unknown.")
     reason: str | None = Field(None, max_length=128, description="CamelCase reason for the last transition.")
     message: str | None = Field(None, max_length=32768, description="Human-readable details.")
     last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
@@ -65,14 +79,25 @@ class TrainingJobStatus(ApiModel):
     phase: Phase | None = Field(
         None, description="Pending, Running, Exporting, Serving, Succeeded, Failed or Suspended."
     )
-    conditions: list[Condition] | None = Field(None, description="Conditions, one per type.")
+    conditions: list[Condition] | None = Field(
+        None,
+        description="Conditions, one per type (a map keyed by type).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     start_time: str | None = Field(None, description="When the operator first saw the job.")
-    completion_time: str | None = Field(None, description="When the job succeeded or failed.")
+    completion_time: str | None = Field(
+        None, description="When the job first succeeded (model compiled) or failed; written once."
+    )
     progress: Progress | None = None
     metrics: Metrics | None = None
+    artifacts_path: str | None = Field(
+        None, description="This job's folder on the artifacts volume (namespace/name/uid): checkpoints and models."
+    )
     last_checkpoint: str | None = Field(None, description="Path of the newest checkpoint.")
     model: ModelStatus | None = None
     endpoint: str | None = Field(None, description="In-cluster URL of the Open Inference Protocol model endpoint.")
     restarts: int | None = Field(None, ge=0, description="Trainer pod restarts and retries so far.")
     warnings: list[str] | None = Field(None, description="Training warnings, e.g. overfitting.")
-    observed_generation: int | None = Field(None, ge=0, description="The spec generation last acted on.")
+    observed_generation: int | None = Field(
+        None, ge=0, description="The spec generation the children reflect (written once they do)."
+    )

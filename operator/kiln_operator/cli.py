@@ -7,13 +7,14 @@ server are checked once, so a bad KUBECONFIG fails fast with one clear line inst
 import argparse
 import asyncio
 import logging
+import os
 import socket
 import sys
 
 import kopf
 
 from kiln.api import constants
-from kiln_operator import config, handlers, kube  # noqa: F401  (importing handlers registers them)
+from kiln_operator import config, handlers, kube, leader  # noqa: F401  (importing handlers registers them)
 
 log = logging.getLogger(__name__)
 LOG_FORMATS = {"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL, "json": kopf.LogFormat.JSON}
@@ -39,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--peering", metavar="NAME", help="coordinate with other replicas through this kopf peering object instead"
     )
     parser.add_argument("--priority", type=int, default=0, help="peering priority (with --peering)")
+    parser.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="run only while holding the kiln-operator Lease in $POD_NAMESPACE (for several replicas)",
+    )
     parser.add_argument(
         "--liveness-port",
         type=int,
@@ -98,6 +104,15 @@ def run(args: argparse.Namespace) -> int:
         client.version,
         ", ".join(namespaces) if namespaces else "all namespaces",
     )
+    if args.leader_elect:
+        lease_namespace = os.environ.get("POD_NAMESPACE", "").strip()
+        if not lease_namespace:
+            return _fail("--leader-elect needs POD_NAMESPACE (the namespace of the Lease)", 2)
+        elector = leader.LeaderElector(client, lease_namespace)
+        log.info("waiting to lead (Lease %s/%s) as %s", lease_namespace, leader.LEASE_NAME, elector.identity)
+        with leader.standby_health(args.bind_host, args.liveness_port):
+            elector.wait_until_leader()
+        elector.keep(on_lost=lambda: os._exit(1))  # exit at once: never act beside a newer leader
     memo = kopf.Memo(kube=client, config=cfg, metrics_port=args.metrics_port, bind_host=args.bind_host)
     liveness = f"http://{args.bind_host}:{args.liveness_port}/healthz" if args.liveness_port else None
     try:

@@ -39,6 +39,13 @@ class OperatorConfig:
     serving_hpa_min_replicas: int = 1
     serving_hpa_max_replicas: int = 4
     serving_hpa_target_cpu_utilization: int = 70
+    # How long after training the trainer may take to report status.model before the job is Failed.
+    export_deadline_seconds: int = 1800
+    # What TrainingJobs may ask for (see policy): hostPath volumes, and image overrides anywhere or only under
+    # these registry prefixes.
+    allow_host_path: bool = False
+    allow_image_overrides: bool = False
+    allowed_image_prefixes: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
@@ -103,5 +110,13 @@ class OperatorConfig:
             serving_hpa_max_replicas=max_replicas,
             serving_hpa_target_cpu_utilization=integer(
                 "KILN_SERVING_HPA_TARGET_CPU_UTILIZATION", defaults.serving_hpa_target_cpu_utilization, 1, 100
+            ),
+            export_deadline_seconds=integer(
+                "KILN_EXPORT_DEADLINE_SECONDS", defaults.export_deadline_seconds, 1, 7 * 24 * 3600
+            ),
+            allow_host_path=flag("KILN_ALLOW_HOST_PATH", defaults.allow_host_path),
+            allow_image_overrides=flag("KILN_ALLOW_IMAGE_OVERRIDES", defaults.allow_image_overrides),
+            allowed_image_prefixes=tuple(
+                p.strip() for p in env.get("KILN_ALLOWED_IMAGE_PREFIXES", "").split(",") if p.strip()
             ),
         )

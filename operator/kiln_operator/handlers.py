@@ -7,18 +7,31 @@ so status follows the cluster within the watch latency. Timers would add a final
 """
 
 import logging
+import threading
 from typing import Any, Final
 
 import kopf
 
 from kiln.api import constants
-from kiln_operator import config, kube, metrics, objects, reconciler
+from kiln_operator import cleanup_objects, config, kube, metrics, objects, reconciler
 
 TRAININGJOBS: Final = (constants.GROUP, constants.VERSION, constants.PLURAL)
 CHILD_SELECTOR: Final = f"{constants.LABEL_TRAININGJOB},{objects.LABEL_MANAGED_BY}={objects.MANAGER}"
 CHILD_LABELS: Final = {constants.LABEL_TRAININGJOB: kopf.PRESENT}
 MAX_WORKERS: Final = 16
-CHILD_RESOURCES: Final = (("batch", "v1", "jobs"), ("v1", "pods"), ("apps", "v1", "deployments"))
+# Every child kind is watched: a Job, pod or Deployment change re-reads the status; any child deleted by hand
+# re-creates it (reconcile with repair), and a periodic resync heals what events missed.
+CHILD_RESOURCES: Final = (
+    ("batch", "v1", "jobs"),
+    ("v1", "pods"),
+    ("apps", "v1", "deployments"),
+    ("v1", "services"),
+    ("v1", "configmaps"),
+    ("v1", "serviceaccounts"),
+    ("rbac.authorization.k8s.io", "v1", "roles"),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+)
+RESYNC_SECONDS: Final = 60
 
 
 def _context(memo: kopf.Memo, namespace: str | None) -> tuple[kube.Kube, config.OperatorConfig, str]:
@@ -60,6 +73,18 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     port = memo.get("metrics_port", constants.OPERATOR_METRICS_PORT)
     if port:
         metrics.serve(int(port), str(memo.get("bind_host", "0.0.0.0")))
+    stop = threading.Event()
+    memo["resync_stop"] = stop
+    args = (memo["kube"], memo["config"], stop, float(memo.get("resync_seconds", RESYNC_SECONDS)))
+    threading.Thread(target=reconciler.resync_forever, args=args, name="kiln-resync", daemon=True).start()
+
+
+@kopf.on.cleanup()
+def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+    """End the periodic resync with the operator."""
+    stop = memo.get("resync_stop")
+    if isinstance(stop, threading.Event):
+        stop.set()
 
 
 @kopf.on.probe(id="trainingjobs")
@@ -82,7 +107,7 @@ def create_training_job(
     """
     client, cfg, namespace = _context(memo, namespace)
     try:
-        spec = reconciler.validate(body)
+        spec = reconciler.validate(body, cfg)
     except reconciler.InvalidSpec as err:
         reconciler.reconcile(client, cfg, namespace, name)  # writes phase Failed, reason InvalidSpec
         raise kopf.PermanentError(str(err)) from None
@@ -91,22 +116,18 @@ def create_training_job(
     reconciler.reconcile(client, cfg, namespace, name)
 
 
-@kopf.on.field(*TRAININGJOBS, field="spec.serving")
-@metrics.instrumented("roll_serving_deployment")
-def roll_serving_deployment(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """A serving.* edit rolls the Deployment (server-side apply) and converges its HPA, or removes both
-    when serving is disabled."""
-    if not (body.get("status") or {}).get("model"):
-        return  # nothing to serve yet; the model's arrival rolls it out with the current spec
+@kopf.on.update(*TRAININGJOBS, field="spec")
+@metrics.instrumented("apply_spec_edit")
+def apply_spec_edit(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """An edit of what may change in place (runPolicy, serving; the rest is immutable by CEL): the reconciler
+    applies it to the children (the Job's deadline, retries and TTL; the serving Deployment and HPA by
+    server-side apply, or their removal) and moves observedGeneration once they reflect it."""
     client, cfg, namespace = _context(memo, namespace)
     try:
-        spec = reconciler.validate(body)
+        reconciler.validate(body, cfg)
     except reconciler.InvalidSpec as err:
+        reconciler.reconcile(client, cfg, namespace, name)  # writes Failed, reason InvalidSpec
         raise kopf.PermanentError(str(err)) from None
-    if spec.serving.enabled:
-        reconciler.apply_serving(client, cfg, body, spec)
-    else:
-        reconciler.remove_serving(client, cfg, namespace, name)
     reconciler.reconcile(client, cfg, namespace, name)
 
 
@@ -123,27 +144,51 @@ def suspend_trainer_job(new: Any, name: str, namespace: str | None, memo: kopf.M
         reconciler.reconcile(client, cfg, namespace, name)
 
 
+def _retention_is_delete(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("artifacts") or {}).get("retentionPolicy") == "Delete")
+
+
+@kopf.on.delete(*TRAININGJOBS, when=_retention_is_delete)
+@metrics.instrumented("delete_artifacts")
+def delete_artifacts(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """artifacts.retentionPolicy Delete: start the Job that removes this TrainingJob's folder, then let it go.
+
+    Only such TrainingJobs carry kopf's finalizer (the `when` filter), so deleting the others never waits for
+    the operator. The cleanup Job is not waited for: it runs on after the TrainingJob is gone.
+    """
+    client, cfg, namespace = _context(memo, namespace)
+    try:
+        spec = reconciler.validate(body, cfg)
+    except reconciler.InvalidSpec:
+        return  # never ran, so it never wrote anything
+    client.create_if_absent(cleanup_objects.build_cleanup_job(objects.Owner.from_body(body), spec, cfg))
+
+
 @kopf.on.event(*TRAININGJOBS)
 @metrics.instrumented("track_training_job")
 def track_training_job(
     event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any
 ) -> None:
-    """Keeps the by-phase gauge current; follows up when the trainer reports the compiled model."""
+    """Keeps the per-phase and per-job gauges current (an acknowledgement silences the job's alerts at once);
+    follows up when the trainer reports the compiled model."""
     client, cfg, namespace = _context(memo, namespace)
     if event.get("type") == "DELETED":
         reconciler.forget(namespace, name)
         return
+    reconciler.remember(namespace, name)
     current = body.get("status") or {}
     metrics.record_phase(namespace, name, current.get("phase"))
+    if current.get("phase"):
+        reconciler.publish_conditions(body)
     if current.get("phase") == "Exporting" and current.get("model"):
         reconciler.reconcile(client, cfg, namespace, name)
 
 
-def _reconcile_owner(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo) -> None:
+def _reconcile_owner(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, repair: bool = False) -> None:
     owner = labels.get(constants.LABEL_TRAININGJOB)
     if owner:
         client, cfg, namespace = _context(memo, namespace)
-        reconciler.reconcile(client, cfg, namespace, owner)
+        reconciler.reconcile(client, cfg, namespace, owner, repair=repair)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
@@ -165,3 +210,17 @@ def track_child_pod(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo,
 def track_serving_deployment(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     """The serving Deployment changed: replicas became available, or a rollout stalled."""
     _reconcile_owner(labels, namespace, memo)
+
+
+@kopf.on.event("v1", "services", labels=CHILD_LABELS)
+@kopf.on.event("v1", "configmaps", labels=CHILD_LABELS)
+@kopf.on.event("v1", "serviceaccounts", labels=CHILD_LABELS)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=CHILD_LABELS)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_LABELS)
+@metrics.instrumented("repair_deleted_child")
+def repair_deleted_child(event: kopf.RawEvent, labels: kopf.Labels, namespace: str | None, memo: kopf.Memo,
+                         **_: Any) -> None:  # fmt: skip
+    """A child the operator otherwise only creates was deleted (by hand, or by another controller): re-create
+    it, and re-read the status (a deleted serving Service is re-applied and the endpoint reported again)."""
+    if event.get("type") == "DELETED":
+        _reconcile_owner(labels, namespace, memo, repair=True)

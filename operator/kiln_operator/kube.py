@@ -35,6 +35,7 @@ PLURALS: Final = {
     "Deployment": "deployments",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "PodDisruptionBudget": "poddisruptionbudgets",
+    "Lease": "leases",
     constants.KIND: constants.PLURAL,
 }
 
@@ -70,6 +71,11 @@ def path(api_version: str, kind: str, namespace: str, name: str | None = None, s
     if subresource:
         result += f"/{subresource}"
     return result
+
+
+def is_conflict(err: BaseException) -> bool:
+    """409: AlreadyExists on create, or a stale resourceVersion on update."""
+    return isinstance(err, ApiException) and err.status == 409
 
 
 def is_not_found(err: BaseException) -> bool:

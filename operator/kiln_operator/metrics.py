@@ -6,7 +6,7 @@ kopf exports no metrics of its own; `serve` starts prometheus_client's HTTP serv
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final, ParamSpec, TypeVar
 
 import kopf
@@ -34,7 +34,22 @@ TIME_TO_SERVING: Final = Histogram(
     buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200, 86400),
 )
 
+# Per TrainingJob, like kube-state-metrics' kube_pod_status_*: what the PrometheusRule alerts read, so an alert
+# stops once its condition clears, the job is acknowledged (annotation kiln.dev/acknowledged: "true") or deleted.
+CONDITIONS: Final = Gauge(
+    "kiln_operator_trainingjob_condition",
+    "1 while the TrainingJob's condition of this type is True, else 0.",
+    ["namespace", "trainingjob", "type"],
+)
+INFO: Final = Gauge(
+    "kiln_operator_trainingjob_info",
+    "Always 1; the labels say the TrainingJob's phase and whether its owner acknowledged it.",
+    ["namespace", "trainingjob", "phase", "acknowledged"],
+)
+
 _phases: dict[tuple[str, str], str] = {}
+_info: dict[tuple[str, str], tuple[str, str]] = {}
+_conditions: dict[tuple[str, str], set[str]] = {}
 _phases_lock = threading.Lock()
 
 
@@ -67,7 +82,7 @@ def instrumented(handler: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
 
 def _publish_phases() -> None:
-    counts = dict.fromkeys(api.PHASES, 0)
+    counts = dict.fromkeys(api.phases(), 0)
     for phase in _phases.values():
         if phase in counts:
             counts[phase] += 1
@@ -83,6 +98,34 @@ def record_phase(namespace: str, name: str, phase: str | None) -> None:
         else:
             _phases.pop((namespace, name), None)
         _publish_phases()
+
+
+def record_conditions(
+    namespace: str, name: str, phase: str, conditions: Mapping[str, bool], acknowledged: bool
+) -> None:
+    """Publish one job's conditions (True/False) and its phase and acknowledgement."""
+    key, labels = (namespace, name), (phase, "true" if acknowledged else "false")
+    with _phases_lock:
+        if _info.get(key, labels) != labels:
+            INFO.remove(namespace, name, *_info[key])
+        INFO.labels(namespace, name, *labels).set(1)
+        _info[key] = labels
+        for type_ in _conditions.get(key, set()) - set(conditions):
+            CONDITIONS.remove(namespace, name, type_)
+        for type_, true in conditions.items():
+            CONDITIONS.labels(namespace, name, type_).set(1 if true else 0)
+        _conditions[key] = set(conditions)
+
+
+def forget_job(namespace: str, name: str) -> None:
+    """Drop every series of a deleted TrainingJob, so its alerts end with it."""
+    key = (namespace, name)
+    with _phases_lock:
+        if key in _info:
+            INFO.remove(namespace, name, *_info.pop(key))
+        for type_ in _conditions.pop(key, set()):
+            CONDITIONS.remove(namespace, name, type_)
+    record_phase(namespace, name, None)
 
 
 def tracked_jobs() -> int:

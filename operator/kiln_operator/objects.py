@@ -1,7 +1,7 @@
 """Parts every child object shares: deterministic names, labels, the owner reference, pod security.
 
-Names are derived from the TrainingJob's name only, so a restarted operator finds (and never duplicates)
-what it created before; creation treats 409 AlreadyExists as success.
+Names are derived from the TrainingJob's name only (the artifacts folder also from its uid), so a restarted
+operator finds (and never duplicates) what it created before; creation treats 409 AlreadyExists as success.
 """
 
 import dataclasses
@@ -83,9 +83,10 @@ def endpoint(name: str, namespace: str) -> str:
     return f"http://{serving_name(name)}.{namespace}.svc:{constants.SERVING_HTTP_PORT}/v2/models/{name}"
 
 
-def artifacts_dir(name: str, namespace: str) -> str:
-    """Where a job's checkpoints, compiled models and model card live on the artifacts volume."""
-    return f"{constants.ARTIFACTS_MOUNT}/{namespace}/{name}"
+def artifacts_dir(owner: Owner) -> str:
+    """Where a job's checkpoints, compiled models and model card live on the artifacts volume. The uid makes
+    it this TrainingJob's own: one re-created under the same name starts clean, never on old checkpoints."""
+    return f"{constants.ARTIFACTS_MOUNT}/{owner.namespace}/{owner.name}/{owner.uid}"
 
 
 def check_name(name: str) -> None:
@@ -196,6 +197,22 @@ def prometheus_annotations(port: int) -> dict[str, str]:
 def image_pull_secrets(names: Iterable[str]) -> list[Manifest]:
     """A pod's imagePullSecrets: references to Secrets in the pod's own namespace."""
     return [{"name": name} for name in names]
+
+
+def offline_pod_spec(container: Manifest, volumes: list[Manifest], pull_secrets: Iterable[str]) -> Manifest:
+    """A pod that never talks to the API server (no token, no service links), restricted, pulling with the
+    operator's secrets: the model server's and the artifacts cleanup's."""
+    pod_spec: Manifest = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    secrets = image_pull_secrets(pull_secrets)
+    if secrets:
+        pod_spec["imagePullSecrets"] = secrets
+    return pod_spec
 
 
 def artifacts_volume(volume: Mapping[str, Any] | None, default_pvc: str) -> Manifest:

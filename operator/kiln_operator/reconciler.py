@@ -21,21 +21,36 @@ import pydantic
 
 from kiln import api
 from kiln.api import trainingjob
-from kiln_operator import config, kube, metrics, objects, serving_objects, status, trainer_objects
+from kiln_operator import (
+    config,
+    kube,
+    metrics,
+    objects,
+    pod_status,
+    policy,
+    serving_objects,
+    status,
+    trainer_objects,
+)
 
 log = logging.getLogger(__name__)
 
 Body = Mapping[str, Any]
+Manifest = dict[str, Any]
 # Transient API failures are retried inside one run, so a lost trigger does not leave a stale status.
 ATTEMPTS: Final = 3
 WARNING_PHASES: Final = ("Failed",)
+# Job fields the API server lets an existing Job change, and runPolicy sets (suspend has its own handler).
+MUTABLE_JOB_FIELDS: Final = ("activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished")
+# An owner sets this annotation to "true" to silence the alerts of a job they have looked at.
+ACKNOWLEDGED: Final = f"{api.GROUP}/acknowledged"
 # The condition whose message explains a phase in its transition Event.
-SUMMARY_CONDITION: Final = {
+SUMMARY_CONDITION: Final[dict[str, str]] = {
     "Pending": "Created",
     "Running": "Running",
-    "Exporting": "Exported",
-    "Serving": "Serving",
-    "Succeeded": "Serving",
+    "Exporting": "Succeeded",
+    "Serving": "Ready",
+    "Succeeded": "Ready",
     "Failed": "Failed",
     "Suspended": "Suspended",
 }
@@ -43,6 +58,8 @@ SUMMARY_CONDITION: Final = {
 _guard = threading.Lock()
 _running: set[tuple[str, str]] = set()
 _dirty: set[tuple[str, str]] = set()
+_repair: set[tuple[str, str]] = set()  # dirty runs that must also re-create missing trainer children
+_known: set[tuple[str, str]] = set()  # every TrainingJob seen, for the periodic resync
 
 
 class InvalidSpec(ValueError):
@@ -53,15 +70,43 @@ def forget(namespace: str, name: str) -> None:
     """Drop what is kept in memory about a deleted TrainingJob."""
     with _guard:
         _dirty.discard((namespace, name))
-    metrics.record_phase(namespace, name, None)
+        _repair.discard((namespace, name))
+        _known.discard((namespace, name))
+    metrics.forget_job(namespace, name)
 
 
-def validate(body: Body) -> api.TrainingJobSpec:
-    """The typed spec, or InvalidSpec naming every bad field (the CRD's schema cannot check everything)."""
+def remember(namespace: str, name: str) -> None:
+    """Include a TrainingJob in the periodic resync."""
+    with _guard:
+        _known.add((namespace, name))
+
+
+def resync_forever(client: kube.Kube, cfg: config.OperatorConfig, stop: threading.Event, interval: float) -> None:
+    """Every `interval` seconds, reconcile every known TrainingJob with repair: heals what watch events missed
+    (a child deleted while the operator was down, a watch that went quiet) and ends export deadlines."""
+    while not stop.wait(interval):
+        with _guard:
+            keys = sorted(_known)
+        for namespace, name in keys:
+            if stop.is_set():
+                return
+            try:
+                reconcile(client, cfg, namespace, name, repair=True)
+            except Exception as err:  # one job's trouble must not stop the others' resync
+                log.warning("resync of %s/%s failed: %s", namespace, name, err)
+
+
+def validate(body: Body, cfg: config.OperatorConfig) -> api.TrainingJobSpec:
+    """The typed spec, or InvalidSpec naming every bad field: what the CRD's schema cannot check, and what the
+    operator's policy refuses (hostPath, image overrides)."""
     name = body["metadata"]["name"]
     try:
         objects.check_name(name)
-        return api.TrainingJobSpec.model_validate(body.get("spec") or {})
+        spec = api.TrainingJobSpec.model_validate(body.get("spec") or {})
+        refused = policy.violations(spec, cfg)
+        if refused:
+            raise InvalidSpec("; ".join(refused))
+        return spec
     except pydantic.ValidationError as err:
         message = trainingjob.format_validation_error(err, f"{body['metadata'].get('namespace')}/{name}")
         raise InvalidSpec(message.replace("\n", " ").replace("  ", " ")) from None
@@ -108,21 +153,6 @@ def apply_serving(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spe
     client.apply(autoscaler)
 
 
-def autoscaler_drifted(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec) -> bool:
-    """Whether the serving HPA is out of step: present when it should not be, missing when it should (autoscaling
-    turned on since the Deployment was made, or the HPA deleted), or with other bounds or target than the config.
-    False without asking the API server when the operator does not autoscale."""
-    if not cfg.serving_hpa_enabled:
-        return False
-    owner = objects.Owner.from_body(body)
-    name = objects.serving_name(owner.name)
-    live = client.get(serving_objects.HPA_API_VERSION, serving_objects.HPA_KIND, owner.namespace, name)
-    if not serving_objects.autoscaled(spec, cfg):
-        return live is not None
-    desired = serving_objects.build_autoscaler(owner, spec, cfg)
-    return live is None or not serving_objects.autoscaler_matches(live, desired)
-
-
 def remove_serving(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str) -> bool:
     """Delete the serving HPA, Deployment, PodDisruptionBudget and Service (serving was disabled); True if
     anything was deleted."""
@@ -133,6 +163,25 @@ def remove_serving(client: kube.Kube, cfg: config.OperatorConfig, namespace: str
     deleted = client.delete("apps/v1", "Deployment", namespace, serving) or deleted
     deleted = client.delete(serving_objects.PDB_API_VERSION, serving_objects.PDB_KIND, namespace, serving) or deleted
     return client.delete("v1", "Service", namespace, serving) or deleted
+
+
+def job_patch(desired: Body, live: Body) -> Manifest:
+    """The merge patch of the Job's mutable fields from live to desired (None removes a field)."""
+    want, have = desired.get("spec") or {}, live.get("spec") or {}
+    return {k: want.get(k) for k in MUTABLE_JOB_FIELDS if have.get(k) != want.get(k)}
+
+
+def converge_job(
+    client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec, job: Body
+) -> bool:
+    """Patch the runPolicy fields a live Job accepts (deadline, retries, TTL) to the spec; True if it did.
+    Everything else of the Job is immutable and so is the part of the spec it comes from (CEL)."""
+    desired = trainer_objects.build_job(objects.Owner.from_body(body), spec, cfg)
+    patch = job_patch(desired, job)
+    if not patch:
+        return False
+    client.patch("batch/v1", "Job", job["metadata"]["namespace"], job["metadata"]["name"], {"spec": patch})
+    return True
 
 
 def suspend_job(client: kube.Kube, namespace: str, name: str, suspend: bool) -> bool:
@@ -180,6 +229,14 @@ def _seconds_since(timestamp: str | None) -> float | None:
     return (datetime.now(UTC) - created).total_seconds()
 
 
+def publish_conditions(body: Body, desired: Mapping[str, Any] | None = None) -> None:
+    """The per-job gauges the alerts read: conditions, phase, and the owner's acknowledgement."""
+    meta, shown = body["metadata"], desired if desired is not None else body.get("status") or {}
+    acknowledged = (meta.get("annotations") or {}).get(ACKNOWLEDGED) == "true"
+    truth = {c["type"]: c["status"] == "True" for c in shown.get("conditions") or []}
+    metrics.record_conditions(meta["namespace"], meta["name"], str(shown.get("phase")), truth, acknowledged)
+
+
 def write_status(client: kube.Kube, body: Body, desired: Mapping[str, Any], latest_failure: str = "") -> str | None:
     """Patch what changed; count, announce and time phase transitions. Returns the phase (None: deleted)."""
     meta, current = body["metadata"], body.get("status") or {}
@@ -194,6 +251,7 @@ def write_status(client: kube.Kube, body: Body, desired: Mapping[str, Any], late
             raise
     old, new = current.get("phase"), str(desired["phase"])
     metrics.record_phase(namespace, name, new)
+    publish_conditions(body, desired)
     if (desired.get("restarts") or 0) > (current.get("restarts") or 0):
         detail = f": {latest_failure}" if latest_failure else ""
         _announce(body, "Warning", "WorkerFailed", f"{desired['restarts']} trainer restart(s) so far{detail}")
@@ -202,41 +260,49 @@ def write_status(client: kube.Kube, body: Body, desired: Mapping[str, Any], late
         conditions = {c["type"]: c for c in desired.get("conditions") or []}
         summary = conditions.get(SUMMARY_CONDITION.get(new, ""), {}).get("message", "")
         _announce(body, "Warning" if new in WARNING_PHASES else "Normal", new, f"{old or 'New'} -> {new}: {summary}")
-        if new == "Serving" and not current.get("completionTime"):
+        if new == "Serving" and old != "Succeeded":  # Serving is left only for Succeeded (serving disabled)
             elapsed = _seconds_since(meta.get("creationTimestamp"))
             if elapsed is not None:
                 metrics.TIME_TO_SERVING.observe(elapsed)
     return new
 
 
-def _reconcile_once(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str) -> str | None:
+def _reconcile_once(
+    client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str, repair: bool = False
+) -> str | None:
     body = client.get_trainingjob(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     current, generation = body.get("status") or {}, body["metadata"].get("generation")
     try:
-        spec = validate(body)
+        spec = validate(body, cfg)
     except InvalidSpec as err:
         return write_status(client, body, status.assess_invalid(current, generation, str(err), status.now_rfc3339()))
 
     # Training: the Job and its pods; re-create the Job (and its helpers) if it vanished before finishing.
     job_name = objects.job_name(name)
+    # A Job removed by its TTL is never re-created (that would train again); Failed is terminal.
+    ttl = spec.run_policy.ttl_seconds_after_finished is not None
     job = client.get("batch/v1", "Job", namespace, job_name)
-    if job is None and status.assess_training(None, [], current).state == "Missing":
+    if job is None and status.assess_training(None, [], current, ttl).state == "Missing":
         ensure_trainer(client, cfg, body, spec)
         job = client.get("batch/v1", "Job", namespace, job_name)
     pods = client.list_objects("v1", "Pod", namespace, objects.label_selector(name, objects.TRAINER))
-    training = status.assess_training(job, pods, current)
+    training = status.assess_training(job, pods, current, ttl)
+    failed = status.is_failed(current)
+    if job is not None and not failed and converge_job(client, cfg, body, spec, job):
+        job = client.get("batch/v1", "Job", namespace, job_name)
+    if repair and job is not None and not failed and training.state in ("Pending", "Running", "Suspended"):
+        ensure_trainer(client, cfg, body, spec)  # a deleted ConfigMap, identity or workers Service comes back
 
-    # Serving: only once the model is reported; create it when missing (or its HPA out of step with the
-    # config), remove it when disabled.
+    # Serving: only once the model is reported; applied on every run (server-side apply converges it to the
+    # current spec, model and config, and repairs hand edits), removed when disabled.
     deployment, serving_pods = None, []
-    if training.state == "Succeeded" and current.get("model"):
-        deployment = client.get("apps/v1", "Deployment", namespace, objects.serving_name(name))
-        if spec.serving.enabled and (deployment is None or autoscaler_drifted(client, cfg, body, spec)):
+    if training.state == "Succeeded" and current.get("model") and not failed:
+        if spec.serving.enabled:
             apply_serving(client, cfg, body, spec)
-            deployment = client.get("apps/v1", "Deployment", namespace, objects.serving_name(name))
-        elif not spec.serving.enabled and deployment is not None:
+        deployment = client.get("apps/v1", "Deployment", namespace, objects.serving_name(name))
+        if not spec.serving.enabled and deployment is not None:
             remove_serving(client, cfg, namespace, name)
             deployment = None
         if deployment is not None:
@@ -254,16 +320,22 @@ def _reconcile_once(client: kube.Kube, cfg: config.OperatorConfig, namespace: st
         trainer_pods=pods,
         deployment=deployment,
         serving_pods=serving_pods,
+        ttl_after_finished=ttl,
+        export_deadline_seconds=cfg.export_deadline_seconds,
+        children_current=status.rolled_out(deployment),
+        artifacts_path=objects.artifacts_dir(objects.Owner.from_body(body)),
     )
-    exits = status.terminations(pods)
+    exits = pod_status.terminations(pods)
     latest_failure = exits[-1].describe() if exits else ""
     return write_status(client, body, status.assess(observation, status.now_rfc3339()), latest_failure)
 
 
-def _reconcile_with_retries(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str) -> str | None:
+def _reconcile_with_retries(
+    client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str, repair: bool
+) -> str | None:
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            return _reconcile_once(client, cfg, namespace, name)
+            return _reconcile_once(client, cfg, namespace, name, repair)
         except Exception as err:
             if attempt == ATTEMPTS or not kube.is_transient(err):
                 raise
@@ -272,8 +344,11 @@ def _reconcile_with_retries(client: kube.Kube, cfg: config.OperatorConfig, names
     return None
 
 
-def reconcile(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str) -> str | None:
-    """Bring one TrainingJob's children and status up to date; returns its phase.
+def reconcile(
+    client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str, repair: bool = False
+) -> str | None:
+    """Bring one TrainingJob's children and status up to date; returns its phase. With `repair` (a child was
+    deleted, or the periodic resync) the trainer's helpers are re-created too while training runs.
 
     Returns None at once when the job is gone, or when another thread is reconciling it (that thread then
     runs again, so this trigger is not lost).
@@ -282,16 +357,20 @@ def reconcile(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, nam
     with _guard:
         if key in _running:
             _dirty.add(key)
+            if repair:
+                _repair.add(key)
             return None
         _running.add(key)
     try:
         while True:
-            phase = _reconcile_with_retries(client, cfg, namespace, name)
+            phase = _reconcile_with_retries(client, cfg, namespace, name, repair)
             with _guard:  # checked and cleared atomically with the mark set by other threads
                 if key not in _dirty:
                     _running.discard(key)
                     return phase
                 _dirty.discard(key)
+                repair = key in _repair
+                _repair.discard(key)
     finally:
         with _guard:
             _running.discard(key)

@@ -48,7 +48,7 @@ def server_args(owner: Owner, spec: api.TrainingJobSpec, variant: str) -> list[s
     serving = spec.serving
     args = [
         "serve",
-        "--model-dir", objects.artifacts_dir(owner.name, owner.namespace),
+        "--model-dir", objects.artifacts_dir(owner),
         "--variant", variant,
         "--model-name", owner.name,
         "--host", "0.0.0.0",
@@ -105,15 +105,8 @@ def build_deployment(
     # Surge a new pod before removing an old one (no downtime), except on GPUs, where a surge pod would wait
     # for a GPU the old pod holds.
     rolling = {"maxSurge": 0, "maxUnavailable": 1} if serving.gpu else {"maxSurge": 1, "maxUnavailable": 0}
-    pod_spec: Manifest = {
-        "automountServiceAccountToken": False,  # the server never talks to the API server
-        "enableServiceLinks": False,
-        "securityContext": objects.pod_security_context(),
-        "containers": [container],
-        "volumes": [objects.artifacts_volume(spec.artifacts.volume, cfg.artifacts_pvc), tmp_volume],
-    }
-    if cfg.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = objects.image_pull_secrets(cfg.image_pull_secrets)
+    volumes = [objects.artifacts_volume(spec.artifacts.volume, cfg.artifacts_pvc), tmp_volume]
+    pod_spec = objects.offline_pod_spec(container, volumes, cfg.image_pull_secrets)  # the server needs no API
     pod_spec.update(objects.pod_placement(serving, objects.selector(owner.name, objects.SERVING)))
     replicas = {} if autoscaled(spec, cfg) else {"replicas": serving.replicas}
     return {

@@ -176,7 +176,7 @@ def trainer_args(owner: Owner) -> list[str]:
     return [
         "train",
         "--config", f"{constants.CONFIG_MOUNT}/{constants.CONFIG_FILE}",
-        "--output", objects.artifacts_dir(owner.name, owner.namespace),
+        "--output", objects.artifacts_dir(owner),
         "--metrics-port", str(constants.TRAINER_METRICS_PORT),
     ]  # fmt: skip
 

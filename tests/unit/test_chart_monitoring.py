@@ -124,7 +124,12 @@ def test_alerts_and_dashboard_query_metrics_kiln_exports() -> None:
     objs = render(*values_args(CHART / "ci" / "monitoring-values.yaml"))
     exported = _exported_metric_names()
     alerts = {r["alert"] for g in one(objs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
-    assert alerts == {"KilnTrainingJobFailed", "KilnServingErrorRateHigh", "KilnServingLatencyHigh"}
+    assert alerts == {
+        "KilnTrainingJobFailed",
+        "KilnServingNotReady",
+        "KilnServingErrorRateHigh",
+        "KilnServingLatencyHigh",
+    }
     for where, expr in _queries(objs):
         used = set(re.findall(r"\bkiln_[a-z0-9_]+", expr))
         assert used, f"{where}: queries no kiln metric"
@@ -162,7 +167,9 @@ def test_the_prometheus_rule_thresholds_and_labels_come_from_values() -> None:
     rules = {r["alert"]: r for g in one(objs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
     assert rules["KilnServingLatencyHigh"]["expr"].rstrip().endswith("> 0.25")
     assert rules["KilnServingErrorRateHigh"]["expr"].rstrip().endswith("> 0.05")
-    assert 'kiln_operator_trainingjobs{phase="Failed"}' in rules["KilnTrainingJobFailed"]["expr"]
+    assert 'kiln_operator_trainingjob_condition{type="Failed"} == 1' in rules["KilnTrainingJobFailed"]["expr"]
+    assert 'acknowledged="true"' in rules["KilnTrainingJobFailed"]["expr"]
+    assert 'phase="Serving"' in rules["KilnServingNotReady"]["expr"]
     assert all(r["labels"]["team"] == "ml" for r in rules.values())
 
 

@@ -130,17 +130,48 @@ def test_rbac_grants_no_secrets_no_wildcards_and_no_escalation(values: Path) -> 
             assert not rule.get("nonResourceURLs"), rule
 
 
+def grants(rules: list[Obj]) -> dict[tuple[str, str], tuple[str, ...]]:
+    """Rules as {(group, resource): sorted verbs}, merged over rules."""
+    found: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        assert not rule.get("resourceNames"), rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                found.setdefault((group, resource), set()).update(rule["verbs"])
+    return {key: tuple(sorted(verbs)) for key, verbs in found.items()}
+
+
+def expected(*tables: dict[tuple[str, str], tuple[str, ...]]) -> dict[tuple[str, str], tuple[str, ...]]:
+    return {key: tuple(sorted(verbs)) for table in tables for key, verbs in table.items()}
+
+
+@needs_helm
+@pytest.mark.parametrize("autoscaling", [False, True])
+@pytest.mark.parametrize(
+    "values", [CHART / "ci" / "default-values.yaml", CHART / "ci" / "namespaced-values.yaml"], ids=lambda p: p.name
+)
+def test_the_chart_grants_exactly_the_verbs_the_operators_calls_need(values: Path, autoscaling: bool) -> None:
+    from kiln_operator import permissions
+
+    objs = render(*values_args(values), "--set", f"workloads.serving.autoscaling.enabled={str(autoscaling).lower()}")
+    namespaced = values.name == "namespaced-values.yaml"
+    extra = permissions.AUTOSCALING if autoscaling else {}
+    patterns = permissions.NAMESPACE_PATTERNS if namespaced else {}
+    assert grants(rules_in(objs, "ml-team-a")) == expected(permissions.NAMESPACED, extra, permissions.CLUSTER, patterns)
+    cluster = expected(permissions.CLUSTER, permissions.NAMESPACE_PATTERNS) if namespaced else None
+    if cluster is not None:
+        assert grants(rules_in(objs, None)) == cluster  # outside its namespaces: only the cluster reads
+
+
 @needs_helm
 @pytest.mark.parametrize(
     "values", [CHART / "ci" / "default-values.yaml", CHART / "ci" / "namespaced-values.yaml"], ids=lambda p: p.name
 )
-def test_the_operator_may_create_and_converge_everything_it_builds_for_a_trainingjob(values: Path) -> None:
+def test_the_operator_holds_what_its_builders_need_and_what_it_grants_trainers(values: Path) -> None:
     objs = render(*values_args(values))
     rules = rules_in(objs, "ml-team-a")
     for child in operator_children():
-        group, resource = group_of(child["apiVersion"]), child["kind"].lower() + "s"
-        for verb in ("get", "list", "watch", "create", "patch", "delete"):  # server-side apply is create+patch
-            assert allowed(rules, group, resource, verb), f"cannot {verb} {resource}.{group}"
+        assert allowed(rules, group_of(child["apiVersion"]), child["kind"].lower() + "s", "create"), child["kind"]
         # An operator can only grant a trainer what it holds itself (no escalate/bind).
         if child["kind"] == "Role":
             for rule in child["rules"]:
@@ -148,20 +179,6 @@ def test_the_operator_may_create_and_converge_everything_it_builds_for_a_trainin
                     for r in rule["resources"]:
                         for verb in rule["verbs"]:
                             assert allowed(rules, g, r, verb, child["metadata"]["name"]), (g, r, verb)
-    for resource, verbs in {
-        "trainingjobs": ("get", "list", "watch", "patch"),
-        "trainingjobs/status": ("get", "patch"),
-        "trainingjobs/finalizers": ("update",),
-    }.items():
-        for verb in verbs:
-            assert allowed(rules, constants.GROUP, resource, verb), (resource, verb)
-    for verb in ("get", "list", "watch"):
-        assert allowed(rules, "", "pods", verb)
-    assert allowed(rules, "", "pods/log", "get")
-    for group in ("", "events.k8s.io"):
-        assert allowed(rules, group, "events", "create") and allowed(rules, group, "events", "patch")
-    cluster_rules = rules_in(objs, None)
-    assert allowed(cluster_rules, "apiextensions.k8s.io", "customresourcedefinitions", "watch")
 
 
 @needs_helm
@@ -175,11 +192,8 @@ def test_watching_namespaces_confines_the_operator_to_a_role_in_each_of_them() -
     # Cluster-wide it may only read CRDs; in a namespace it does not watch it may do nothing.
     (cluster_role,) = of_kind(objs, "ClusterRole")
     assert cluster_role["rules"] == [
-        {
-            "apiGroups": ["apiextensions.k8s.io"],
-            "resources": ["customresourcedefinitions"],
-            "verbs": ["get", "list", "watch"],
-        }
+        {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     ]
     for group, resource in [(constants.GROUP, "trainingjobs"), ("batch", "jobs"), ("", "pods")]:
         assert not allowed(rules_in(objs, "kube-system"), group, resource, "get")
@@ -187,15 +201,17 @@ def test_watching_namespaces_confines_the_operator_to_a_role_in_each_of_them() -
 
 
 @needs_helm
-def test_watching_all_namespaces_lets_kopf_list_namespaces() -> None:
-    assert allowed(rules_in(render(), None), "", "namespaces", "watch")
+def test_kopf_may_read_namespaces_only_when_it_matches_listed_ones() -> None:
+    assert not allowed(rules_in(render(), None), "", "namespaces", "list")  # --all-namespaces never reads them
+    namespaced = render(*values_args(CHART / "ci" / "namespaced-values.yaml"))
+    assert allowed(rules_in(namespaced, None), "", "namespaces", "watch")
 
 
 @needs_helm
 def test_the_operator_may_manage_autoscalers_only_when_serving_autoscaling_is_on() -> None:
-    assert not allowed(rules_in(render(), "default"), "autoscaling", "horizontalpodautoscalers", "create")
+    assert not allowed(rules_in(render(), "default"), "autoscaling", "horizontalpodautoscalers", "patch")
     on = render("--set", "workloads.serving.autoscaling.enabled=true")
-    assert allowed(rules_in(on, "default"), "autoscaling", "horizontalpodautoscalers", "create")
+    assert allowed(rules_in(on, "default"), "autoscaling", "horizontalpodautoscalers", "patch")
 
 
 @needs_helm
@@ -212,7 +228,7 @@ def test_the_operator_autoscales_exactly_when_the_chart_grants_it_the_autoscaler
         assert serving_objects.autoscaled(job.spec, cfg) is (enabled and job.spec.serving.replicas > 0)
         owner = objects.Owner(name=job.metadata.name, namespace="default", uid="0000")
         hpa = serving_objects.build_autoscaler(owner, job.spec, cfg)
-        for verb in ("get", "list", "watch", "create", "patch", "delete"):
+        for verb in ("patch", "delete"):  # server-side apply, and removal of a stale one
             assert allowed(rules, group_of(hpa["apiVersion"]), hpa["kind"].lower() + "s", verb) is enabled, verb
 
 
@@ -220,3 +236,41 @@ def test_the_operator_autoscales_exactly_when_the_chart_grants_it_the_autoscaler
 def test_rbac_can_be_left_to_the_cluster_admin() -> None:
     objs = render("--set", "rbac.create=false")
     assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & {o["kind"] for o in objs}
+
+
+@needs_helm
+def test_the_chart_policy_values_reach_the_operators_configuration() -> None:
+    from kiln_operator import config
+
+    def cfg_of(*values: str) -> config.OperatorConfig:
+        return config.OperatorConfig.from_env(one(render(*values), "ConfigMap", "kiln-config")["data"])
+
+    strict = cfg_of()
+    assert (strict.allow_host_path, strict.allow_image_overrides, strict.allowed_image_prefixes) == (False, False, ())
+    assert strict.export_deadline_seconds == config.OperatorConfig().export_deadline_seconds
+    prefixes = "policy.allowedImagePrefixes={reg.example/ml,ghcr.example/x}"
+    loose = cfg_of("--set", "policy.allowHostPath=true", "--set", prefixes, "--set", "policy.exportDeadlineSeconds=60")
+    assert loose.allow_host_path and loose.allowed_image_prefixes == ("reg.example/ml", "ghcr.example/x")
+    assert loose.export_deadline_seconds == 60
+
+
+@needs_helm
+def test_several_operator_replicas_elect_a_leader_through_one_lease_and_one_replica_needs_none() -> None:
+    from kiln_operator import leader, permissions
+
+    single = render()
+    assert one(single, "Deployment", "kiln")["spec"]["replicas"] == 1
+    assert "--leader-elect" not in operator_container(single)["args"]
+    assert not allowed(rules_in(single, NAMESPACE), "coordination.k8s.io", "leases", "create")
+    objs = render("--set", "operator.replicas=2")
+    deployment = one(objs, "Deployment", "kiln")
+    assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    container = operator_container(objs)
+    assert "--leader-elect" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    rules = [r for r in rules_in(objs, NAMESPACE) if "coordination.k8s.io" in r["apiGroups"]]
+    granted = {v for r in rules for v in r["verbs"]}
+    assert granted == set(permissions.LEADER_ELECTION[("coordination.k8s.io", "leases")])
+    assert all(r["verbs"] == ["create"] or r["resourceNames"] == [leader.LEASE_NAME] for r in rules)
+    assert not allowed(rules_in(objs, "default"), "coordination.k8s.io", "leases", "update", leader.LEASE_NAME)

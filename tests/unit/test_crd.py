@@ -56,7 +56,7 @@ def test_the_crd_names_and_subresources_match_the_api() -> None:
     version = whole["spec"]["versions"][0]
     assert version["name"] == api.VERSION and version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Epoch", "Accuracy", "Model", "Endpoint", "Age"]
+    assert columns == ["Phase", "Ready", "Epoch", "Accuracy", "Model", "Endpoint", "Age"]
 
 
 def test_the_crd_carries_defaults_enums_bounds_and_descriptions_from_the_model() -> None:
@@ -73,7 +73,12 @@ def test_the_crd_carries_defaults_enums_bounds_and_descriptions_from_the_model()
     assert spec["training"]["default"] == {}, "nested sections default to {} so their fields get defaults"
     status = _schema()["properties"]["status"]
     assert status["x-kubernetes-preserve-unknown-fields"] is True, "kopf's bookkeeping must survive pruning"
-    assert status["properties"]["phase"]["enum"] == list(api.PHASES)
+    assert status["properties"]["phase"]["enum"] == list(api.phases())
+    conditions = status["properties"]["conditions"]
+    assert (conditions["x-kubernetes-list-type"], conditions["x-kubernetes-list-map-keys"]) == ("map", ["type"])
+    assert conditions["items"]["properties"]["type"]["enum"] == list(api.condition_types())
+    assert {"Succeeded", "Ready", "Failed"} <= set(api.condition_types())
+    assert "type" in conditions["items"]["required"], "a map key must be required"
 
 
 def test_the_crd_has_cel_rules_for_immutability_paths_and_variants() -> None:

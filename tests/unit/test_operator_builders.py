@@ -83,8 +83,9 @@ def test_a_single_worker_job_is_indexed_with_one_completion_and_no_headless_serv
     assert "subdomain" not in job["spec"]["template"]["spec"]
     container = trainer_container(job)
     assert container["command"] == ["kiln"]
+    output = f"/artifacts/team-a/digits/{OWNER.uid}"
     assert container["args"] == ["train", "--config", "/etc/kiln/trainingjob.yaml",
-                                 "--output", "/artifacts/team-a/digits", "--metrics-port", "9400"]  # fmt: skip
+                                 "--output", output, "--metrics-port", "9400"]  # fmt: skip
     env = env_of(container)
     assert env["WORLD_SIZE"] == "1" and env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] == "29500"
     assert env["KILN_TRAININGJOB_NAME"] == "digits" and env["KILN_TRAININGJOB_NAMESPACE"] == "team-a"
@@ -229,7 +230,8 @@ def test_the_serving_deployment_runs_kiln_serve_on_the_selected_variant_read_onl
     [container] = pod["spec"]["containers"]
     assert container["command"] == ["kiln"]
     assert container["args"] == [
-        "serve", "--model-dir", "/artifacts/team-a/digits", "--variant", "int8-static", "--model-name", "digits",
+        "serve", "--model-dir", f"/artifacts/team-a/digits/{OWNER.uid}", "--variant", "int8-static",
+        "--model-name", "digits",
         "--host", "0.0.0.0", "--port", "8080", "--max-batch-size", "16", "--max-queue-delay-microseconds", "500",
     ]  # fmt: skip
     assert mounts_of(container)["/artifacts"]["readOnly"] is True

@@ -114,3 +114,20 @@ def test_the_phase_gauge_counts_each_job_once_in_its_current_phase() -> None:
     metrics.record_transition("Running", "Failed")
     after = REGISTRY.get_sample_value("kiln_operator_phase_transitions_total", {"from": "Running", "to": "Failed"})
     assert after == (before or 0) + 1
+
+
+def test_per_job_gauges_follow_conditions_and_acknowledgement_and_vanish_with_the_job() -> None:
+    def value(name: str, labels: dict[str, str]) -> float | None:
+        return REGISTRY.get_sample_value(name, {"namespace": "team-b", "trainingjob": "digits", **labels})
+
+    failed = {"Succeeded": False, "Ready": False, "Failed": True}
+    metrics.record_conditions("team-b", "digits", "Failed", failed, acknowledged=False)
+    assert value("kiln_operator_trainingjob_condition", {"type": "Failed"}) == 1
+    assert value("kiln_operator_trainingjob_condition", {"type": "Ready"}) == 0
+    assert value("kiln_operator_trainingjob_info", {"phase": "Failed", "acknowledged": "false"}) == 1
+    metrics.record_conditions("team-b", "digits", "Failed", failed, acknowledged=True)
+    assert value("kiln_operator_trainingjob_info", {"phase": "Failed", "acknowledged": "false"}) is None
+    assert value("kiln_operator_trainingjob_info", {"phase": "Failed", "acknowledged": "true"}) == 1
+    metrics.forget_job("team-b", "digits")
+    assert value("kiln_operator_trainingjob_condition", {"type": "Failed"}) is None
+    assert value("kiln_operator_trainingjob_info", {"phase": "Failed", "acknowledged": "true"}) is None

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from kiln import api
 from kiln_operator import objects, status
 
 T0, T1, T2, NOW = "2026-11-28T10:00:00Z", "2026-11-28T10:05:00Z", "2026-11-28T10:09:00Z", "2026-11-28T10:10:00Z"
@@ -101,7 +102,7 @@ def observe(current: dict[str, Any] | None = None, **parts: Any) -> status.Obser
 
 def conditions_of(desired: dict[str, Any]) -> dict[str, dict[str, Any]]:
     found = {c["type"]: c for c in desired["conditions"]}
-    assert list(found) == list(status.CONDITION_TYPES)
+    assert list(found) == list(api.condition_types())
     return found
 
 
@@ -153,7 +154,7 @@ def test_four_workers_succeed_only_when_the_job_is_complete_then_wait_for_the_mo
     assert desired["phase"] == "Exporting"
     found = conditions_of(desired)
     assert found["Trained"]["status"] == "True" and found["Trained"]["message"] == "all 4 worker(s) succeeded"
-    assert found["Exported"]["status"] == "False" and found["Exported"]["reason"] == "WaitingForModel"
+    assert found["Succeeded"]["status"] == "False" and found["Succeeded"]["reason"] == "WaitingForModel"
     assert desired["completionTime"] is None
 
 
@@ -252,40 +253,97 @@ def test_a_reported_model_with_serving_disabled_succeeds_without_an_endpoint() -
     desired = status.assess(observe(current, job=job(1, COMPLETE, succeeded=1), serving_enabled=False), NOW)
     assert desired["phase"] == "Succeeded" and desired["completionTime"] == NOW and desired["endpoint"] is None
     found = conditions_of(desired)
-    assert found["Exported"]["status"] == "True"
-    assert found["Exported"]["message"] == f"int8-static at {MODEL['uri']} (accuracy 0.9712)"
-    assert found["Serving"]["reason"] == "ServingDisabled"
+    assert found["Succeeded"]["status"] == "True"
+    assert found["Succeeded"]["message"] == f"int8-static at {MODEL['uri']} (accuracy 0.9712)"
+    assert found["Ready"]["status"] == "False" and found["Ready"]["reason"] == "ServingDisabled"
 
 
-def test_serving_rolls_out_then_serves_at_the_in_cluster_endpoint() -> None:
+def test_serving_rolls_out_then_serves_at_the_in_cluster_endpoint_and_completion_is_the_models_arrival() -> None:
     current: dict[str, Any] = {"model": MODEL}
     rolling = status.assess(observe(current, job=job(1, COMPLETE, succeeded=1), deployment=deployment(0)), NOW)
-    assert rolling["phase"] == "Exporting" and rolling["endpoint"] is None
-    assert conditions_of(rolling)["Serving"]["reason"] == "RollingOut"
+    assert rolling["phase"] == "Exporting" and rolling["endpoint"] is None and rolling["completionTime"] == NOW
+    assert conditions_of(rolling)["Succeeded"]["status"] == "True"
+    assert conditions_of(rolling)["Ready"]["reason"] == "RollingOut"
     serving = status.assess(observe(rolling | current, job=job(1, COMPLETE, succeeded=1), deployment=deployment(1)), T2)
-    assert serving["phase"] == "Serving" and serving["completionTime"] == T2
+    assert serving["phase"] == "Serving" and serving["completionTime"] == NOW
     assert serving["endpoint"] == "http://digits-serving.team-a.svc:8080/v2/models/digits"
-    assert conditions_of(serving)["Serving"]["message"].startswith("1/2 replica(s) available at http://")
+    ready = conditions_of(serving)["Ready"]
+    assert ready["status"] == "True" and ready["message"].startswith("1/2 replica(s) available at http://")
 
 
-def test_a_serving_rollout_past_its_deadline_fails_with_the_crashing_pod_named() -> None:
+def test_a_serving_outage_is_ready_false_with_a_reason_while_the_phase_stays_serving() -> None:
+    obs = observe({"model": MODEL}, job=job(1, COMPLETE, succeeded=1), deployment=deployment(1))
+    serving = status.assess(obs, T1) | {"model": MODEL}
+    crash = waiting("CrashLoopBackOff", "back-off 40s restarting failed container=server")
+    serving_pods = [pod("digits-serving-6d5f8-abcde", "Running", crash, container="server", restarts=4)]
+    down = status.assess(observe(serving, job=job(1, COMPLETE, succeeded=1), deployment=deployment(0),
+                                 serving_pods=serving_pods), NOW)  # fmt: skip
+    assert down["phase"] == "Serving" and down["endpoint"] is None and down["completionTime"] == T1
+    ready = conditions_of(down)["Ready"]
+    assert (ready["status"], ready["reason"], ready["lastTransitionTime"]) == ("False", "RollingOut", NOW)
+    assert "CrashLoopBackOff" in ready["message"]
+    assert conditions_of(down)["Failed"]["status"] == "False"
+    back = status.assess(observe(down | {"model": MODEL}, job=None, deployment=deployment(2)), T2)
+    assert back["phase"] == "Serving" and conditions_of(back)["Ready"]["status"] == "True"
+
+
+def test_a_serving_rollout_past_its_deadline_is_not_ready_naming_the_crashing_pod_and_fails_nothing() -> None:
     crash = waiting("CrashLoopBackOff", "back-off 40s restarting failed container=server")
     serving_pods = [pod("digits-serving-6d5f8-abcde", "Running", crash, container="server", restarts=4)]
     obs = observe({"model": MODEL}, job=job(1, COMPLETE, succeeded=1), deployment=deployment(0, stalled=True),
                   serving_pods=serving_pods)  # fmt: skip
     desired = status.assess(obs, NOW)
-    failure = conditions_of(desired)["Failed"]
-    assert desired["phase"] == "Failed" and failure["reason"] == "ServingRolloutFailed"
-    assert "has timed out progressing" in failure["message"]
-    assert "digits-serving-6d5f8-abcde: container server CrashLoopBackOff" in failure["message"]
+    ready = conditions_of(desired)["Ready"]
+    assert desired["phase"] == "Exporting" and conditions_of(desired)["Failed"]["status"] == "False"
+    assert ready["status"] == "False" and ready["reason"] == "ServingRolloutFailed"
+    assert "has timed out progressing" in ready["message"]
+    assert "digits-serving-6d5f8-abcde: container server CrashLoopBackOff" in ready["message"]
     assert desired["restarts"] == 0  # serving restarts are not training restarts
+
+
+def test_failed_is_terminal_whatever_is_observed_afterwards() -> None:
+    message = "Container trainer for pod team-a/x failed with exit code 78 matching FailJob rule at index 0"
+    failed_status = status.assess(observe(job=job(1, failed("PodFailurePolicy", message))), T1)
+    later = status.assess(observe(failed_status | {"model": MODEL}, job=job(1, COMPLETE, succeeded=1),
+                                  deployment=deployment(2)), NOW)  # fmt: skip
+    assert later["phase"] == "Failed" and later["completionTime"] == T1 and later["endpoint"] is None
+    found = conditions_of(later)
+    assert (found["Failed"]["status"], found["Failed"]["reason"]) == ("True", "InvalidConfig")
+    assert found["Failed"]["lastTransitionTime"] == T1
+    assert found["Succeeded"]["status"] == "False"
+    assert status.status_patch(failed_status, later) == {}
+    invalid = status.assess_invalid(failed_status, 2, "spec.resources.image: not allowed", NOW)
+    assert conditions_of(invalid)["Failed"]["reason"] == "InvalidConfig"
+
+
+def test_a_model_never_reported_fails_at_the_export_deadline_with_a_reason() -> None:
+    trained = status.assess(observe(job=job(1, COMPLETE, succeeded=1), export_deadline_seconds=600), T1)
+    assert trained["phase"] == "Exporting"
+    waiting_still = status.assess(observe(trained, job=job(1, COMPLETE, succeeded=1), export_deadline_seconds=600), T2)
+    assert waiting_still["phase"] == "Exporting"  # 4 minutes after training: within the deadline
+    late = status.assess(observe(trained, job=job(1, COMPLETE, succeeded=1), export_deadline_seconds=240), T2)
+    failure = conditions_of(late)["Failed"]
+    assert late["phase"] == "Failed" and late["completionTime"] == T2
+    assert failure["reason"] == "ExportDeadlineExceeded" and "status.model" in failure["message"]
+    assert conditions_of(late)["Trained"]["status"] == "True"
+
+
+def test_observed_generation_moves_only_when_the_children_reflect_the_spec() -> None:
+    pods = [pod("digits-trainer-0-x", "Running", running())]
+    first = status.assess(observe(job=job(1, active=1, ready=1), trainer_pods=pods, generation=1), T1)
+    edited = observe(first, job=job(1, active=1, ready=1), trainer_pods=pods, generation=2, children_current=False)
+    pending_edit = status.assess(edited, NOW)
+    assert pending_edit["observedGeneration"] == 1
+    assert all(c["observedGeneration"] == 1 for c in pending_edit["conditions"])
+    applied = status.assess(observe(first, job=job(1, active=1, ready=1), trainer_pods=pods, generation=2), NOW)
+    assert applied["observedGeneration"] == 2
 
 
 def test_serving_scaled_to_zero_succeeds_without_an_endpoint() -> None:
     obs = observe({"model": MODEL}, job=job(1, COMPLETE, succeeded=1), deployment=deployment(0), replicas=0)
     desired = status.assess(obs, NOW)
     assert desired["phase"] == "Succeeded" and desired["endpoint"] is None
-    assert conditions_of(desired)["Serving"]["reason"] == "ScaledToZero"
+    assert conditions_of(desired)["Ready"]["reason"] == "ScaledToZero"
 
 
 def test_a_job_removed_after_its_ttl_does_not_undo_training_or_failure() -> None:
@@ -298,6 +356,15 @@ def test_a_job_removed_after_its_ttl_does_not_undo_training_or_failure() -> None
     assert status.assess(observe(failed_status, job=None), NOW)["phase"] == "Failed"
     missing = status.assess(observe({}, job=None), NOW)
     assert missing["phase"] == "Pending" and conditions_of(missing)["Created"]["reason"] == "TrainerJobMissing"
+
+
+def test_a_job_its_ttl_removed_before_its_outcome_was_seen_fails_rather_than_training_again() -> None:
+    running_status = status.assess(observe(job=job(1, active=1, ready=1), trainer_pods=[]), T1)
+    gone = status.assess(observe(running_status, job=None, ttl_after_finished=True), NOW)
+    failure = conditions_of(gone)["Failed"]
+    assert gone["phase"] == "Failed" and failure["reason"] == "TrainerJobRemoved"
+    assert status.assess_training(None, [], running_status, True).state == "Failed"  # never re-created
+    assert status.assess_training(None, [], running_status, False).state == "Missing"  # deleted by hand: re-create
 
 
 def test_last_transition_time_moves_only_when_a_condition_changes_status() -> None:

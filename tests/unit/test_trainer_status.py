@@ -73,6 +73,25 @@ def test_a_failing_api_server_is_logged_and_never_raises(
     assert "cannot patch trainingjob team-a/digits" in caplog.text
 
 
+def test_the_model_report_is_retried_until_the_api_server_takes_it(apiserver: support.ApiServer) -> None:
+    apiserver.unavailable_times = 2
+    reporter = status_reporter.StatusReporter("digits", "team-a", retry_delays=(0.01, 0.01, 0.01))
+    reporter.progress(api.Progress(epoch=3))  # refused: the progress is not retried
+    reporter.model(api.ModelStatus(variant="fp32", uri="/artifacts/m.onnx"))
+    assert (reporter.failed, reporter.sent) == (2, 1)
+    assert apiserver.statuses()[-1] == {"model": {"variant": "fp32", "uri": "/artifacts/m.onnx"}}
+
+
+def test_a_model_report_that_never_gets_through_raises_so_the_trainer_exits_non_zero(
+    apiserver: support.ApiServer,
+) -> None:
+    apiserver.fail_with = 403
+    reporter = status_reporter.StatusReporter("digits", "team-a", retry_delays=(0.01, 0.01))
+    with pytest.raises(status_reporter.ReportError, match="cannot write status.model of trainingjob team-a/digits"):
+        reporter.model(api.ModelStatus(variant="fp32"))
+    assert len(apiserver.requests) == 3 and reporter.sent == 0
+
+
 def test_without_the_operators_environment_nothing_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(constants.ENV_TRAININGJOB_NAME, raising=False)
     reporter = status_reporter.StatusReporter.from_env()

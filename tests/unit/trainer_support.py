@@ -143,6 +143,7 @@ class ApiServer:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.fail_with: int | None = None
+        self.unavailable_times = 0  # answer this many requests 503 first
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -152,6 +153,9 @@ class ApiServer:
                     {"path": self.path, "content_type": self.headers["Content-Type"], "body": json.loads(body)}
                 )
                 status = outer.fail_with or 200
+                if outer.unavailable_times > 0:
+                    outer.unavailable_times -= 1
+                    status = 503
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()

@@ -3,13 +3,17 @@
 Active only in a cluster (KILN_TRAININGJOB_NAME and KILN_TRAININGJOB_NAMESPACE set by the operator) and only
 on rank 0. Uses the pod's service account (in-cluster config), or KUBECONFIG when that is set instead.
 Progress is throttled to one patch every ``min_interval`` seconds; what a throttled call carried is kept and
-sent with the next one, and ``flush`` always sends. A failed patch is logged and never fails training.
+sent with the next one, and ``flush`` always sends. A failed progress patch is logged and never fails
+training. The model report is different: the operator waits for status.model to roll out serving, so it is
+retried with backoff, and if it still cannot be written `model` raises ReportError and the trainer exits
+non-zero (the Job retries the pod, which resumes from the last checkpoint) rather than leaving a dead end.
 """
 
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Final
 
 from kiln import api
 from kiln.api import constants
@@ -17,6 +21,12 @@ from kiln.api import constants
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
+# Pauses between attempts at the model report: about two minutes in all, longer than an API server restart.
+MODEL_RETRY_DELAYS: Final = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 30.0, 30.0)
+
+
+class ReportError(RuntimeError):
+    """status.model could not be written after every retry."""
 
 
 def _custom_objects_api() -> Any:
@@ -40,8 +50,16 @@ def _custom_objects_api() -> Any:
 class StatusReporter:
     """Merge-patches ``status`` of one TrainingJob; a no-op without a job name."""
 
-    def __init__(self, name: str | None, namespace: str | None, *, min_interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        name: str | None,
+        namespace: str | None,
+        *,
+        min_interval: float = 5.0,
+        retry_delays: Sequence[float] = MODEL_RETRY_DELAYS,
+    ) -> None:
         self.name, self.namespace, self.min_interval = name, namespace, min_interval
+        self.retry_delays = tuple(retry_delays)
         self.enabled = bool(name and namespace)
         self._api: Any = None
         self._pending: dict[str, Any] = {}
@@ -80,9 +98,22 @@ class StatusReporter:
         self.flush()
 
     def model(self, model: api.ModelStatus) -> None:
-        """The compiled model chosen for serving, always sent."""
-        self._queue({"model": model.to_dict()})
-        self.flush()
+        """The compiled model chosen for serving, with whatever is queued: retried with backoff; ReportError
+        when every attempt failed."""
+        if not self.enabled:
+            return
+        body = {"status": {**self._pending, "model": model.to_dict()}}
+        self._pending = {}
+        for delay in self.retry_delays:
+            if self._send(body):
+                return
+            log.warning("status: retrying the model report in %.0f s", delay)
+            time.sleep(delay)
+        if not self._send(body):
+            raise ReportError(
+                f"cannot write status.model of trainingjob {self.namespace}/{self.name} after "
+                f"{len(self.retry_delays) + 1} attempts; the model is on disk and is reported on the next try"
+            )
 
     def _queue(self, update: dict[str, Any]) -> None:
         if self.enabled:
@@ -94,6 +125,10 @@ class StatusReporter:
             return
         body = {"status": self._pending}
         self._pending = {}
+        self._send(body)
+
+    def _send(self, body: dict[str, Any]) -> bool:
+        """One merge patch of the status subresource; False (logged) when it failed."""
         self._last_sent = time.monotonic()
         try:
             if self._api is None:
@@ -109,6 +144,7 @@ class StatusReporter:
                 _request_timeout=(3, 10),
             )
             self.sent += 1
+            return True
         except Exception as err:  # the API server, RBAC, the network: none of it may stop training
             self.failed += 1
             log.warning(
@@ -117,3 +153,4 @@ class StatusReporter:
                 self.name,
                 str(err).splitlines()[0] if str(err) else type(err).__name__,
             )
+            return False

@@ -118,54 +118,55 @@ What the operator may do inside a namespace it watches: the rules of a ClusterRo
 (all namespaces) or of a Role in each watched namespace. No Secrets, no wildcards.
 */}}
 {{- define "kiln.operatorRules" -}}
-# TrainingJobs: watch them, record kopf's progress (annotations, finalizers) and status, and hand trainers
-# get/patch on their own TrainingJob (an operator can only grant what it holds).
+# Exactly the verbs the operator's calls need, call by call in operator/kiln_operator/permissions.py
+# (a unit test keeps these equal). TrainingJobs: read, watched, kopf's annotations and finalizer.
 - apiGroups: ["kiln.dev"]
   resources: ["trainingjobs"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
+# Status writes; get too because the trainer's Role grants it (an operator grants only what it holds).
 - apiGroups: ["kiln.dev"]
   resources: ["trainingjobs/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["get", "patch"]
 # Children carry owner references with blockOwnerDeletion, which OwnerReferencesPermissionEnforcement
 # allows only to who may update the owner's finalizers.
 - apiGroups: ["kiln.dev"]
   resources: ["trainingjobs/finalizers"]
   verbs: ["update"]
-# What the operator creates for each TrainingJob: its config, the trainer's identity and role, the trainer
-# Job, the headless (DDP) and serving Services, the serving Deployment.
+# The trainer's config, identity and role: created, and watched so one deleted by hand is re-created.
 - apiGroups: [""]
-  resources: ["configmaps", "serviceaccounts", "services"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  resources: ["configmaps", "serviceaccounts"]
+  verbs: ["list", "watch", "create"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["list", "watch", "create"]
+# The headless (DDP) Service is created; the serving Service is applied and removed with serving; both watched.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# The trainer Job (and the artifacts cleanup Job): read, watched, created, patched (suspend, runPolicy).
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# The serving Deployment: read, watched, created or applied, removed when serving is disabled.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
-# The serving PodDisruptionBudget (more than one replica).
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The serving PodDisruptionBudget (more than one replica): applied, removed when no longer needed.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["patch", "delete"]
 {{- if .Values.workloads.serving.autoscaling.enabled }}
+# The serving HPA: applied, or removed when a job no longer autoscales.
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["patch", "delete"]
 {{- end }}
-# Trainer and serving pods and their logs, read to report progress and failures.
+# Trainer and serving pods, listed and watched to report progress and failures.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-- apiGroups: [""]
-  resources: ["pods/log"]
-  verbs: ["get"]
-# Events on TrainingJobs (kopf posts through the core API, kubectl reads both).
+  verbs: ["list", "watch"]
+# Events on TrainingJobs (kopf posts them through the core API).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
