@@ -44,6 +44,12 @@ class CompileInputs:
     metrics: api.Metrics
     per_class: list[api.ClassMetrics] = field(default_factory=list)
     confusion_matrix: list[list[int]] = field(default_factory=list)
+    test_images: np.ndarray | None = None  # the held-out test set, when there is one: each variant is scored
+    test_labels: np.ndarray | None = None
+    test_metrics: api.HeldOutMetrics | None = None
+    adversarial: api.AdversarialReport | None = None
+    history: list[api.EpochHistory] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)  # relative to the output folder
 
 
 def _check_inputs(spec: api.TrainingJobSpec, inputs: CompileInputs) -> None:
@@ -139,6 +145,8 @@ def _measure(
         ),
         provider=provider,
     )
+    if inputs.test_images is not None and inputs.test_labels is not None and len(inputs.test_labels):
+        report.test_accuracy = measure.accuracy(measure.predict(session, inputs.test_images), inputs.test_labels)
     if reference is not None:
         comparison = measure.compare_logits(reference, logits)
         report.max_abs_diff, report.top1_agreement = comparison.max_abs_diff, comparison.top1_agreement
@@ -307,6 +315,10 @@ def _build(
         per_class=inputs.per_class,
         confusion_matrix=inputs.confusion_matrix,
         training=inputs.training,
+        test_metrics=inputs.test_metrics,
+        adversarial=inputs.adversarial,
+        history=inputs.history,
+        plots=inputs.plots,
         opset=exported.opset,
         exporter=exported.exporter,
         variants=reports,
