@@ -21,6 +21,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 import operator_apply  # noqa: E402
+
 from kiln_cluster import binaries, chart  # noqa: E402
 from kiln_cluster.controlplane import ControlPlane  # noqa: E402
 from kiln_cluster.rest import ApiError, Kube  # noqa: E402

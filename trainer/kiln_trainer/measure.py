@@ -1,14 +1,18 @@
 """Measuring compiled models with onnxruntime: predictions, agreement with a reference, accuracy, latency,
 size and checksum, and the offline-optimised graph.
 
-Latency is the median of a few timed runs after warm-up on one fixed input; it is for choosing between
-variants on the machine that compiled them, not a benchmark (bench/compile_latency.py is).
+Latency is the median of a few timed runs after warm-up on one fixed input, every variant timed in the same
+rounds on the same fixed thread count; it is for choosing between variants within one compile, not a
+benchmark (bench/compile_latency.py is).
 """
 
+import functools
 import hashlib
 import logging
+import os
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +28,8 @@ CUDA = "CUDAExecutionProvider"
 # Parity gate for the fp32 export against PyTorch.
 PARITY_MAX_ABS_DIFF = 1e-3
 PARITY_MIN_AGREEMENT = 0.999
+# Most intra-op threads used to time variants (selection_threads).
+SELECTION_MAX_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -112,17 +118,40 @@ def fixed_batch(images: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([images] * repeats)[:size], dtype=np.float32)
 
 
+def selection_threads() -> int:
+    """Intra-op threads for timing variants when the caller does not say: a fixed small count, not "all
+    cores", so the figures do not swing with how many cores other work leaves free."""
+    return max(1, min(SELECTION_MAX_THREADS, os.cpu_count() or 1))
+
+
+def interleaved_medians(runs: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median wall time in milliseconds of each callable, timed round-robin (a, b, c, a, b, c, ...) after
+    ``warmup`` untimed rounds: a slow spell of the machine lands on every candidate, not on one."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(max(1, repeats)):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def median_latency_ms(session: ort.InferenceSession, batch: np.ndarray, *, repeats: int, warmup: int = 2) -> float:
     """Median wall time of one run on ``batch`` in milliseconds, after ``warmup`` untimed runs."""
+    run = functools.partial(session.run, [export.OUTPUT_NAME], {export.INPUT_NAME: batch})
+    return interleaved_medians({"session": run}, repeats=repeats, warmup=warmup)["session"]
+
+
+def interleaved_latency_ms(
+    sessions: Mapping[str, ort.InferenceSession], batch: np.ndarray, *, repeats: int
+) -> dict[str, float]:
+    """Median latency of each session on ``batch``, timed round-robin (``interleaved_medians``)."""
     feed = {export.INPUT_NAME: batch}
-    for _ in range(warmup):
-        session.run([export.OUTPUT_NAME], feed)
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        session.run([export.OUTPUT_NAME], feed)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    runs = {name: functools.partial(session.run, [export.OUTPUT_NAME], feed) for name, session in sessions.items()}
+    return interleaved_medians(runs, repeats=repeats)
 
 
 def sha256_file(path: Path) -> str:
