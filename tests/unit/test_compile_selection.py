@@ -156,3 +156,11 @@ def test_variants_are_timed_round_robin_so_a_slow_spell_lands_on_every_candidate
 
 def test_variants_are_timed_on_a_fixed_thread_count_whatever_the_machine_has() -> None:
     assert 1 <= measure.selection_threads() <= measure.SELECTION_MAX_THREADS
+
+
+def test_the_fp32_parity_gate_scales_with_the_magnitude_of_the_logits() -> None:
+    reference = np.array([[300.0, -120.0], [5.0, 1.0]], dtype=np.float32)
+    close = measure.compare_logits(reference, reference + np.float32(0.05))
+    assert close.reference_scale == 300.0 and measure.parity_failure(close) is None
+    small = np.array([[0.3, -0.1]], dtype=np.float32)
+    assert "max abs diff 0.05 > 0.001" in (measure.parity_failure(measure.compare_logits(small, small + 0.05)) or "")

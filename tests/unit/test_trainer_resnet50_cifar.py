@@ -4,11 +4,13 @@ real run (50,000 images, a GPU) is bench/gpu_cifar10.py."""
 
 from pathlib import Path
 
+import pytest
 import trainer_support as support
 
 from kiln_trainer import loop
 
 
+@pytest.mark.slow
 def test_resnet50_with_the_cifar_stem_trains_an_epoch_reports_test_metrics_and_compiles(tmp_path: Path) -> None:
     folder = support.write_cifar10(tmp_path / "cifar", per_batch=8)
     spec = support.spec(

@@ -38,6 +38,7 @@ class Comparison:
 
     max_abs_diff: float
     top1_agreement: float
+    reference_scale: float = 1.0  # max(1, largest |reference logit|): float error grows with the magnitude
 
 
 def measurement_provider(serve_on_gpu: bool) -> str:
@@ -89,19 +90,23 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, *, tie_toleranc
         raise ValueError(f"logits of shape {candidate.shape} cannot be compared with {reference.shape}")
     if reference.size == 0:
         return Comparison(max_abs_diff=0.0, top1_agreement=1.0)
+    scale = max(1.0, float(np.max(np.abs(reference))))
     diff = float(np.max(np.abs(reference.astype(np.float64) - candidate.astype(np.float64))))
     ref_top, cand_top = reference.argmax(axis=1), candidate.argmax(axis=1)
     rows = np.arange(len(reference))
     tie = reference[rows, ref_top] - reference[rows, cand_top] <= tie_tolerance
     agree = (ref_top == cand_top) | tie
-    return Comparison(max_abs_diff=diff, top1_agreement=float(agree.mean()))
+    return Comparison(max_abs_diff=diff, top1_agreement=float(agree.mean()), reference_scale=scale)
 
 
 def parity_failure(comparison: Comparison) -> str | None:
     """Why an fp32 export is not faithful to PyTorch, or None when it is."""
     problems = []
-    if not comparison.max_abs_diff <= PARITY_MAX_ABS_DIFF:  # also catches NaN
-        problems.append(f"max abs diff {comparison.max_abs_diff:.3g} > {PARITY_MAX_ABS_DIFF:g}")
+    # Relative to the logits' magnitude: a deep network whose logits reach the hundreds (ResNet50 early in
+    # training) differs from PyTorch by fp32 reassociation alone more than 1e-3 in absolute terms.
+    limit = PARITY_MAX_ABS_DIFF * comparison.reference_scale
+    if not comparison.max_abs_diff <= limit:  # also catches NaN
+        problems.append(f"max abs diff {comparison.max_abs_diff:.3g} > {limit:.3g}")
     if comparison.top1_agreement < PARITY_MIN_AGREEMENT:
         problems.append(f"top-1 agreement {comparison.top1_agreement:.2%} < {PARITY_MIN_AGREEMENT:.1%}")
     return "; ".join(problems) or None
