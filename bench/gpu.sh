@@ -75,6 +75,7 @@ mkdir -p "$results"
 echo "== GPU table (at most ${LIMIT} s)"
 timeout --kill-after=15 "$LIMIT" "$PYTHON" bench/run.py --quick --only gpu --output "$results/gpu.md"
 status=$?
+timeout --kill-after=15 "$LIMIT" "$PYTHON" bench/gpu_cifar10.py --output "$results/gpu_cifar10.md" || status=$?
 if [[ "${1:-}" == "--all" ]]; then
   echo "== CPU tables on this machine"
   timeout --kill-after=15 $((LIMIT * 3)) "$PYTHON" bench/run.py --quick \

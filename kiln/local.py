@@ -47,6 +47,24 @@ def ignored_fields(spec: api.TrainingJobSpec) -> list[str]:
     return [name for name, is_set in fields_set.items() if is_set]
 
 
+def _held_out_lines(card: api.ModelCard) -> list[str]:
+    """Test-set and robustness figures, and where the plots are, when the card has them."""
+    lines = []
+    if card.test_metrics is not None:
+        t = card.test_metrics
+        lines.append(
+            f"test accuracy {100 * t.accuracy:.2f}%  macro f1 {100 * t.macro_f1:.2f}%  on {t.samples} held-out images"
+        )
+    if card.adversarial is not None:
+        a = card.adversarial
+        lines.append(
+            f"{a.attack} accuracy {100 * a.accuracy:.2f}% at epsilon {a.epsilon:.4f} ({a.space} units, {a.split} set)"
+        )
+    if card.plots:
+        lines.append("plots: " + ", ".join(card.plots))
+    return lines
+
+
 def summary_table(card: api.ModelCard) -> str:
     """The end-of-run report: metrics of the best model and every compiled variant, the selected one marked."""
     m, t = card.metrics, card.training
@@ -62,6 +80,7 @@ def summary_table(card: api.ModelCard) -> str:
         f"(best {t.best_epoch}, stopped by {t.stop_reason}) in {t.duration_seconds:.1f}s",
         f"accuracy {pct(m.accuracy)}  precision {pct(m.precision)}  recall {pct(m.recall)}  f1 {pct(m.f1)}"
         + (f"  adversarial {pct(m.adversarial_accuracy)}" if m.adversarial_accuracy is not None else ""),
+        *_held_out_lines(card),
         "",
         f"{'variant':<14}{'accuracy':>10}{'ms@1':>10}{'ms@32':>10}{'size':>12}  status",
     ]

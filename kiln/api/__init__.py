@@ -1,14 +1,28 @@
 """The TrainingJob API (kiln.dev/v1alpha1) and the model card: one typed model, the source of the CRD."""
 
-from kiln.api.card import ClassMetrics, ModelCard, Preprocessing, TensorSpec, TrainingSummary, VariantReport
+from kiln.api.card import (
+    AdversarialReport,
+    ClassMetrics,
+    EpochHistory,
+    HeldOutMetrics,
+    ModelCard,
+    Preprocessing,
+    TensorSpec,
+    TrainingSummary,
+    VariantReport,
+)
 from kiln.api.constants import API_VERSION, EXIT_CONFIG_ERROR, GROUP, KIND, PLURAL, VERSION
 from kiln.api.placement import EnvVar, PodPlacement
 from kiln.api.spec import (
     VARIANTS,
+    AdversarialSpec,
     DataSpec,
+    EmaSpec,
     ExportSpec,
+    MixupSpec,
     ModelSpec,
     NormalizeSpec,
+    OptimizerSpec,
     ResourcesSpec,
     ServingSpec,
     TrainingJobSpec,
@@ -40,6 +54,8 @@ __all__ = [
     "PLURAL",
     "VARIANTS",
     "VERSION",
+    "AdversarialReport",
+    "AdversarialSpec",
     "ClassMetrics",
     "Condition",
     "ConditionStatus",
@@ -47,14 +63,19 @@ __all__ = [
     "ConfigError",
     "DataSpec",
     "EnvVar",
+    "EmaSpec",
+    "EpochHistory",
     "ExportSpec",
+    "HeldOutMetrics",
     "Metrics",
+    "MixupSpec",
     "ModelCard",
     "ModelSpec",
     "ModelStatus",
     "NormalizeSpec",
     "PodPlacement",
     "Phase",
+    "OptimizerSpec",
     "Preprocessing",
     "Progress",
     "ResourcesSpec",

@@ -37,13 +37,53 @@ class Preprocessing(ApiModel):
 
 
 class ClassMetrics(ApiModel):
-    """Per-class validation figures."""
+    """Per-class figures; None where undefined (recall and F1 of a class absent from the data, precision of a
+    class never predicted and absent), rather than a misleading 0."""
 
     name: str
-    precision: float
-    recall: float
-    f1: float
+    precision: float | None = None
+    recall: float | None = None
+    f1: float | None = None
     support: int
+
+
+class HeldOutMetrics(ApiModel):
+    """The final selected model on the held-out test set: computed once, never used to select anything."""
+
+    accuracy: float
+    macro_precision: float
+    macro_recall: float
+    macro_f1: float
+    weighted_precision: float
+    weighted_recall: float
+    weighted_f1: float
+    samples: int
+    per_class: list[ClassMetrics] = Field(default_factory=list)
+
+
+class AdversarialReport(ApiModel):
+    """Accuracy under a white-box attack, with what the number means."""
+
+    attack: Literal["fgsm", "pgd"]
+    epsilon: float = Field(..., description="Largest perturbation per pixel.")
+    space: Literal["pixel"] = Field("pixel", description="epsilon is in units of [0, 1] pixels, clamped to [0, 1].")
+    steps: int = 1
+    step_size: float | None = None
+    split: Literal["test", "validation"]
+    accuracy: float
+
+
+class EpochHistory(ApiModel):
+    """One epoch of the run, as in history.csv."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    learning_rate: float | None = None
+    samples_per_second: float
+    duration_seconds: float
 
 
 class TrainingSummary(ApiModel):
@@ -61,6 +101,10 @@ class TrainingSummary(ApiModel):
     workers: int = 1
     device: str = "cpu"
     warnings: list[str] = Field(default_factory=list)
+    clean_train_accuracy: float | None = Field(
+        None, description="Best model on a training subset, eval mode, no augmentation (the overfitting check)."
+    )
+    test_accuracy: float | None = None
 
 
 class VariantReport(ApiModel):
@@ -71,6 +115,7 @@ class VariantReport(ApiModel):
     sha256: str
     size_bytes: int
     accuracy: float | None = None
+    test_accuracy: float | None = None
     latency_ms_batch1: float | None = None
     latency_ms_batch32: float | None = None
     max_abs_diff: float | None = Field(None, description="Against PyTorch (fp32) or fp32 ONNX (others).")
@@ -96,6 +141,10 @@ class ModelCard(ApiModel):
     per_class: list[ClassMetrics] = Field(default_factory=list)
     confusion_matrix: list[list[int]] = Field(default_factory=list)
     training: TrainingSummary
+    test_metrics: HeldOutMetrics | None = None
+    adversarial: AdversarialReport | None = None
+    history: list[EpochHistory] = Field(default_factory=list)
+    plots: list[str] = Field(default_factory=list, description="PNG files, relative to the folder holding the card.")
     opset: int
     exporter: str
     variants: list[VariantReport]

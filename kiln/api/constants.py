@@ -28,6 +28,10 @@ OPTIMIZED_MODEL_FILE: Final = "model.optimized.onnx"
 # ARTIFACTS_MOUNT/<namespace>/<name>/<uid> (reported as status.artifactsPath).
 ARTIFACTS_MOUNT: Final = "/artifacts"
 DATA_MOUNT: Final = "/data"
+WEIGHTS_MOUNT: Final = "/weights"
+# Files the trainer writes beside the checkpoints: the per-epoch history and the plots of the run.
+HISTORY_FILE: Final = "history.csv"
+PLOTS_DIR: Final = "plots"
 CONFIG_MOUNT: Final = "/etc/kiln"
 CONFIG_FILE: Final = "trainingjob.yaml"
 

@@ -86,8 +86,30 @@ class ModelSpec(ApiModel):
     weights: str | None = Field(
         None,
         max_length=4096,
-        description="Path to a local file of pretrained weights (a state dict). Nothing is ever downloaded; "
-        "the final layer is re-initialised when the class count differs (fine-tuning).",
+        description="Pretrained weights: a local state-dict file, or a torchvision weight name such as "
+        "IMAGENET1K_V2 (or ResNet50_Weights.IMAGENET1K_V2), read from the torch hub cache or the weights volume. "
+        "The final layer is re-initialised when the class count differs (fine-tuning).",
+    )
+    weights_volume: VolumeSource | None = Field(
+        None,
+        description="A Kubernetes volume source holding torchvision weight files (as the torch hub cache "
+        "names them), searched before the cache.",
+    )
+    allow_download: bool = Field(
+        False,
+        description="Download named weights that are in neither the cache nor the weights volume; off by "
+        "default, so a run never depends on the network.",
+    )
+    weights_mirror: str | None = Field(
+        None,
+        max_length=2048,
+        description="Base URL to download named weights from (the file name is appended); defaults to "
+        "torchvision's own URL. Only used with allowDownload.",
+    )
+    stem: Literal["imagenet", "cifar"] = Field(
+        "imagenet",
+        description="ResNet input stem: imagenet (7x7 stride-2 conv and max-pool) or cifar (3x3 stride-1 conv, "
+        "no max-pool), which keeps 32x32 images from shrinking to 1x1 in the last stage.",
     )
 
     @field_validator("architecture")
@@ -157,6 +179,19 @@ class DataSpec(ApiModel):
         lt=1,
         description="Fraction of the training data held out for validation (a deterministic split from training.seed).",
     )
+    test_path: str | None = Field(
+        None,
+        max_length=4096,
+        description="imagefolder: a folder of held-out test images (one sub-folder per class); relative paths "
+        "are resolved inside the data volume. cifar10 always uses its test_batch.",
+    )
+    test_split: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Fraction of the data held out as a test set when the dataset has none of its own (digits, "
+        "fake, imagefolder without testPath); a deterministic split from training.seed. Unset: no test set.",
+    )
     augment: AugmentSpec = Field(default_factory=AugmentSpec, json_schema_extra=NESTED)
     normalize: NormalizeSpec | None = Field(None, description="Defaults to the dataset's usual mean/std.")
     num_workers: int = Field(2, ge=0, le=64, description="DataLoader worker processes.")
@@ -172,6 +207,12 @@ class OptimizerSpec(ApiModel):
     learning_rate: float = Field(1e-3, gt=0, le=10, description="Peak learning rate.")
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd only).")
     weight_decay: float = Field(0.0, ge=0, le=1, description="Weight decay.")
+    decay_norm_and_bias: bool = Field(
+        False, description="Apply weight decay to normalisation and bias parameters too (off, as timm does)."
+    )
+    head_learning_rate_multiplier: float = Field(
+        1.0, gt=0, le=1000, description="Learning rate of the classifier head relative to the backbone's."
+    )
 
 
 class SchedulerSpec(ApiModel):
@@ -188,6 +229,26 @@ class EarlyStoppingSpec(ApiModel):
 
     patience: int = Field(5, ge=1, le=10000, description="Epochs without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0, le=1, description="Smallest accuracy gain that counts as improvement.")
+
+
+class MixupSpec(ApiModel):
+    """Mixup and CutMix on training batches (timm's convention: one of the two per batch)."""
+
+    mixup_alpha: float = Field(0.2, ge=0, le=10, description="Beta(alpha, alpha) for mixup; 0 disables mixup.")
+    cutmix_alpha: float = Field(1.0, ge=0, le=10, description="Beta(alpha, alpha) for CutMix; 0 disables CutMix.")
+    probability: float = Field(1.0, ge=0, le=1, description="Share of batches mixed at all.")
+    switch_probability: float = Field(
+        0.5, ge=0, le=1, description="Share of mixed batches cut (CutMix) when both are on."
+    )
+
+
+class EmaSpec(ApiModel):
+    """Exponential moving average of the weights, evaluated and exported instead of the raw weights."""
+
+    decay: float = Field(0.999, gt=0, lt=1, description="Decay per optimizer step.")
+    warmup_steps: int = Field(
+        0, ge=0, description="Steps over which the decay ramps up from 0 (the average starts as the weights)."
+    )
 
 
 class TrainingSpec(ApiModel):
@@ -213,20 +274,42 @@ class TrainingSpec(ApiModel):
         description="Warn about overfitting when training accuracy exceeds validation accuracy by more than this.",
     )
     seed: int = Field(42, ge=0, description="Seed for the split, initialisation and shuffling.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="Batches whose gradients are summed before each optimizer step."
+    )
+    freeze_backbone_epochs: int = Field(
+        0, ge=0, description="Train only the classifier head for this many epochs first (fine-tuning)."
+    )
+    sync_batch_norm: bool = Field(
+        True, description="Synchronise BatchNorm statistics across workers (DDP on GPUs with workers > 1)."
+    )
+    mixup: MixupSpec | None = Field(None, description="Mixup and CutMix; off when unset.")
+    ema: EmaSpec | None = Field(None, description="EMA of the weights; off when unset.")
     checkpoint_every: int = Field(1, ge=1, description="Write a checkpoint every this many epochs.")
     keep_checkpoints: int = Field(2, ge=1, le=100, description="Latest checkpoints kept (plus the best).")
 
 
 class AdversarialSpec(ApiModel):
-    """FGSM robustness check on the validation set."""
+    """Robustness check of the final model on the test set (the validation set when there is none)."""
 
-    epsilon: float = Field(0.03, gt=0, le=1, description="FGSM step size in normalised input units.")
+    attack: Literal["fgsm", "pgd"] = Field("fgsm", description="fgsm (one step) or pgd (steps of stepSize).")
+    epsilon: float = Field(
+        8 / 255,
+        gt=0,
+        le=1,
+        description="Largest perturbation per pixel, in pixel units of [0, 1] images (8/255 by default); "
+        "perturbed images are clamped to [0, 1].",
+    )
+    steps: int = Field(10, ge=1, le=1000, description="PGD iterations.")
+    step_size: float | None = Field(
+        None, gt=0, le=1, description="PGD step in pixel units; defaults to 2.5 * epsilon / steps."
+    )
 
 
 class EvaluationSpec(ApiModel):
     """Extra evaluation beyond loss, accuracy, precision, recall and F1."""
 
-    adversarial: AdversarialSpec | None = Field(None, description="Measure FGSM adversarial accuracy.")
+    adversarial: AdversarialSpec | None = Field(None, description="Measure adversarial accuracy (FGSM or PGD).")
 
 
 class CalibrationSpec(ApiModel):

@@ -59,7 +59,10 @@ class Metrics(ApiModel):
     precision: float | None = Field(None, description="Macro precision.")
     recall: float | None = Field(None, description="Macro recall.")
     f1: float | None = Field(None, description="Macro F1.")
-    adversarial_accuracy: float | None = Field(None, description="Accuracy under FGSM, when requested.")
+    adversarial_accuracy: float | None = Field(
+        None, description="Accuracy under the requested attack (evaluation.adversarial), when requested."
+    )
+    test_accuracy: float | None = Field(None, description="Top-1 accuracy on the held-out test set, when there is one.")
 
 
 class ModelStatus(ApiModel):

@@ -165,6 +165,9 @@ def _trainer_volumes(
     if spec.data.volume:
         volumes.append({"name": "data", **spec.data.volume})
         mounts.append({"name": "data", "mountPath": constants.DATA_MOUNT, "readOnly": True})
+    if spec.model.weights_volume:
+        volumes.append({"name": "weights", **spec.model.weights_volume})
+        mounts.append({"name": "weights", "mountPath": constants.WEIGHTS_MOUNT, "readOnly": True})
     if spec.resources.gpus_per_worker:
         # NCCL and DataLoader workers exchange tensors through /dev/shm; the runtime's 64 MiB is too small.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": GPU_SHM_SIZE}})

@@ -14,16 +14,26 @@ from kiln.api import constants
 from kiln_trainer import compile as compiler
 from kiln_trainer import data, export, measure, models
 
-EPOCHS = 4
+# Train to a target, not for a fixed number of epochs: how far 4 epochs get depends on the CPU's numerics
+# (89.4% on an AMD EPYC, above 90% elsewhere), reaching 95% does not.
+TARGET_ACCURACY = 0.95
+MAX_EPOCHS = 30
 
 
-def _train(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> None:
-    """A plain training loop: enough to get the small CNN well above 90% on digits."""
+def _accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
+    model.eval()
+    with torch.inference_mode():
+        return float((model(torch.from_numpy(images)).argmax(1).numpy() == labels).mean())
+
+
+def _train(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, val: tuple[np.ndarray, np.ndarray]) -> int:
+    """A plain training loop, run until the small CNN reaches TARGET_ACCURACY on validation; returns the
+    epochs it took."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
     generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(EPOCHS):
+    for epoch in range(1, MAX_EPOCHS + 1):
+        model.train()
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), 64):
             batch = order[start : start + 64]
@@ -31,7 +41,9 @@ def _train(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> No
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    model.eval()
+        if _accuracy(model, *val) >= TARGET_ACCURACY:
+            return epoch
+    raise AssertionError(f"the small CNN did not reach {TARGET_ACCURACY} on digits in {MAX_EPOCHS} epochs")
 
 
 class Compiled:
@@ -51,9 +63,8 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Compiled:
     train_images, train_labels = data.stack_images(bundle.train_eval)
     val_images, val_labels = data.stack_images(bundle.val)
     model = models.build_model(spec, bundle.num_classes)
-    _train(model, train_images, train_labels)
-    with torch.inference_mode():
-        accuracy = float((model(torch.from_numpy(val_images)).argmax(1).numpy() == val_labels).mean())
+    epochs = _train(model, train_images, train_labels, (val_images, val_labels))
+    accuracy = _accuracy(model, val_images, val_labels)
     inputs = compiler.CompileInputs(
         model=model,
         val_images=val_images,
@@ -64,9 +75,9 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Compiled:
         training=api.TrainingSummary(
             architecture="small-cnn",
             dataset="digits",
-            epochs_requested=EPOCHS,
-            epochs_run=EPOCHS,
-            best_epoch=EPOCHS,
+            epochs_requested=MAX_EPOCHS,
+            epochs_run=epochs,
+            best_epoch=epochs,
             best_val_accuracy=accuracy,
             stop_reason="epochs",
             duration_seconds=1.0,
@@ -101,7 +112,9 @@ def test_the_fp32_export_agrees_with_pytorch(compiled: Compiled) -> None:
 
 def test_the_trained_cnn_is_accurate_and_int8_static_stays_within_two_points(compiled: Compiled) -> None:
     fp32, int8 = compiled.card.variant("fp32"), compiled.card.variant("int8-static")
-    assert fp32.accuracy is not None and fp32.accuracy >= 0.9
+    # PyTorch reached the target; the fp32 export may differ on a near-tie image or two, never by a point.
+    assert compiled.inputs.metrics.accuracy is not None and compiled.inputs.metrics.accuracy >= TARGET_ACCURACY
+    assert fp32.accuracy is not None and fp32.accuracy >= compiled.inputs.metrics.accuracy - 0.01
     assert int8.accuracy is not None and int8.accuracy >= fp32.accuracy - 0.02
     assert not int8.rejected
 

@@ -58,9 +58,12 @@ def test_auto_on_a_cpu_never_picks_fp16_even_when_it_measured_fastest() -> None:
     assert "fp16 is for GPU serving" in reason
 
 
-def test_auto_on_a_gpu_picks_fp16_unless_it_is_rejected_or_missing() -> None:
-    reports = [_report("fp32", 4.0), _report("fp16", 5.0), _report("int8-static", 1.0)]
+def test_auto_on_a_gpu_picks_fp16_when_it_measured_faster_and_is_not_rejected() -> None:
+    reports = [_report("fp32", 4.0), _report("fp16", 3.0), _report("int8-static", 1.0)]
     assert compiler.select_variant(reports, "auto", serve_on_gpu=True)[0] == "fp16"
+    slower = [_report("fp32", 4.0), _report("fp16", 5.0)]
+    name, reason = compiler.select_variant(slower, "auto", serve_on_gpu=True)
+    assert name == "fp32" and "fp16 is not faster, 5.00 ms vs 4.00 ms" in reason
     reports[1] = _report("fp16", 2.0, rejected=True)
     assert compiler.select_variant(reports, "auto", serve_on_gpu=True) == (
         "fp32",
@@ -140,3 +143,24 @@ def test_the_calibration_reader_feeds_every_image_once_in_batches() -> None:
     assert sizes == [16, 16, 3] and len(reader) == 3
     reader.rewind()
     assert reader.get_next() is not None
+
+
+def test_variants_are_timed_round_robin_so_a_slow_spell_lands_on_every_candidate() -> None:
+    order: list[str] = []
+    medians = measure.interleaved_medians(
+        {"fp32": lambda: order.append("fp32"), "int8": lambda: order.append("int8")}, repeats=3, warmup=1
+    )
+    assert order == ["fp32", "int8"] * 4
+    assert set(medians) == {"fp32", "int8"} and all(m >= 0 for m in medians.values())
+
+
+def test_variants_are_timed_on_a_fixed_thread_count_whatever_the_machine_has() -> None:
+    assert 1 <= measure.selection_threads() <= measure.SELECTION_MAX_THREADS
+
+
+def test_the_fp32_parity_gate_scales_with_the_magnitude_of_the_logits() -> None:
+    reference = np.array([[300.0, -120.0], [5.0, 1.0]], dtype=np.float32)
+    close = measure.compare_logits(reference, reference + np.float32(0.05))
+    assert close.reference_scale == 300.0 and measure.parity_failure(close) is None
+    small = np.array([[0.3, -0.1]], dtype=np.float32)
+    assert "max abs diff 0.05 > 0.001" in (measure.parity_failure(measure.compare_logits(small, small + 0.05)) or "")

@@ -201,6 +201,18 @@ def test_data_is_mounted_read_only_and_artifacts_default_to_the_operator_pvc() -
     assert "data" not in volumes
 
 
+def test_the_weights_volume_is_mounted_read_only_where_the_trainer_looks_for_named_weights() -> None:
+    model = {
+        "architecture": "resnet50",
+        "weights": "IMAGENET1K_V2",
+        "weightsVolume": {"persistentVolumeClaim": {"claimName": "w"}},
+    }
+    job = trainer_objects.build_job(OWNER, spec(model=model), CFG)
+    assert mounts_of(trainer_container(job))[constants.WEIGHTS_MOUNT]["readOnly"] is True
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["weights"] == {"name": "weights", "persistentVolumeClaim": {"claimName": "w"}}
+
+
 def test_scheduling_constraints_pass_through_to_trainer_pods() -> None:
     toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     resources = {"nodeSelector": {"pool": "gpu"}, "tolerations": [toleration], "priorityClassName": "training"}

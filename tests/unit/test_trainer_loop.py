@@ -144,22 +144,6 @@ def test_adversarial_accuracy_is_measured_when_requested(tmp_path: Path) -> None
     assert adversarial is not None and 0.0 <= adversarial <= 1.0
 
 
-def _record(epoch: int, train: float, val: float) -> evaluate.EpochRecord:
-    return evaluate.EpochRecord(epoch, 0.1, train, 0.1, val, 100.0, 1.0)
-
-
-def test_overfitting_is_flagged_when_validation_falls_while_training_rises() -> None:
-    history = [_record(1, 0.80, 0.78), _record(2, 0.85, 0.76), _record(3, 0.90, 0.74)]
-    warnings = evaluate.overfitting_warnings(history, gap=0.5)
-    assert len(warnings) == 1 and "validation accuracy fell from 0.7800 to 0.7400" in warnings[0]
-
-
-def test_overfitting_is_flagged_when_the_train_validation_gap_exceeds_the_limit() -> None:
-    warnings = evaluate.overfitting_warnings([_record(1, 0.99, 0.70)], gap=0.15)
-    assert len(warnings) == 1 and "exceeds validation accuracy" in warnings[0] and "overfitGap 0.15" in warnings[0]
-    assert evaluate.overfitting_warnings([_record(1, 0.80, 0.75), _record(2, 0.85, 0.80)], gap=0.15) == []
-
-
 def test_scores_are_computed_by_class_and_averaged_over_classes() -> None:
     labels = np.array([0, 0, 1, 1, 2, 2])
     predictions = np.array([0, 1, 1, 1, 0, 0])

@@ -44,6 +44,12 @@ class CompileInputs:
     metrics: api.Metrics
     per_class: list[api.ClassMetrics] = field(default_factory=list)
     confusion_matrix: list[list[int]] = field(default_factory=list)
+    test_images: np.ndarray | None = None  # the held-out test set, when there is one: each variant is scored
+    test_labels: np.ndarray | None = None
+    test_metrics: api.HeldOutMetrics | None = None
+    adversarial: api.AdversarialReport | None = None
+    history: list[api.EpochHistory] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)  # relative to the output folder
 
 
 def _check_inputs(spec: api.TrainingJobSpec, inputs: CompileInputs) -> None:
@@ -131,26 +137,47 @@ def _measure(
         sha256="",
         size_bytes=path.stat().st_size,
         accuracy=measure.accuracy(logits, inputs.val_labels),
-        latency_ms_batch1=measure.median_latency_ms(
-            session, measure.fixed_batch(inputs.val_images, 1), repeats=repeats
-        ),
-        latency_ms_batch32=measure.median_latency_ms(
-            session, measure.fixed_batch(inputs.val_images, 32), repeats=repeats
-        ),
         provider=provider,
     )
+    if inputs.test_images is not None and inputs.test_labels is not None and len(inputs.test_labels):
+        report.test_accuracy = measure.accuracy(measure.predict(session, inputs.test_images), inputs.test_labels)
     if reference is not None:
         comparison = measure.compare_logits(reference, logits)
         report.max_abs_diff, report.top1_agreement = comparison.max_abs_diff, comparison.top1_agreement
-    log.info(
-        "compile: %s accuracy %.4f, %.2f ms at batch 1, %.2f ms at batch 32, %.1f MB",
-        variant,
-        report.accuracy,
-        report.latency_ms_batch1,
-        report.latency_ms_batch32,
-        report.size_bytes / 1e6,
-    )
+    log.info("compile: %s accuracy %.4f, %.1f MB", variant, report.accuracy, report.size_bytes / 1e6)
     return report, logits
+
+
+def _time_variants(
+    reports: list[api.VariantReport],
+    staging: Path,
+    inputs: CompileInputs,
+    *,
+    provider: str,
+    threads: int,
+    repeats: int,
+) -> None:
+    """Latency at batch 1 and 32 of every variant, measured together: the same fixed thread count for all,
+    repeats interleaved across variants, so a load spike on the compiling machine slows every candidate alike
+    and the comparison within this run stays fair."""
+    sessions = {r.name: measure.open_session(staging / r.path, provider=provider, threads=threads) for r in reports}
+    for size in (1, 32):
+        medians = measure.interleaved_latency_ms(
+            sessions, measure.fixed_batch(inputs.val_images, size), repeats=repeats
+        )
+        for report in reports:
+            if size == 1:
+                report.latency_ms_batch1 = medians[report.name]
+            else:
+                report.latency_ms_batch32 = medians[report.name]
+    for report in reports:
+        log.info(
+            "compile: %s %.2f ms at batch 1, %.2f ms at batch 32 (%d threads, interleaved)",
+            report.name,
+            report.latency_ms_batch1,
+            report.latency_ms_batch32,
+            threads,
+        )
 
 
 def reject_inaccurate(reports: list[api.VariantReport], max_drop: float) -> None:
@@ -177,14 +204,18 @@ def select_variant(reports: list[api.VariantReport], requested: str, *, serve_on
         note = f", although it is rejected: {chosen.reason}" if chosen.rejected else ""
         return requested, f"serving.variant asks for {requested}{note}"
     if serve_on_gpu:
-        fp16 = by_name.get("fp16")
-        if fp16 is not None and not fp16.rejected:
-            return "fp16", (
-                f"auto on a GPU: fp16 halves memory traffic; accuracy {fp16.accuracy:.4f} vs "
-                f"{by_name['fp32'].accuracy:.4f} for fp32"
+        fp16, fp32 = by_name.get("fp16"), by_name["fp32"]
+        if fp16 is None or fp16.rejected:
+            why = "rejected" if fp16 is not None else "not in export.variants"
+            return "fp32", f"auto on a GPU: fp16 is {why}, so fp32"
+        fast, slow = (fp16.latency_ms_batch32 or 0.0), (fp32.latency_ms_batch32 or 0.0)
+        timing = f"{fast:.2f} ms vs {slow:.2f} ms for fp32 at batch 32 on {fp16.provider}"
+        if fast < slow:  # timed, not assumed: fp16 is slower than fp32 on some GPUs and models
+            return (
+                "fp16",
+                f"auto on a GPU: fp16 measured faster, {timing}; accuracy {fp16.accuracy:.4f} vs {fp32.accuracy:.4f}",
             )
-        why = "rejected" if fp16 is not None else "not in export.variants"
-        return "fp32", f"auto on a GPU: fp16 is {why}, so fp32"
+        return "fp32", f"auto on a GPU: fp16 is not faster, {timing}"
     candidates = [r for r in reports if not r.rejected and r.name != "fp16" and r.latency_ms_batch32 is not None]
     fastest = min(candidates, key=lambda r: (r.latency_ms_batch32 or 0.0, _PREFERENCE.get(r.name, 99)))
     fp32 = by_name["fp32"]
@@ -211,7 +242,7 @@ def _build(
     *,
     serve_on_gpu: bool,
     repeats: int,
-    threads: int | None,
+    threads: int,
 ) -> api.ModelCard:
     """Export, check, build and measure every variant, select, inside ``staging``."""
     models_dir, work = staging / constants.MODELS_DIR, staging / "work"
@@ -284,6 +315,7 @@ def _build(
             _measure(variant, path, staging, inputs, reference, provider=provider, threads=threads, repeats=repeats)[0]
         )
     reject_inaccurate(reports, spec.export.max_accuracy_drop)
+    _time_variants(reports, staging, inputs, provider=provider, threads=threads, repeats=repeats)
 
     # Select, save the selected variant's offline-optimised graph, then checksum the final files.
     selected, reason = select_variant(reports, spec.serving.variant, serve_on_gpu=serve_on_gpu)
@@ -307,6 +339,10 @@ def _build(
         per_class=inputs.per_class,
         confusion_matrix=inputs.confusion_matrix,
         training=inputs.training,
+        test_metrics=inputs.test_metrics,
+        adversarial=inputs.adversarial,
+        history=inputs.history,
+        plots=inputs.plots,
         opset=exported.opset,
         exporter=exported.exporter,
         variants=reports,
@@ -340,8 +376,8 @@ def compile_model(
     """Compile ``inputs.model`` into ``output_dir/models/<variant>/model.onnx`` and write
     ``output_dir/model-card.json``; raises CompileError with nothing new left in ``output_dir``.
 
-    ``repeats`` timed runs per latency figure; ``threads`` caps onnxruntime's intra-op threads (None: its
-    default, all cores).
+    ``repeats`` timed runs per latency figure; ``threads`` fixes onnxruntime's intra-op threads (None:
+    measure.selection_threads(), the same on a busy and an idle machine).
     """
     _check_inputs(spec, inputs)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -349,7 +385,8 @@ def compile_model(
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir))
     try:
-        card = _build(spec, inputs, staging, name, serve_on_gpu=serve_on_gpu, repeats=repeats, threads=threads)
+        fixed = threads if threads is not None else measure.selection_threads()
+        card = _build(spec, inputs, staging, name, serve_on_gpu=serve_on_gpu, repeats=repeats, threads=fixed)
         _publish(staging, output_dir, card)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

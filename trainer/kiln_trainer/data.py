@@ -16,12 +16,12 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
 from kiln import api
 from kiln.api import constants
-from kiln_trainer import errors
+from kiln_trainer import errors, models
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class DataBundle:
     train: Dataset[Item]  # training split, augmented
     train_eval: Dataset[Item]  # the same split without augmentation (training accuracy, calibration)
     val: Dataset[Item]  # validation split, no augmentation
+    test: Dataset[Item] | None  # held-out test set, no augmentation; never used to select anything
     class_names: list[str]
     num_classes: int
     image_size: int
@@ -78,15 +79,15 @@ class _Cifar10(torchvision.datasets.CIFAR10):  # type: ignore[misc]
 
     meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}  # check_integrity(path, None) = file exists
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, train: bool = True) -> None:
         # Accept the batches folder itself or the folder holding cifar-10-batches-py/.
-        if (folder / "data_batch_1").is_file():
+        if (folder / "data_batch_1").is_file() or (folder / "test_batch").is_file():
             self.base_folder = ""
-        super().__init__(str(folder), train=True, download=False)
+        super().__init__(str(folder), train=train, download=False)
 
     def _check_integrity(self) -> bool:
         folder = Path(self.root) / self.base_folder
-        return all((folder / name).is_file() for name, _ in self.train_list)
+        return all((folder / name).is_file() for name, _ in (self.train_list if self.train else self.test_list))
 
 
 class _Digits(_Source):
@@ -133,17 +134,64 @@ def _load_image(path: str) -> Image.Image:
         raise errors.ConfigError(f"data.path: cannot read image {path}: {err}") from None
 
 
-def _dataset_path(spec: api.TrainingJobSpec) -> Path:
-    """data.path, resolved inside the data volume when one is mounted and the path is relative."""
-    assert spec.data.path is not None  # the API requires it for datasets that read files
-    path = Path(spec.data.path)
+def _dataset_path(spec: api.TrainingJobSpec, value: str | None, field: str = "data.path") -> Path:
+    """A dataset folder (data.path, data.testPath), resolved inside the data volume when one is mounted and the
+    path is relative."""
+    assert value is not None  # the API requires data.path for datasets that read files
+    path = Path(value)
     if spec.data.volume is not None and not path.is_absolute():
         path = Path(constants.DATA_MOUNT) / path
     if not path.exists():
-        raise errors.ConfigError(f"data.path: {path} does not exist (dataset {spec.data.dataset})")
+        raise errors.ConfigError(f"{field}: {path} does not exist (dataset {spec.data.dataset})")
     if not path.is_dir():
-        raise errors.ConfigError(f"data.path: {path} is not a folder (dataset {spec.data.dataset})")
+        raise errors.ConfigError(f"{field}: {path} is not a folder (dataset {spec.data.dataset})")
     return path
+
+
+def _image_folder(path: Path, field: str) -> torchvision.datasets.ImageFolder:
+    try:
+        return torchvision.datasets.ImageFolder(str(path), loader=_load_image)
+    except FileNotFoundError:
+        raise errors.ConfigError(
+            f"{field}: {path} holds no images for imagefolder (expected one sub-folder per class with "
+            "image files in it)"
+        ) from None
+
+
+def _read_cifar10(path: Path, train: bool) -> _Cifar10:
+    try:
+        return _Cifar10(path, train=train)
+    except RuntimeError:
+        wanted = "data_batch_1..5 and batches.meta" if train else "test_batch and batches.meta"
+        raise errors.ConfigError(
+            f"data.path: {path} holds no CIFAR-10 python batches ({wanted}, directly or under cifar-10-batches-py/)"
+        ) from None
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+        raise errors.ConfigError(f"data.path: {path}: malformed CIFAR-10 batch file: {err!r}") from None
+
+
+def _read_test_source(spec: api.TrainingJobSpec, class_names: list[str]) -> _Source | None:
+    """The dataset's own test set: CIFAR-10's test_batch, or the imagefolder at data.testPath; None when the
+    dataset has none (data.testSplit may then hold one out)."""
+    dataset = spec.data.dataset
+    if dataset == "cifar10":
+        cifar = _read_cifar10(_dataset_path(spec, spec.data.path), train=False)
+        source: _Source = _Wrapped(cifar, list(cifar.classes))
+    elif dataset == "imagefolder" and spec.data.test_path is not None:
+        folder = _image_folder(_dataset_path(spec, spec.data.test_path, "data.testPath"), "data.testPath")
+        source = _Wrapped(folder, list(folder.classes))
+    else:
+        if spec.data.test_path is not None:
+            raise errors.ConfigError(f"data.testPath: only imagefolder reads a test folder, not {dataset}")
+        return None
+    if spec.data.test_split is not None:
+        raise errors.ConfigError(f"data.testSplit: {dataset} at {spec.data.path} has its own test set; unset testSplit")
+    if source.class_names != class_names:
+        raise errors.ConfigError(
+            f"data.testPath: the test classes ({', '.join(source.class_names[:5])}) differ from the training "
+            f"classes ({', '.join(class_names[:5])})"
+        )
+    return source
 
 
 def _read_source(spec: api.TrainingJobSpec, image_size: int) -> _Source:
@@ -160,40 +208,29 @@ def _read_source(spec: api.TrainingJobSpec, image_size: int) -> _Source:
             random_offset=spec.training.seed,
         )
         return _Wrapped(fake, [str(i) for i in range(classes)])
-    path = _dataset_path(spec)
+    path = _dataset_path(spec, spec.data.path)
     if dataset == "cifar10":
-        try:
-            cifar = _Cifar10(path)
-        except RuntimeError:
-            raise errors.ConfigError(
-                f"data.path: {path} holds no CIFAR-10 python batches (data_batch_1..5 and batches.meta, "
-                "directly or under cifar-10-batches-py/)"
-            ) from None
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
-            raise errors.ConfigError(f"data.path: {path}: malformed CIFAR-10 batch file: {err!r}") from None
+        cifar = _read_cifar10(path, train=True)
         return _Wrapped(cifar, list(cifar.classes))
-    try:
-        folder = torchvision.datasets.ImageFolder(str(path), loader=_load_image)
-    except FileNotFoundError:
-        raise errors.ConfigError(
-            f"data.path: {path} holds no images for imagefolder (expected one sub-folder per class with "
-            "image files in it)"
-        ) from None
+    folder = _image_folder(path, "data.path")
     return _Wrapped(folder, list(folder.classes))
 
 
-def _split_indices(size: int, spec: api.TrainingJobSpec) -> tuple[list[int], list[int]]:
-    """A seeded permutation, cut to maxSamples, then cut into validation and training indices."""
+def _split_indices(size: int, spec: api.TrainingJobSpec) -> tuple[list[int], list[int], list[int]]:
+    """A seeded permutation, cut to maxSamples, then cut into validation (the head), test (the tail, when
+    data.testSplit asks for one) and training (the rest) indices."""
     order = np.random.default_rng(spec.training.seed).permutation(size)
     if spec.data.max_samples is not None:
         order = order[: spec.data.max_samples]
     n_val = max(1, round(len(order) * spec.data.validation_split))
-    if len(order) - n_val < 1:
+    n_test = max(1, round(len(order) * spec.data.test_split)) if spec.data.test_split is not None else 0
+    if len(order) - n_val - n_test < 1:
         raise errors.ConfigError(
             f"data: {len(order)} samples leave nothing to train on after a validationSplit of "
-            f"{spec.data.validation_split}"
+            f"{spec.data.validation_split} and a testSplit of {spec.data.test_split or 0}"
         )
-    return [int(i) for i in order[n_val:]], [int(i) for i in order[:n_val]]
+    test = order[len(order) - n_test :] if n_test else order[:0]
+    return [int(i) for i in order[n_val : len(order) - n_test]], [int(i) for i in order[:n_val]], [int(i) for i in test]
 
 
 def build_transforms(
@@ -219,7 +256,11 @@ def build_transforms(
 
 
 def _normalization(spec: api.TrainingJobSpec) -> tuple[list[float], list[float]]:
-    """Mean and std for the three RGB channels (a single value applies to all three)."""
+    """Mean and std for the three RGB channels (a single value applies to all three): data.normalize, else
+    the normalisation named torchvision weights were trained with, else the dataset's usual one."""
+    own = models.weights_normalization(spec) if spec.data.normalize is None else None
+    if own is not None:
+        return own
     norm = api.resolved_normalize(spec)
     if len(norm.mean) == 1:
         return norm.mean * 3, norm.std * 3
@@ -243,14 +284,21 @@ def load_data(spec: api.TrainingJobSpec, *, rank: int = 0, world_size: int = 1) 
         )
     if num_classes < 2:
         raise errors.ConfigError(f"data: {spec.data.dataset} has {num_classes} class; at least 2 are needed")
-    train_idx, val_idx = _split_indices(len(source), spec)
+    train_idx, val_idx, test_idx = _split_indices(len(source), spec)
     train_tf, eval_tf = build_transforms(spec, image_size, mean, std)
+    test_source = _read_test_source(spec, class_names)
+    test: Dataset[Item] | None = None
+    if test_source is not None:
+        test = _Split(test_source, range(len(test_source)), eval_tf)
+    elif test_idx:
+        test = _Split(source, test_idx, eval_tf)
     if rank == 0:
         log.info(
-            "data: %s, %d training and %d validation images of %dx%d, %d classes (world size %d)",
+            "data: %s, %d training, %d validation and %d test images of %dx%d, %d classes (world size %d)",
             spec.data.dataset,
             len(train_idx),
             len(val_idx),
+            len(test) if test is not None else 0,  # type: ignore[arg-type]
             image_size,
             image_size,
             num_classes,
@@ -260,6 +308,7 @@ def load_data(spec: api.TrainingJobSpec, *, rank: int = 0, world_size: int = 1) 
         train=_Split(source, train_idx, train_tf),
         train_eval=_Split(source, train_idx, eval_tf),
         val=_Split(source, val_idx, eval_tf),
+        test=test,
         class_names=class_names,
         num_classes=num_classes,
         image_size=image_size,
@@ -278,12 +327,13 @@ def build_loader(
     world_size: int = 1,
     pin_memory: bool = False,
 ) -> DataLoader[Item]:
-    """A DataLoader whose order and augmentation depend only on (seed, epoch): the sampler shuffles with
-    seed+epoch and worker seeds come from a generator seeded the same way, so a resumed epoch replays exactly.
+    """A DataLoader whose order and augmentation depend only on (seed, epoch, rank): the sampler shuffles with
+    seed+epoch (the same permutation on every rank, sharded by rank) and worker seeds come from a generator
+    seeded with (seed, epoch, rank), so every rank augments differently and a resumed epoch replays exactly.
     Training drops a last short batch (BatchNorm cannot train on one image); evaluation keeps every image."""
     workers = spec.data.num_workers
     batch = spec.training.batch_size
-    generator = torch.Generator().manual_seed(spec.training.seed + epoch)
+    generator = torch.Generator().manual_seed(rank_seed(spec.training.seed, epoch, rank))
     sampler: DistributedSampler[Item] | None = None
     if train:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=spec.training.seed)
@@ -299,6 +349,19 @@ def build_loader(
         generator=generator,
         prefetch_factor=4 if workers > 0 else None,
     )
+
+
+def rank_seed(*parts: int) -> int:
+    """One 63-bit seed from (seed, epoch, rank, ...): a hash, so neighbouring tuples give unrelated streams."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def clean_train_subset(bundle: DataBundle) -> Dataset[Item]:
+    """As many training images as the validation split holds (evenly spread, no augmentation): what the
+    overfitting check scores the best model on, in eval mode, beside its validation accuracy."""
+    size, count = len(bundle.train_eval), len(bundle.val)  # type: ignore[arg-type]
+    step = max(1, size // max(count, 1))
+    return Subset(bundle.train_eval, list(range(0, size, step))[:count])
 
 
 def stack_images(dataset: Dataset[Item], limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,8 @@ from pathlib import Path
 from torch import nn
 
 from kiln import api
-from kiln_trainer import checkpoint, data, distributed, evaluate, progress, status_reporter, stopping
+from kiln_trainer import checkpoint, data, distributed, evaluate, progress, report, status_reporter, stopping
+from kiln_trainer import history as history_file
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class TrainResult:
     best_checkpoint: Path
     resumed_from_epoch: int | None = None
     model_card: api.ModelCard | None = None
+    final: report.FinalReport | None = None  # test set, robustness, clean training pass, plots
 
 
 def finish(
@@ -44,21 +46,19 @@ def finish(
     last_checkpoint: Path | None,
     resumed_from: int | None,
 ) -> TrainResult:
-    """Reload the best model, add the summary (and FGSM accuracy) to best.pt, compile, report the end."""
+    """Reload the best model, measure it beyond validation (report.measure_final), add the summary to best.pt,
+    compile, report the end."""
     best_path = checkpoint.best_checkpoint_path(output_dir)
     best = checkpoint.load_checkpoint(best_path)
     model.load_state_dict(best["model"])
     model.eval()
-    adversarial = None
-    if spec.evaluation.adversarial is not None:
-        adversarial = evaluate.adversarial_accuracy(
-            model,
-            data.build_loader(bundle.val, spec, train=False),
-            device=ctx.device,
-            epsilon=spec.evaluation.adversarial.epsilon,
-        )
-    best_metrics = api.Metrics.model_validate({**best["metrics"], "adversarialAccuracy": adversarial})
-    warnings = evaluate.overfitting_warnings(history, spec.training.overfit_gap)
+    final = report.measure_final(
+        spec, bundle, model, history, best["confusion_matrix"], device=ctx.device, output_dir=output_dir
+    )
+    best_metrics = final.metrics(api.Metrics.model_validate(best["metrics"]))
+    warnings = evaluate.overfitting_warnings(
+        history, spec.training.overfit_gap, clean_train_accuracy=final.clean_train_accuracy
+    )
     for warning in warnings:
         log.warning("%s", warning)
     summary = api.TrainingSummary(
@@ -74,6 +74,8 @@ def finish(
         workers=ctx.world_size,
         device=ctx.device.type,
         warnings=warnings,
+        clean_train_accuracy=final.clean_train_accuracy,
+        test_accuracy=best_metrics.test_accuracy,
     )
     checkpoint.save_atomic({**best, "metrics": best_metrics.to_dict(), "summary": summary.to_dict()}, best_path)
     log.info(
@@ -93,6 +95,7 @@ def finish(
         history=history,
         best_checkpoint=best_path,
         resumed_from_epoch=resumed_from,
+        final=final,
     )
     # Report before compiling: the metrics stand even if the compile step fails and is retried.
     last = history[-1]
@@ -136,6 +139,8 @@ def compile_best(
 
     val_images, val_labels = data.stack_images(bundle.val)
     calibration, _ = data.stack_images(bundle.train_eval, limit=spec.export.calibration.samples)
+    test_images, test_labels = data.stack_images(bundle.test) if bundle.test is not None else (None, None)
+    final = result.final
     inputs = compiler.CompileInputs(
         model=model.cpu().eval(),
         val_images=val_images,
@@ -147,5 +152,11 @@ def compile_best(
         metrics=result.metrics,
         per_class=result.per_class,
         confusion_matrix=result.confusion_matrix,
+        test_images=test_images,
+        test_labels=test_labels,
+        test_metrics=final.test.held_out() if final is not None and final.test is not None else None,
+        adversarial=final.adversarial if final is not None else None,
+        history=history_file.to_card(result.history),
+        plots=[p.relative_to(output_dir).as_posix() for p in final.plots] if final is not None else [],
     )
     return compiler.compile_model(spec, inputs, output_dir, name, serve_on_gpu=spec.serving.gpu)

@@ -3,8 +3,10 @@ stop, then the hand-off to the compile step. ``train()`` is what ``kiln train``,
 (``kiln run``) all call; it reads top to bottom.
 """
 
+import contextlib
 import dataclasses
 import logging
+import math
 import random
 import signal
 import time
@@ -20,16 +22,21 @@ from kiln_trainer import (
     checkpoint,
     data,
     distributed,
+    ema,
     errors,
     evaluate,
     handoff,
     interrupts,
     metrics,
+    mixup,
     models,
     optimizers,
     progress,
     status_reporter,
     stopping,
+)
+from kiln_trainer import (
+    history as history_file,
 )
 
 log = logging.getLogger(__name__)
@@ -94,17 +101,23 @@ def _train(
     _seed(seed)
     bundle = data.load_data(spec, rank=ctx.rank, world_size=ctx.world_size)
     model = models.build_model(spec, bundle.num_classes).to(device)
+    if cfg.sync_batch_norm and ctx.enabled and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
     models.check_input_size(model, bundle.image_size, device)
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype, scaler = _precision(cfg, device)
+    averaged = ema.Ema(model, cfg.ema) if cfg.ema is not None else None  # evaluated and exported when on
+    mixer = mixup.Mixer(cfg.mixup, bundle.num_classes) if cfg.mixup is not None else None
+    accumulate = cfg.gradient_accumulation_steps
     pin = device.type == "cuda"
     val_loader = data.build_loader(bundle.val, spec, train=False, pin_memory=pin)
 
     # -- optimizer, schedule, loss
     optimizer = optimizers.build_optimizer(model, cfg)
-    steps_per_epoch = len(data.build_loader(bundle.train, spec, train=True, rank=ctx.rank, world_size=ctx.world_size))
+    batches = len(data.build_loader(bundle.train, spec, train=True, rank=ctx.rank, world_size=ctx.world_size))
+    steps_per_epoch = math.ceil(batches / accumulate)
     scheduler, per_batch = optimizers.build_scheduler(optimizer, cfg, steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
@@ -125,6 +138,8 @@ def _train(
         scaler.load_state_dict(state["scaler"])
         stops.load_state_dict(state["stop_conditions"])
         checkpoint.restore_rng(state["rng"])
+        if averaged is not None and state.get("ema") is not None:
+            averaged.load_state_dict(state["ema"])
         history = [evaluate.EpochRecord(**h) for h in state["history"]]
         best_accuracy, best_epoch, epoch = state["best_accuracy"], state["best_epoch"], state["epoch"]
         global_step, stop_reason, last_checkpoint = state["step"], state.get("stop_reason"), checkpointer.latest()
@@ -165,6 +180,9 @@ def _train(
             bundle.train, spec, train=True, epoch=epoch, rank=ctx.rank, world_size=ctx.world_size, pin_memory=pin
         )
         train_model.train()
+        optimizers.hold_frozen(optimizer, cfg, epoch)
+        learning_rate = optimizers.learning_rate(optimizer)  # as used by this epoch's first step
+        optimizer.zero_grad(set_to_none=True)
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, samples
         progress_log.start_epoch(epoch, len(loader))
         for step, (images, targets) in enumerate(loader, start=1):
@@ -173,28 +191,38 @@ def _train(
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
 
-            # -- forward and loss
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = train_model(images)
-                loss = criterion(logits, targets)
+            mixed: torch.Tensor | None = None  # mixup/CutMix targets
+            if mixer is not None:
+                images, mixed = mixer(images, targets)
 
-            # -- backward and update
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.gradient_clip_norm is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.gradient_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            if per_batch:
-                scheduler.step()
+            # -- forward, loss and backward; gradients of `accumulate` batches add up, DDP syncs the last
+            boundary = step % accumulate == 0 or step == len(loader)
+            with train_model.no_sync() if ctx.enabled and not boundary else contextlib.nullcontext():  # type: ignore[operator]
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = train_model(images)
+                    loss = criterion(logits, targets if mixed is None else mixed)
+                scaler.scale(loss / accumulate).backward()
+
+            # -- update
+            if boundary:
+                if cfg.gradient_clip_norm is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.gradient_clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if per_batch:
+                    scheduler.step()
+                    optimizers.hold_frozen(optimizer, cfg, epoch)
+                if averaged is not None:
+                    averaged.update(model)
+                global_step += 1  # optimizer steps
 
             # -- bookkeeping, without waiting for the device
             with torch.no_grad():
                 totals[0] += loss.detach().double() * len(targets)
                 totals[1] += (logits.argmax(dim=1) == targets).sum()
                 totals[2] += len(targets)
-            global_step += 1
             metrics.STEP.set(global_step)
             metrics.SAMPLES.inc(len(targets))
             progress_log.step(step, loss)
@@ -209,8 +237,14 @@ def _train(
 
         # -- evaluate (rank 0 alone; the others wait for its verdict)
         if ctx.is_main:
+            evaluated = averaged.module if averaged is not None else model
             evaluation = evaluate.evaluate(
-                model, val_loader, bundle.class_names, device=device, amp_dtype=amp_dtype, channels_last=channels_last
+                evaluated,
+                val_loader,
+                bundle.class_names,
+                device=device,
+                amp_dtype=amp_dtype,
+                channels_last=channels_last,
             )
             stop_reason = stops.check(epoch, evaluation.accuracy)
             record = evaluate.EpochRecord(
@@ -221,6 +255,7 @@ def _train(
                 val_accuracy=evaluation.accuracy,
                 samples_per_second=seen / max(train_seconds, 1e-9),
                 duration_seconds=0.0,
+                learning_rate=learning_rate,
             )
             history.append(record)
 
@@ -229,7 +264,7 @@ def _train(
                 best_accuracy, best_epoch = evaluation.accuracy, epoch
                 checkpointer.save_best(
                     {
-                        "model": model.state_dict(),
+                        "model": evaluated.state_dict(),
                         "config": spec.to_dict(),
                         "epoch": epoch,
                         "best_accuracy": best_accuracy,
@@ -247,6 +282,7 @@ def _train(
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
+                        "ema": averaged.state_dict() if averaged is not None else None,
                         "config": spec.to_dict(),
                         "epoch": epoch,
                         "step": global_step,
@@ -265,7 +301,8 @@ def _train(
                 )
 
             # -- report
-            progress_log.end_epoch(record, optimizer.param_groups[0]["lr"])
+            history_file.write_csv(output_dir, history)
+            progress_log.end_epoch(record)
             metrics.observe_epoch(record, best_accuracy)
             reporter.progress(_progress(record, history, cfg.epochs), str(last_checkpoint) if last_checkpoint else None)
 

@@ -1,6 +1,11 @@
-"""Networks: a small built-in CNN and any torchvision classification model, optionally from local weights."""
+"""Networks: a small built-in CNN and any torchvision classification model, optionally with pretrained
+weights from a local file or a torchvision weight name (IMAGENET1K_V2) found in the weights volume or the
+torch hub cache, downloaded only when the spec allows it, from its mirror when it names one."""
 
 import logging
+import os
+import urllib.parse
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -8,6 +13,7 @@ import torchvision
 from torch import nn
 
 from kiln import api
+from kiln.api import constants
 from kiln_trainer import errors
 
 log = logging.getLogger(__name__)
@@ -54,14 +60,17 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_weights(model: nn.Module, path: Path, num_classes: int) -> None:
+def load_weights(model: nn.Module, path: Path, num_classes: int, fresh: frozenset[str] = frozenset()) -> None:
     """Load pretrained weights for fine-tuning: tensors whose shape differs only because the class count
-    differs (the classifier) keep their fresh initialisation; anything else that does not fit is an error."""
+    differs (the classifier), and the ``fresh`` ones (a replaced stem), keep their fresh initialisation;
+    anything else that does not fit is an error."""
     weights = _read_weights(path)
     own = model.state_dict()
     fitting, reinitialised = {}, []
     for key, tensor in weights.items():
-        if key not in own:
+        if key in fresh:
+            reinitialised.append(key)
+        elif key not in own:
             if "aux" in key.lower():  # auxiliary heads this trainer builds without
                 continue
             raise errors.ConfigError(f"model.weights: {path} has {key!r}, which the architecture lacks")
@@ -84,9 +93,87 @@ def load_weights(model: nn.Module, path: Path, num_classes: int) -> None:
         log.info("model: loaded %s", path)
 
 
+def named_weights(spec: api.TrainingJobSpec) -> Enum | None:
+    """The torchvision weights model.weights names (IMAGENET1K_V2 or ResNet50_Weights.IMAGENET1K_V2), or None
+    when it is a file path (it has a slash or a file suffix, or names no weights of the architecture)."""
+    value, arch = spec.model.weights, spec.model.architecture
+    if not value or "/" in value or value.endswith((".pt", ".pth", ".bin")) or arch == "small-cnn":
+        return None
+    enum_name, _, member = value.rpartition(".")
+    try:
+        weights = torchvision.models.get_model_weights(arch)
+    except (KeyError, ValueError):
+        return None
+    if member not in weights.__members__:
+        if enum_name or member.isupper():
+            known = ", ".join(weights.__members__)
+            raise errors.ConfigError(f"model.weights: {arch} has no weights {value!r} (torchvision has: {known})")
+        return None
+    if enum_name and enum_name != weights.__name__:
+        raise errors.ConfigError(f"model.weights: {value!r} are not {arch}'s weights ({weights.__name__})")
+    return weights[member]  # type: ignore[no-any-return]
+
+
+def weights_normalization(spec: api.TrainingJobSpec) -> tuple[list[float], list[float]] | None:
+    """The mean and std the named weights were trained with (the default normalisation when they are used)."""
+    weights = named_weights(spec)
+    if weights is None:
+        return None
+    transforms = weights.transforms()  # type: ignore[attr-defined]
+    return list(transforms.mean), list(transforms.std)
+
+
+def resolve_weights_file(spec: api.TrainingJobSpec, weights: Enum) -> Path:
+    """The file of named weights: the weights volume, then the torch hub cache ($TORCH_HOME/hub/checkpoints);
+    else, when model.allowDownload is on, downloaded into the cache from model.weightsMirror (or torchvision's
+    URL). The file name is torchvision's, so a pre-filled cache or volume is found as it is."""
+    url: str = weights.url  # type: ignore[attr-defined]
+    filename = os.path.basename(urllib.parse.urlparse(url).path)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    places = [Path(constants.WEIGHTS_MOUNT) / filename, cache / filename]
+    for place in places:
+        if place.is_file():
+            return place
+    if not spec.model.allow_download:
+        raise errors.ConfigError(
+            f"model.weights: {spec.model.weights} ({filename}) is in neither {places[0]} nor {places[1]}; "
+            "put the file there (model.weightsVolume) or set model.allowDownload"
+        )
+    source = f"{spec.model.weights_mirror.rstrip('/')}/{filename}" if spec.model.weights_mirror else url
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info("model: downloading %s to %s", source, places[1])
+    try:
+        torch.hub.download_url_to_file(source, str(places[1]), progress=False)
+    except OSError as err:  # URLError and HTTPError are OSErrors
+        raise errors.ConfigError(f"model.weights: cannot download {source}: {err}") from None
+    return places[1]
+
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the classifier head's parameters: those of the last top-level child that has parameters (fc,
+    classifier, heads or head in torchvision's models, classifier in SmallCNN)."""
+    children = [(name, child) for name, child in model.named_children() if any(True for _ in child.parameters())]
+    if not children:
+        return set()
+    name, head = children[-1]
+    return {f"{name}.{param}" for param, _ in head.named_parameters()}
+
+
+def _cifar_stem(model: nn.Module) -> frozenset[str]:
+    """Swap a ResNet's ImageNet stem (7x7 stride-2 conv, max-pool) for a 3x3 stride-1 conv and no pool, so
+    32x32 images keep a 4x4 map in the last stage; returns the stem keys pretrained weights cannot fill."""
+    if not isinstance(model, torchvision.models.ResNet):
+        raise errors.ConfigError(f"model.stem: cifar applies to ResNets, not {type(model).__name__}")
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return frozenset({"conv1.weight"})
+
+
 def build_model(spec: api.TrainingJobSpec, num_classes: int) -> nn.Module:
     """The architecture named in the spec with ``num_classes`` outputs, on CPU, in training mode."""
     name = spec.model.architecture
+    fresh: frozenset[str] = frozenset()
     if name == "small-cnn":
         model: nn.Module = SmallCNN(num_classes)
     else:
@@ -94,8 +181,12 @@ def build_model(spec: api.TrainingJobSpec, num_classes: int) -> nn.Module:
             raise errors.ConfigError(f"model.architecture: unknown architecture {name!r}")
         extra = {"aux_logits": False, "init_weights": True} if name in _AUX_LOGITS else {}
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
+    if spec.model.stem == "cifar":
+        fresh = _cifar_stem(model)
     if spec.model.weights:
-        load_weights(model, Path(spec.model.weights), num_classes)
+        named = named_weights(spec)
+        path = resolve_weights_file(spec, named) if named is not None else Path(spec.model.weights)
+        load_weights(model, path, num_classes, fresh)
     return model
 
 

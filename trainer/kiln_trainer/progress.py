@@ -54,12 +54,13 @@ class ProgressLog:
             if index % _POSTFIX_EVERY == 0:
                 self._bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
 
-    def end_epoch(self, record: evaluate.EpochRecord, learning_rate: float) -> None:
+    def end_epoch(self, record: evaluate.EpochRecord) -> None:
+        """One line per epoch; the learning rate is the one the epoch's steps used (record.learning_rate)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         if self.mode == "json":
-            self.event("epoch", total_epochs=self.total_epochs, learning_rate=learning_rate, **vars(record))
+            self.event("epoch", total_epochs=self.total_epochs, **vars(record))
         elif self.mode == "bar":
             tqdm.write(
                 f"epoch {record.epoch}/{self.total_epochs}: loss {record.train_loss:.4f} "
