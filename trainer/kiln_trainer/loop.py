@@ -293,8 +293,7 @@ def _train(
             last_checkpoint=last_checkpoint,
             resumed_from=resumed_from,
         )
-    distributed.barrier(ctx)
-    result = distributed.broadcast(ctx, result)
+    result = distributed.after_main(ctx, result)
     assert result is not None
     return result
 
