@@ -1,0 +1,85 @@
+"""A model to be served on a GPU gets int8-static twice: U8S8 for the CPU, and a graph TensorRT takes
+(symmetric int8 activations and weights, every zero point 0), recorded in the card beside the CPU one."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from kiln import api
+from kiln.api import constants
+from kiln_trainer import compile as compiler
+from kiln_trainer import measure
+
+SIZE = 16
+
+
+def _inputs() -> compiler.CompileInputs:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 3),
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((16, 3, SIZE, SIZE)).astype(np.float32)
+    return compiler.CompileInputs(
+        model=model.eval(),
+        val_images=images,
+        val_labels=rng.integers(0, 3, len(images)),
+        calibration_images=images,
+        class_names=["a", "b", "c"],
+        preprocessing=api.Preprocessing(image_size=SIZE, mean=[0.5] * 3, std=[0.5] * 3),
+        training=api.TrainingSummary(
+            architecture="small-cnn",
+            dataset="fake",
+            epochs_requested=1,
+            epochs_run=1,
+            best_epoch=1,
+            best_val_accuracy=0.3,
+            stop_reason="epochs",
+            duration_seconds=1.0,
+        ),  # fmt: skip
+        metrics=api.Metrics(accuracy=0.3),
+    )
+
+
+def _zero_points(path: Path) -> list[np.ndarray]:
+    """The zero-point initializers of every QuantizeLinear and DequantizeLinear node."""
+    graph = onnx.load(str(path)).graph
+    initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    names = {n.input[2] for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2}
+    return [initializers[name] for name in sorted(names) if name in initializers]
+
+
+def _compile(tmp_path: Path, *, serve_on_gpu: bool) -> api.ModelCard:
+    spec = api.TrainingJobSpec.model_validate({"export": {"variants": ["fp32", "int8-static"]}})
+    return compiler.compile_model(spec, _inputs(), tmp_path, "tiny", serve_on_gpu=serve_on_gpu, repeats=1, threads=1)
+
+
+def test_serving_on_a_gpu_adds_a_symmetric_int8_graph_for_tensorrt_beside_the_cpu_one(tmp_path: Path) -> None:
+    card = _compile(tmp_path, serve_on_gpu=True)
+    int8 = card.variant("int8-static")
+    assert int8.tensorrt_path == f"{constants.MODELS_DIR}/int8-static/{constants.TENSORRT_MODEL_FILE}"
+    tensorrt = tmp_path / int8.tensorrt_path
+    assert int8.tensorrt_sha256 == measure.sha256_file(tensorrt)
+
+    points = _zero_points(tensorrt)
+    assert points, "the TensorRT graph has no Q/DQ zero points"
+    assert {p.dtype for p in points} == {np.dtype(np.int8)}
+    assert all(not p.any() for p in points)
+    # The CPU graph keeps unsigned activations with their own zero points.
+    cpu = _zero_points(tmp_path / int8.path)
+    assert np.dtype(np.uint8) in {p.dtype for p in cpu}
+
+    # The TensorRT graph is a valid model: onnxruntime's CPU provider runs symmetric QDQ too.
+    images = _inputs().val_images
+    ours = measure.predict(measure.open_session(tensorrt, threads=1), images)
+    assert ours.shape == (len(images), 3) and np.isfinite(ours).all()
+
+
+def test_a_model_served_on_the_cpu_gets_no_tensorrt_graph(tmp_path: Path) -> None:
+    card = _compile(tmp_path, serve_on_gpu=False)
+    assert card.variant("int8-static").tensorrt_path is None
+    assert not list(tmp_path.rglob(constants.TENSORRT_MODEL_FILE))
