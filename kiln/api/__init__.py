@@ -4,6 +4,7 @@ from kiln.api.card import ClassMetrics, ModelCard, Preprocessing, TensorSpec, Tr
 from kiln.api.constants import API_VERSION, EXIT_CONFIG_ERROR, GROUP, KIND, PLURAL, VERSION
 from kiln.api.placement import EnvVar, PodPlacement
 from kiln.api.spec import (
+    LOADER_PREFETCH_FACTOR,
     VARIANTS,
     DataSpec,
     ExportSpec,
@@ -13,6 +14,8 @@ from kiln.api.spec import (
     ServingSpec,
     TrainingJobSpec,
     TrainingSpec,
+    eval_batch_size,
+    loader_bytes_in_flight,
     processes_per_worker,
     resolved_image_size,
     resolved_normalize,
@@ -27,6 +30,7 @@ __all__ = [
     "GROUP",
     "KIND",
     "PHASES",
+    "LOADER_PREFETCH_FACTOR",
     "PLURAL",
     "VARIANTS",
     "VERSION",
@@ -53,7 +57,9 @@ __all__ = [
     "TrainingSpec",
     "TrainingSummary",
     "VariantReport",
+    "eval_batch_size",
     "load_trainingjob",
+    "loader_bytes_in_flight",
     "parse_trainingjob",
     "processes_per_worker",
     "resolved_image_size",
