@@ -80,13 +80,16 @@ def _readiness(port: int) -> tuple[bool, str | None]:
 
 
 @contextlib.contextmanager
-def server(argv: list[str], log: Path) -> Iterator[int]:
-    """Start a server whose argv ends in `--port`, wait until ready, yield its port, stop it."""
+def server(argv: list[str], log: Path, started: list[subprocess.Popen[bytes]] | None = None) -> Iterator[int]:
+    """Start a server whose argv ends in `--port`, wait until ready, yield its port, stop it; the process is
+    appended to ``started`` for callers that look at it."""
     port = _free_port()
     paths = [str(REPO), str(REPO / "trainer"), str(REPO / "serving"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     with log.open("wb") as out:
         proc = subprocess.Popen([*argv, str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+        if started is not None:
+            started.append(proc)
         try:
             deadline = time.monotonic() + 300
             while not (state := _readiness(port))[0]:
