@@ -1,7 +1,8 @@
 """The checks of bench/gpu-check.sh, one per subcommand, each printing what it found as Markdown.
 
 Exit status: 0 passed, 1 failed, 3 not run here (no CUDA device). `--device cpu` runs the same code paths on
-the CPU (gloo for NCCL, onnxruntime's CPU provider for CUDA) to smoke-test the script on a machine without a GPU.
+the CPU (gloo for NCCL, onnxruntime's CPU provider for CUDA) to smoke-test the script on a machine without a GPU;
+KILN_GPU_CHECK_SMOKE=1 (gpu-check.sh --cpu sets it) trains on 300 images instead of all of digits.
 
     python bench/gpu_check.py env
     python bench/gpu_check.py train --work /tmp/w      # then resume-gpu, resume-cpu, variants, serve, with --work
@@ -9,6 +10,7 @@ the CPU (gloo for NCCL, onnxruntime's CPU provider for CUDA) to smoke-test the s
 """
 
 import argparse
+import copy
 import json
 import os
 import socket
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +30,7 @@ for root in (REPO, REPO / "trainer", REPO / "serving", REPO / "bench"):
 PASSED, FAILED, NOT_HERE = 0, 1, 3
 CUDA, TENSORRT, CPU = "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"
 # A small real run: digits, small-cnn, fp16 with clipping, every variant (TensorRT's int8 graph included).
-SPEC = {
+SPEC: dict[str, Any] = {
     "model": {"architecture": "small-cnn"},
     "data": {"dataset": "digits", "imageSize": 32, "numWorkers": 2},
     "training": {"epochs": 2, "batchSize": 64, "mixedPrecision": "fp16", "gradientClipNorm": 1.0,
@@ -112,8 +115,12 @@ def _train(work: Path, output: Path, device: str, *, compile: bool) -> subproces
     import yaml
 
     config = work / "job.yaml"
+    spec: dict[str, Any] = copy.deepcopy(SPEC)
+    if os.environ.get("KILN_GPU_CHECK_SMOKE") == "1":
+        spec["data"]["maxSamples"], spec["export"]["calibration"]["samples"] = 300, 32
     config.write_text(yaml.safe_dump({"apiVersion": "kiln.dev/v1alpha1", "kind": "TrainingJob",
-                                      "metadata": {"name": "gpu-check"}, "spec": SPEC}))  # fmt: skip
+                                      "metadata": {"name": "gpu-check"}, "spec": spec}))  # fmt: skip
+    print(f"- `kiln train` into {output} on {device} ...", flush=True)
     argv = [sys.executable, "-m", "kiln.cli", "train", "--config", str(config), "--output", str(output),
             "--metrics-port", "0", "--log-format", "json", *([] if compile else ["--no-compile"])]  # fmt: skip
     began = time.monotonic()

@@ -5,44 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
+import trainer_support as support
 from onnx import numpy_helper
 
 from kiln import api
 from kiln.api import constants
 from kiln_trainer import compile as compiler
 from kiln_trainer import measure
-
-SIZE = 16
-
-
-def _inputs() -> compiler.CompileInputs:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-        torch.nn.Linear(8, 3),
-    )  # fmt: skip
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((16, 3, SIZE, SIZE)).astype(np.float32)
-    return compiler.CompileInputs(
-        model=model.eval(),
-        val_images=images,
-        val_labels=rng.integers(0, 3, len(images)),
-        calibration_images=images,
-        class_names=["a", "b", "c"],
-        preprocessing=api.Preprocessing(image_size=SIZE, mean=[0.5] * 3, std=[0.5] * 3),
-        training=api.TrainingSummary(
-            architecture="small-cnn",
-            dataset="fake",
-            epochs_requested=1,
-            epochs_run=1,
-            best_epoch=1,
-            best_val_accuracy=0.3,
-            stop_reason="epochs",
-            duration_seconds=1.0,
-        ),  # fmt: skip
-        metrics=api.Metrics(accuracy=0.3),
-    )
 
 
 def _zero_points(path: Path) -> list[np.ndarray]:
@@ -55,7 +24,8 @@ def _zero_points(path: Path) -> list[np.ndarray]:
 
 def _compile(tmp_path: Path, *, serve_on_gpu: bool) -> api.ModelCard:
     spec = api.TrainingJobSpec.model_validate({"export": {"variants": ["fp32", "int8-static"]}})
-    return compiler.compile_model(spec, _inputs(), tmp_path, "tiny", serve_on_gpu=serve_on_gpu, repeats=1, threads=1)
+    inputs = support.compile_inputs(support.TinyNet())
+    return compiler.compile_model(spec, inputs, tmp_path, "tiny", serve_on_gpu=serve_on_gpu, repeats=1, threads=1)
 
 
 def test_serving_on_a_gpu_adds_a_symmetric_int8_graph_for_tensorrt_beside_the_cpu_one(tmp_path: Path) -> None:
@@ -74,7 +44,7 @@ def test_serving_on_a_gpu_adds_a_symmetric_int8_graph_for_tensorrt_beside_the_cp
     assert np.dtype(np.uint8) in {p.dtype for p in cpu}
 
     # The TensorRT graph is a valid model: onnxruntime's CPU provider runs symmetric QDQ too.
-    images = _inputs().val_images
+    images = support.compile_inputs(support.TinyNet()).val_images
     ours = measure.predict(measure.open_session(tensorrt, threads=1), images)
     assert ours.shape == (len(images), 3) and np.isfinite(ours).all()
 

@@ -2,8 +2,6 @@
 over the CPU control group; two real gloo processes whose collectives time out after 3 s."""
 
 import json
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -28,33 +26,13 @@ RANK = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_ranks_wait_for_rank_0s_compile_longer_than_the_collective_timeout(tmp_path: Path) -> None:
     script = tmp_path / "rank.py"
     script.write_text(RANK)
-    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, str(script)],
-            env=support.trainer_env(RANK=str(rank), **common),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    try:
-        outputs = [rank.communicate(timeout=300) for rank in ranks]
-    finally:
-        for rank in ranks:
-            rank.kill()
-    for rank, (_, stderr) in zip(ranks, outputs, strict=True):
-        assert rank.returncode == 0, stderr
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(support.free_port()), "WORLD_SIZE": "2"}
+    outputs = support.run_ranks(
+        [[sys.executable, str(script)]] * 2, [support.trainer_env(RANK=str(rank), **common) for rank in (0, 1)]
+    )
     lines = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     assert lines == [
         {"rank": 0, "stop": True, "result": {"from": 0}},
