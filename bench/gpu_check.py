@@ -216,7 +216,8 @@ def check_variants(work: Path, device: str) -> int:
             outputs, cells = [], []
             for provider in (CPU, accelerator):
                 try:
-                    session = ort.InferenceSession(str(run / path), providers=[provider, CPU])
+                    chain = [provider] if provider == CPU else [provider, CPU]
+                    session = ort.InferenceSession(str(run / path), providers=chain)
                     session.disable_fallback()
                     outputs.append(session.run(None, {card.input.name: batch})[0])
                     cells.append(session.get_providers()[0])
