@@ -64,24 +64,37 @@ def _free_port() -> int:
         return port
 
 
-def _ready(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+def _readiness(port: int) -> tuple[bool, str | None]:
+    """(ready, why it never will be): a server whose model failed to load (its provider missing, say) answers
+    503 with a reason other than "loading", and waiting longer cannot help."""
+    with contextlib.suppress(OSError, ValueError), socket.create_connection(("127.0.0.1", port), timeout=2) as s:
         s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        return s.recv(64).startswith(b"HTTP/1.1 200")
-    return False
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+        if reply.startswith(b"HTTP/1.1 200"):
+            return True, None
+        error = json.loads(reply.partition(b"\r\n\r\n")[2] or b"{}").get("error")
+        return False, error if error and error != "loading" else None
+    return False, None
 
 
 @contextlib.contextmanager
-def server(argv: list[str], log: Path) -> Iterator[int]:
-    """Start a server whose argv ends in `--port`, wait until ready, yield its port, stop it."""
+def server(argv: list[str], log: Path, started: list[subprocess.Popen[bytes]] | None = None) -> Iterator[int]:
+    """Start a server whose argv ends in `--port`, wait until ready, yield its port, stop it; the process is
+    appended to ``started`` for callers that look at it."""
     port = _free_port()
     paths = [str(REPO), str(REPO / "trainer"), str(REPO / "serving"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     with log.open("wb") as out:
         proc = subprocess.Popen([*argv, str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+        if started is not None:
+            started.append(proc)
         try:
             deadline = time.monotonic() + 300
-            while not _ready(port):
+            while not (state := _readiness(port))[0]:
+                if state[1] is not None:
+                    raise RuntimeError(f"the model cannot be served: {state[1][:300]}")
                 if proc.poll() is not None or time.monotonic() > deadline:
                     tail = log.read_text(errors="replace").strip().splitlines()[-3:]
                     raise RuntimeError(f"server did not become ready: {' / '.join(tail)}")

@@ -13,6 +13,11 @@ machine was before and during each table. It is written to bench/results/<YYYY-M
 
 The operator table needs the control-plane binaries (KILN_TEST_BIN, as `make bench` sets it); the GPU table
 runs only where `nvidia-smi` finds a GPU.
+
+The report is rewritten after every table, so a run cut short still leaves what it measured. `--budget S`
+caps the whole run: each table gets at most what is left of it, and tables that no longer fit are skipped.
+SIGTERM or SIGINT (`timeout`, a job's deadline) stops the running table's whole process group, marks it
+interrupted, and writes the report before exiting.
 """
 
 import argparse
@@ -34,6 +39,27 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RESULTS = BENCH / "results"
 LOG_TAIL = 40
+# Seconds of a --budget kept back for stopping the last table and writing the report.
+BUDGET_RESERVE = 20.0
+# The least a table is started with; with less budget left it is skipped.
+MIN_TABLE_SECONDS = 30.0
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT reached the runner: stop the running table, write the report, exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def _ignore_signals() -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -64,12 +90,13 @@ BY_NAME = {t.name: t for t in TABLES}
 @dataclass
 class Outcome:
     table: Table
-    status: str  # ok, failed, timed out, skipped
+    status: str  # ok, failed, timed out, interrupted, skipped
     seconds: float
     markdown: str
     load_before: str
     load_after: str
     others: float | None = None  # cores other processes kept busy on average while the table ran
+    signal: int | None = None  # the signal that interrupted it
 
 
 def _nest(markdown: str, top: int) -> str:
@@ -87,22 +114,28 @@ def _tail(path: Path, lines: int = LOG_TAIL) -> str:
         return "(no log)"
 
 
-def run_table(table: Table, quick: bool, work: Path) -> Outcome:
-    """Run one table in a child process (its own process group, killed whole on timeout)."""
+def run_table(table: Table, quick: bool, work: Path, limit: float | None = None) -> Outcome:
+    """Run one table in a child process in its own process group, killed whole on timeout (the table's, or
+    ``limit`` when that is shorter) and when the runner is interrupted (the Outcome then says so)."""
     result, log = work / f"{table.name}.md", work / f"{table.name}.log"
-    argv = [sys.executable, str(Path(__file__).resolve()), "--table", table.name, "--result", str(result)]
-    argv += ["--quick"] if quick else []
+    argv = [sys.executable, str(Path(__file__).resolve()), "--table", table.name, "--module", table.module]
+    argv += ["--result", str(result), *(["--quick"] if quick else [])]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if table.name == "train":
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU table: kiln's loop would otherwise pick the GPU, the plain one not
     timeout = table.timeout_quick if quick else table.timeout_full
+    timeout = timeout if limit is None else min(timeout, limit)
     before, began = machine.load_average(), time.monotonic()
+    interrupted: Interrupted | None = None
     with log.open("wb") as out, machine.OthersLoad() as others:
         child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
         try:
             code: int | None = child.wait(timeout)
         except subprocess.TimeoutExpired:
             code = None
+        except Interrupted as err:
+            code, interrupted = None, err
+            _ignore_signals()  # a second signal must not cut the clean-up or the report short
         finally:
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGTERM)
@@ -114,8 +147,14 @@ def run_table(table: Table, quick: bool, work: Path) -> Outcome:
     seconds = time.monotonic() - began
     if code == 0 and result.exists():
         return Outcome(table, "ok", seconds, result.read_text(), before, machine.load_average(), others.cores)
-    status = "timed out" if code is None else f"failed (exit {code})"
-    why = f"timed out after {timeout:.0f} s" if code is None else f"exited with {code}"
+    if interrupted is not None:
+        body = f"**Not measured: the run was stopped by {interrupted} after {seconds:.0f} s of this table.**"
+        return Outcome(table, "interrupted", seconds, body, before, machine.load_average(), others.cores,
+                       interrupted.signum)  # fmt: skip
+    if code is None:
+        status, why = "timed out", f"timed out after {timeout:.0f} s"
+    else:
+        status, why = f"failed (exit {code})", f"exited with {code}"
     body = f"**Not measured: the table {why}.** Last lines of its output:\n\n```\n{_tail(log)}\n```"
     return Outcome(table, status, seconds, body, before, machine.load_average(), others.cores)
 
@@ -161,7 +200,7 @@ def summary(outcomes: list[Outcome]) -> str:
 # -- the child side ---------------------------------------------------------------------------------------------
 
 
-def measure(name: str, quick: bool) -> str:
+def measure(name: str, module_name: str, quick: bool) -> str:
     """Import the table's module in this (child) process and return its Markdown."""
     sys.path.insert(0, str(BENCH))
     if name == "operator":
@@ -169,7 +208,7 @@ def measure(name: str, quick: bool) -> str:
 
         table: str = cluster.operator_table(quick)
         return table
-    module = importlib.import_module(BY_NAME[name].module)
+    module = importlib.import_module(module_name)
     markdown: str = module.main(quick)
     return markdown
 
@@ -199,53 +238,88 @@ def main() -> int:
         help="run every table N times, in rounds (all tables, then all again), to show the spread",
     )
     parser.add_argument("--output", type=Path, help="report path (default: bench/results/<date>[-<tables>].md)")
-    parser.add_argument("--table", choices=list(BY_NAME), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--budget", type=float, metavar="S", help="seconds for the whole run; tables that no longer fit are skipped"
+    )
+    parser.add_argument("--table", help=argparse.SUPPRESS)
+    parser.add_argument("--module", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.table:  # child: measure one table and write its Markdown where the parent reads it
-        markdown = measure(args.table, args.quick)
+        markdown = measure(args.table, args.module or BY_NAME[args.table].module, args.quick)
         args.result.write_text(markdown)
         print(markdown)
         return 0
 
     tables = selected(args.only)
-    argv = sys.argv[1:]
-    report = [machine.describe(args.quick, argv, machine.busy_cores(3.0))]
-    outcomes: list[Outcome] = []
-    gpu = machine.gpu() is not None
-    with tempfile.TemporaryDirectory(prefix="kiln-bench-run-") as tmp:
-        for round_ in range(1, max(1, args.repeat) + 1):
-            for table in tables:
-                if table.gpu_only and not gpu:
-                    if round_ == 1:
-                        outcomes.append(
-                            Outcome(
-                                table,
-                                "skipped",
-                                0.0,
-                                "Not run: no GPU on this machine (`nvidia-smi` found none); see bench/gpu.sh.",
-                                machine.load_average(),
-                                machine.load_average(),
-                            )
-                        )
-                    continue
-                print(f"bench: {table.name} (round {round_}) ...", file=sys.stderr, flush=True)
-                outcome = run_table(table, args.quick, Path(tmp))
-                print(f"bench: {table.name} {outcome.status} in {outcome.seconds:.0f} s", file=sys.stderr, flush=True)
-                outcomes.append(outcome)
-    for number, table in enumerate(tables, start=1):
-        report.append(section(number, [o for o in outcomes if o.table is table], args.quick))
-    report.insert(1, summary(outcomes))
-    text = "\n".join(report)
     today = datetime.date.today().isoformat()
     default = RESULTS / (f"{today}.md" if not args.only else f"{today}-{'-'.join(t.name for t in tables)}.md")
     out: Path = args.output or default
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    began = time.monotonic()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _raise_interrupted)
+    outcomes: list[Outcome] = []
+    interrupted: Interrupted | None = None
+    header = "# kiln benchmarks (interrupted before the first table)\n"
+    try:
+        header = machine.describe(args.quick, sys.argv[1:], machine.busy_cores(3.0))
+        gpu = machine.gpu() is not None
+        with tempfile.TemporaryDirectory(prefix="kiln-bench-run-") as tmp:
+            for round_ in range(1, max(1, args.repeat) + 1):
+                for table in tables:
+                    left = None if args.budget is None else args.budget - BUDGET_RESERVE - (time.monotonic() - began)
+                    why_not = _why_not(table, gpu, left)
+                    if why_not is not None:
+                        if round_ == 1 or left is not None:
+                            outcomes.append(_skipped(table, why_not))
+                        continue
+                    print(f"bench: {table.name} (round {round_}) ...", file=sys.stderr, flush=True)
+                    outcome = run_table(table, args.quick, Path(tmp), left)
+                    print(
+                        f"bench: {table.name} {outcome.status} in {outcome.seconds:.0f} s", file=sys.stderr, flush=True
+                    )
+                    outcomes.append(outcome)
+                    write_report(out, header, tables, outcomes, args.quick)
+                    if outcome.signal is not None:
+                        raise Interrupted(outcome.signal)
+    except Interrupted as err:
+        interrupted = err
+        _ignore_signals()
+    text = write_report(out, header, tables, outcomes, args.quick)
     print(text)
     print(f"bench: report written to {out}", file=sys.stderr)
+    if interrupted is not None:
+        return 128 + interrupted.signum
     return 0 if all(o.status in ("ok", "skipped") for o in outcomes) else 1
+
+
+def _why_not(table: Table, gpu: bool, left: float | None) -> str | None:
+    """Why ``table`` is not run now, or None to run it."""
+    if table.gpu_only and not gpu:
+        return "Not run: no GPU on this machine (`nvidia-smi` found none); see bench/gpu.sh."
+    if left is not None and left < MIN_TABLE_SECONDS:
+        return f"Not run: the run's --budget had {max(left, 0):.0f} s left, less than {MIN_TABLE_SECONDS:.0f} s."
+    return None
+
+
+def _skipped(table: Table, why: str) -> Outcome:
+    return Outcome(table, "skipped", 0.0, why, machine.load_average(), machine.load_average())
+
+
+def write_report(out: Path, header: str, tables: list[Table], outcomes: list[Outcome], quick: bool) -> str:
+    """The report of what has run so far, written atomically (a reader never sees half of it)."""
+    report = [header, summary(outcomes)]
+    for number, table in enumerate(tables, start=1):
+        runs = [o for o in outcomes if o.table is table]
+        if runs:
+            report.append(section(number, runs, quick))
+    text = "\n".join(report)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    return text
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from kiln.api.card import (
 from kiln.api.constants import API_VERSION, EXIT_CONFIG_ERROR, GROUP, KIND, PLURAL, VERSION
 from kiln.api.placement import EnvVar, PodPlacement
 from kiln.api.spec import (
+    LOADER_PREFETCH_FACTOR,
     VARIANTS,
     AdversarialSpec,
     DataSpec,
@@ -27,6 +28,8 @@ from kiln.api.spec import (
     ServingSpec,
     TrainingJobSpec,
     TrainingSpec,
+    eval_batch_size,
+    loader_bytes_in_flight,
     processes_per_worker,
     resolved_image_size,
     resolved_normalize,
@@ -51,6 +54,7 @@ __all__ = [
     "EXIT_CONFIG_ERROR",
     "GROUP",
     "KIND",
+    "LOADER_PREFETCH_FACTOR",
     "PLURAL",
     "VARIANTS",
     "VERSION",
@@ -88,7 +92,9 @@ __all__ = [
     "TrainingSummary",
     "VariantReport",
     "condition_types",
+    "eval_batch_size",
     "load_trainingjob",
+    "loader_bytes_in_flight",
     "parse_trainingjob",
     "processes_per_worker",
     "phases",

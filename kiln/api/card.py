@@ -123,7 +123,11 @@ class VariantReport(ApiModel):
     provider: str = "CPUExecutionProvider"
     rejected: bool = False
     reason: str | None = None
-    optimized_path: str | None = Field(None, description="Offline-optimised graph (ORT_ENABLE_EXTENDED).")
+    optimized_path: str | None = Field(None, description="Offline-optimised graph (ORT_ENABLE_EXTENDED, CPU).")
+    tensorrt_path: str | None = Field(
+        None, description="The same variant quantized for TensorRT (symmetric int8), served in place of path there."
+    )
+    tensorrt_sha256: str | None = None
 
 
 class ModelCard(ApiModel):

@@ -23,6 +23,8 @@ MODELS_DIR: Final = "models"
 CHECKPOINTS_DIR: Final = "checkpoints"
 MODEL_FILE: Final = "model.onnx"
 OPTIMIZED_MODEL_FILE: Final = "model.optimized.onnx"
+# int8-static's graph for TensorRT (symmetric int8), beside the CPU one, when the model is served on a GPU.
+TENSORRT_MODEL_FILE: Final = "model.tensorrt.onnx"
 
 # Where the artifacts volume is mounted in trainer and serving pods; a job writes under
 # ARTIFACTS_MOUNT/<namespace>/<name>/<uid> (reported as status.artifactsPath).

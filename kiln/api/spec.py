@@ -478,6 +478,23 @@ def resolved_image_size(spec: TrainingJobSpec) -> int:
     return spec.data.image_size or _IMAGE_SIZE[spec.data.dataset]
 
 
+# The trainer's DataLoaders: batches each worker prepares ahead, and the smallest evaluation batch.
+LOADER_PREFETCH_FACTOR = 4
+EVAL_MIN_BATCH_SIZE = 256
+
+
+def eval_batch_size(spec: TrainingJobSpec) -> int:
+    """Evaluation batches: no gradients to keep, so at least EVAL_MIN_BATCH_SIZE images."""
+    return max(spec.training.batch_size, EVAL_MIN_BATCH_SIZE)
+
+
+def loader_bytes_in_flight(spec: TrainingJobSpec) -> int:
+    """The most bytes of batches a trainer's DataLoader workers hold in /dev/shm at once: workers x prefetch
+    float32 batches of the larger loader (the training and evaluation loaders take turns)."""
+    image = 3 * resolved_image_size(spec) ** 2 * 4
+    return spec.data.num_workers * LOADER_PREFETCH_FACTOR * eval_batch_size(spec) * image
+
+
 def resolved_normalize(spec: TrainingJobSpec) -> NormalizeSpec:
     """Normalisation from the spec, else the dataset's usual mean and std."""
     if spec.data.normalize is not None:

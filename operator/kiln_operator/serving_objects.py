@@ -32,6 +32,8 @@ HPA_API_VERSION: Final = "autoscaling/v2"
 HPA_KIND: Final = "HorizontalPodAutoscaler"
 PDB_API_VERSION: Final = "policy/v1"
 PDB_KIND: Final = "PodDisruptionBudget"
+# The taint GPU node pools carry (GKE, AKS, the NVIDIA GPU operator's examples).
+GPU_TOLERATION: Final = {"key": objects.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 # The field manager that keeps `spec.replicas` while the operator's own apply set lets go of it.
 HANDOFF_MANAGER: Final = f"{objects.MANAGER}-replicas-handoff"
 
@@ -59,6 +61,20 @@ def server_args(owner: Owner, spec: api.TrainingJobSpec, variant: str) -> list[s
     if serving.gpu:
         args += ["--providers", "cuda,cpu"]
     return args
+
+
+def gpu_placement(pod_spec: Manifest, spec: api.TrainingJobSpec) -> None:
+    """Where GPU servers may run: tolerating the nvidia.com/gpu taint GPU pools carry (clusters without the
+    ExtendedResourceToleration admission plugin do not add it), and, where serving sets no placement of its
+    own, on a GPU trainer's nodeSelector and tolerations: the pool that trained the model serves it."""
+    res = spec.resources
+    on_gpus = res.gpus_per_worker > 0
+    if "tolerations" not in pod_spec:
+        pod_spec["tolerations"] = [dict(t) for t in res.tolerations or []] if on_gpus else []
+    if GPU_TOLERATION not in pod_spec["tolerations"]:
+        pod_spec["tolerations"].append(dict(GPU_TOLERATION))
+    if "nodeSelector" not in pod_spec and on_gpus and res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
 
 
 def _probe(path: str, period: int, failures: int) -> Manifest:
@@ -108,6 +124,8 @@ def build_deployment(
     volumes = [objects.artifacts_volume(spec.artifacts.volume, cfg.artifacts_pvc), tmp_volume]
     pod_spec = objects.offline_pod_spec(container, volumes, cfg.image_pull_secrets)  # the server needs no API
     pod_spec.update(objects.pod_placement(serving, objects.selector(owner.name, objects.SERVING)))
+    if serving.gpu:
+        gpu_placement(pod_spec, spec)
     replicas = {} if autoscaled(spec, cfg) else {"replicas": serving.replicas}
     return {
         "apiVersion": "apps/v1",

@@ -31,7 +31,8 @@ from kiln_operator import config, objects
 from kiln_operator.objects import Manifest, Owner
 
 COMPLETION_INDEX_ANNOTATION: Final = "batch.kubernetes.io/job-completion-index"
-GPU_SHM_SIZE: Final = "2Gi"
+# /dev/shm beyond the DataLoader's batches: NCCL's shared-memory transport on GPUs, slack on CPUs.
+SHM_BASE_MIB: Final = {True: 1024, False: 256}
 # TrainingJob labels that travel to the Job, where Kueue's Job integration reads them.
 QUEUE_LABELS: Final = (constants.KUEUE_QUEUE_LABEL, constants.KUEUE_PRIORITY_LABEL)
 
@@ -168,11 +169,19 @@ def _trainer_volumes(
     if spec.model.weights_volume:
         volumes.append({"name": "weights", **spec.model.weights_volume})
         mounts.append({"name": "weights", "mountPath": constants.WEIGHTS_MOUNT, "readOnly": True})
-    if spec.resources.gpus_per_worker:
-        # NCCL and DataLoader workers exchange tensors through /dev/shm; the runtime's 64 MiB is too small.
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": GPU_SHM_SIZE}})
-        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    # DataLoader workers (and NCCL) exchange tensors through /dev/shm; the runtime's 64 MiB is too small.
+    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(spec)}})
+    mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return volumes, mounts
+
+
+def shm_size(spec: api.TrainingJobSpec) -> str:
+    """/dev/shm for a trainer pod: each trainer process's loader batches in flight with a quarter on top, plus
+    SHM_BASE_MIB.
+    It is memory: what is used counts against the pod's memory limit."""
+    in_flight = api.loader_bytes_in_flight(spec) * api.processes_per_worker(spec.resources)
+    loader_mib = -(-in_flight * 5 // 4 // 2**20)
+    return f"{loader_mib + SHM_BASE_MIB[spec.resources.gpus_per_worker > 0]}Mi"
 
 
 def trainer_args(owner: Owner) -> list[str]:

@@ -5,6 +5,7 @@ and the log show, while the process stays live, so Kubernetes reports the cause 
 """
 
 import abc
+import dataclasses
 import hashlib
 import logging
 import time
@@ -79,6 +80,17 @@ class Located:
     variant: api.VariantReport | None = None
     # The file the card's sha256 is for (the variant's path, also when the optimised graph is served).
     verify: Path | None = None
+    # That sha256 when it is not the variant's own (the TensorRT graph's).
+    sha256: str | None = None
+
+
+def for_tensorrt(located: Located, root: Path) -> Located:
+    """What to serve when TensorRT leads: the variant's TensorRT graph (symmetric int8) where the card has one."""
+    variant = located.variant
+    if variant is None or variant.tensorrt_path is None:
+        return located
+    graph = root / variant.tensorrt_path
+    return dataclasses.replace(located, path=graph, verify=graph, sha256=variant.tensorrt_sha256)
 
 
 def locate(config: ServingConfig) -> Located:
@@ -175,12 +187,20 @@ class OnnxModel(Model):
         log.error("model %s is not ready: %s", self.name, self.reason)
 
     def _load(self, located: Located) -> None:
+        plan = self._plan(located.path, ort.get_available_providers())
+        if plan.names()[0] == providers.TENSORRT:  # TensorRT takes only symmetric int8 and needs fp16 enabled
+            located = for_tensorrt(located, self.config.model_dir)
+            variant = located.variant.name if located.variant is not None else None
+            plan = providers.with_tensorrt_options(
+                plan, providers.tensorrt_precision(variant, symmetric_int8=located.sha256 is not None)
+            )
+
         # 1. Refuse a corrupted or swapped file before onnxruntime parses it.
         if located.variant is not None and located.verify is not None:
-            actual = sha256_of(located.verify)
-            if actual != located.variant.sha256:
+            actual, expected = sha256_of(located.verify), located.sha256 or located.variant.sha256
+            if actual != expected:
                 raise _Refused(
-                    f"sha256 mismatch for {located.verify}: model card says {located.variant.sha256}, "
+                    f"sha256 mismatch for {located.verify}: model card says {expected}, "
                     f"file has {actual}; refusing to serve a corrupted or replaced model"
                 )
             if located.path != located.verify:
@@ -194,19 +214,12 @@ class OnnxModel(Model):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # Idle intra-op threads spin by default, burning the CPU quota the event loop needs for HTTP work.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.config.ort_spinning else "0")
-        plan = self._plan(located.path, ort.get_available_providers())
         providers.preload_gpu_libraries(plan)
         session = ort.InferenceSession(str(located.path), sess_options=options, providers=plan.providers)
+        providers.guard(session, plan)
 
         # 3. The provider the session really runs on, not the one asked for.
-        active = session.get_providers()
-        self.provider = active[0] if active else providers.CPU
-        problem = providers.check(plan, active)
-        if problem is not None:
-            raise _Refused(problem)
-        if plan.accelerators and self.provider != plan.accelerators[0]:
-            log.warning("model %s runs on %s although %s was asked for first (its libraries missing?)",
-                        self.name, self.provider, plan.accelerators[0])  # fmt: skip
+        self._check_providers(plan, session)
 
         self.inputs = [
             TensorInfo(i.name, codec.ONNX_DATATYPES.get(i.type, i.type), _dims(i.shape)) for i in session.get_inputs()
@@ -218,7 +231,7 @@ class OnnxModel(Model):
         self._session = session
         self.parameters = {
             "provider": self.provider,
-            "providers": list(active),
+            "providers": list(session.get_providers()),
             "intra_op_threads": options.intra_op_num_threads,
             "max_batch_size": self.config.max_batch_size if self.batchable and self.config.batching else 1,
             "file": located.path.name,
@@ -226,8 +239,22 @@ class OnnxModel(Model):
         if located.variant is not None:
             self.parameters.update(variant=located.variant.name, sha256=located.variant.sha256)
 
-        # 4. Warm up (allocations, kernels, TensorRT engines) before saying ready.
+        # 4. Warm up (allocations, kernels, TensorRT engines) before saying ready, then check the providers again:
+        #    a provider that failed during warm-up may have been swapped for the CPU.
         self._warm_up()
+        self._check_providers(plan, session)
+        self.parameters.update(provider=self.provider, providers=list(session.get_providers()))
+
+    def _check_providers(self, plan: providers.Plan, session: ort.InferenceSession) -> None:
+        """Record the provider the session runs on; refuse when the plan forbids where it ended up."""
+        active = session.get_providers()
+        self.provider = active[0] if active else providers.CPU
+        problem = providers.check(plan, active)
+        if problem is not None:
+            raise _Refused(problem)
+        if plan.accelerators and self.provider != plan.accelerators[0]:
+            log.warning("model %s runs on %s although %s was asked for first (its libraries missing?)",
+                        self.name, self.provider, plan.accelerators[0])  # fmt: skip
 
     def _plan(self, path: Path, available: list[str]) -> providers.Plan:
         profile: dict[str, str] = {}

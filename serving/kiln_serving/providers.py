@@ -5,10 +5,15 @@ session then only logs an error and runs everything on CPU. So the plan is check
 `session.get_providers()` after loading, and that result is what the server reports and gates readiness on.
 """
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,11 @@ ALIASES: dict[str, str] = {
 }
 
 ProviderEntry = str | tuple[str, dict[str, str]]
+
+# The CUDA provider's options. cuDNN's default EXHAUSTIVE search benchmarks every convolution algorithm for
+# each new input shape, and dynamic batching makes a new shape of every merged batch size; the heuristic
+# picks at once.
+CUDA_OPTIONS: dict[str, str] = {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC"}
 
 
 def parse(text: str) -> tuple[str, ...] | None:
@@ -86,7 +96,7 @@ def plan(
         if name == TENSORRT:
             entries.append((name, tensorrt_options(trt_cache_dir, trt_profile or {})))
         elif name == CUDA:
-            entries.append((name, {"device_id": "0"}))
+            entries.append((name, dict(CUDA_OPTIONS)))
         else:
             entries.append(name)
     entries.append(CPU)  # always last: onnxruntime places unsupported nodes on it
@@ -106,6 +116,32 @@ def tensorrt_options(cache_dir: Path | None, profile: dict[str, str]) -> dict[st
         )
     options.update(profile)
     return options
+
+
+def tensorrt_precision(variant: str | None, symmetric_int8: bool) -> dict[str, str]:
+    """TensorRT's precision flags for the graph served: it builds an fp16 graph only with fp16 enabled, and a
+    symmetric int8 QDQ graph with int8 enabled (fp16 too, for the layers left unquantized)."""
+    if symmetric_int8:
+        return {"trt_int8_enable": "True", "trt_fp16_enable": "True"}
+    if variant == "fp16":
+        return {"trt_fp16_enable": "True"}
+    return {}
+
+
+def with_tensorrt_options(plan: Plan, options: dict[str, str]) -> Plan:
+    """The plan with ``options`` added to its TensorRT entry (unchanged when it has none)."""
+    entries: list[ProviderEntry] = [
+        (p[0], {**p[1], **options}) if not isinstance(p, str) and p[0] == TENSORRT else p for p in plan.providers
+    ]
+    return dataclasses.replace(plan, providers=entries)
+
+
+def guard(session: "ort.InferenceSession", plan: Plan) -> None:
+    """Turn off onnxruntime's run-time fallback where the plan forbids the CPU: on a provider error inside
+    run() (TensorRT builds its engines during warm-up) it would otherwise switch the session to the CPU
+    silently, after the provider check has passed; with it off, the error reaches the warm-up."""
+    if plan.accelerators and not plan.cpu_fallback_ok:
+        session.disable_fallback()
 
 
 def tensorrt_profile(inputs: Sequence[tuple[str, Sequence[int]]], max_batch_size: int) -> dict[str, str]:

@@ -2,65 +2,24 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+import trainer_support as support
 
 from kiln import api
 from kiln.api import constants
 from kiln_trainer import compile as compiler
 from kiln_trainer import errors, measure
 
-SIZE = 16
+SIZE = support.COMPILE_SIZE
 
 
-class Tiny(torch.nn.Module):
-    """A conv net small enough to export and quantize in a second or two."""
-
-    def __init__(self, outputs: int = 3) -> None:
-        super().__init__()
-        self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 3, padding=1),
-            torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1),
-            torch.nn.Flatten(),
-            torch.nn.Linear(8, outputs),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)  # type: ignore[no-any-return]
-
-
-class Branchy(Tiny):
+class Branchy(support.TinyNet):
     """Chooses its output by the data it sees, which torch.export refuses to capture."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.body(x)
         return y if y.sum() > 0 else -y
-
-
-def _inputs(model: torch.nn.Module, *, calibration: int = 8, classes: int = 3) -> compiler.CompileInputs:
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((12, 3, SIZE, SIZE)).astype(np.float32)
-    return compiler.CompileInputs(
-        model=model.eval(),
-        val_images=images,
-        val_labels=rng.integers(0, classes, len(images)),
-        calibration_images=images[:calibration],
-        class_names=[f"class-{i}" for i in range(classes)],
-        preprocessing=api.Preprocessing(image_size=SIZE, mean=[0.5] * 3, std=[0.5] * 3),
-        training=api.TrainingSummary(
-            architecture="small-cnn",
-            dataset="fake",
-            epochs_requested=1,
-            epochs_run=1,
-            best_epoch=1,
-            best_val_accuracy=0.3,
-            stop_reason="epochs",
-            duration_seconds=1.0,
-        ),
-        metrics=api.Metrics(accuracy=0.3),
-    )
 
 
 def _spec(*variants: str) -> api.TrainingJobSpec:
@@ -74,17 +33,17 @@ def _compile(spec: api.TrainingJobSpec, inputs: compiler.CompileInputs, output_d
 def test_int8_static_with_no_calibration_images_fails_before_anything_is_written(tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
     with pytest.raises(errors.CompileError, match="int8-static needs calibration images"):
-        _compile(_spec("fp32", "int8-static"), _inputs(Tiny(), calibration=0), output_dir)
+        _compile(_spec("fp32", "int8-static"), support.compile_inputs(support.TinyNet(), calibration=0), output_dir)
     assert not output_dir.exists()
 
 
 def test_without_int8_static_no_calibration_images_are_needed(tmp_path: Path) -> None:
-    card = _compile(_spec("fp32", "int8-dynamic"), _inputs(Tiny(), calibration=0), tmp_path)
+    card = _compile(_spec("fp32", "int8-dynamic"), support.compile_inputs(support.TinyNet(), calibration=0), tmp_path)
     assert [v.name for v in card.variants] == ["fp32", "int8-dynamic"]
 
 
 def test_validation_images_that_do_not_match_the_preprocessing_are_refused(tmp_path: Path) -> None:
-    inputs = _inputs(Tiny())
+    inputs = support.compile_inputs(support.TinyNet())
     inputs.preprocessing = api.Preprocessing(image_size=SIZE * 2, mean=[0.5] * 3, std=[0.5] * 3)
     with pytest.raises(errors.CompileError, match=r"validation images are \(3, 16, 16\), the preprocessing says"):
         _compile(_spec("fp32"), inputs, tmp_path / "out")
@@ -93,16 +52,16 @@ def test_validation_images_that_do_not_match_the_preprocessing_are_refused(tmp_p
 
 def test_a_model_whose_outputs_do_not_match_the_class_names_is_refused(tmp_path: Path) -> None:
     with pytest.raises(errors.CompileError, match=r"logits of shape \(5,\), expected \(3,\) for 3 classes"):
-        _compile(_spec("fp32"), _inputs(Tiny(outputs=5)), tmp_path)
+        _compile(_spec("fp32"), support.compile_inputs(support.TinyNet(outputs=5)), tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_compile_leaves_the_previous_compile_untouched_and_no_staging_behind(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    before = _compile(_spec("fp32", "int8-static"), _inputs(Tiny()), tmp_path)
+    before = _compile(_spec("fp32", "int8-static"), support.compile_inputs(support.TinyNet()), tmp_path)
 
     with pytest.raises(errors.CompileError, match="cannot be exported to ONNX"):
-        _compile(_spec("fp32", "int8-static"), _inputs(Branchy()), tmp_path)
+        _compile(_spec("fp32", "int8-static"), support.compile_inputs(Branchy()), tmp_path)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == [constants.MODEL_CARD_FILE, constants.MODELS_DIR]
     assert api.ModelCard.read(tmp_path / constants.MODEL_CARD_FILE) == before
@@ -111,11 +70,11 @@ def test_a_failed_compile_leaves_the_previous_compile_untouched_and_no_staging_b
 
 
 def test_a_recompile_replaces_the_models_and_the_card_and_clears_a_killed_compiles_leftovers(tmp_path: Path) -> None:
-    _compile(_spec("fp32", "int8-dynamic", "int8-static"), _inputs(Tiny()), tmp_path)
+    _compile(_spec("fp32", "int8-dynamic", "int8-static"), support.compile_inputs(support.TinyNet()), tmp_path)
     leftover = tmp_path / f"{compiler.STAGING_PREFIX}killed"
     (leftover / "models").mkdir(parents=True)
 
-    card = _compile(_spec("fp32", "fp16"), _inputs(Tiny()), tmp_path)
+    card = _compile(_spec("fp32", "fp16"), support.compile_inputs(support.TinyNet()), tmp_path)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == [constants.MODEL_CARD_FILE, constants.MODELS_DIR]
     assert sorted(p.name for p in (tmp_path / constants.MODELS_DIR).iterdir()) == ["fp16", "fp32"]

@@ -156,7 +156,6 @@ def test_cpu_workers_use_the_cpu_image_and_resources_default_from_the_operator_c
     assert container["image"] == "kiln-trainer:0.1.0" and container["imagePullPolicy"] == "Never"
     assert container["resources"] == {"requests": {"cpu": "500m", "memory": "4Gi"},
                                       "limits": {"cpu": "500m", "memory": "4Gi"}}  # fmt: skip
-    assert "/dev/shm" not in mounts_of(container)
     image = trainer_container(trainer_objects.build_job(OWNER, spec(resources={"image": "me/t:1"}), CFG))["image"]
     assert image == "me/t:1"
 

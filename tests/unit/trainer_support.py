@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import threading
@@ -184,3 +185,78 @@ def write_kubeconfig(path: Path, server: str) -> Path:
     }
     path.write_text(yaml.safe_dump(kubeconfig))
     return path
+
+
+# -- the compile step on a tiny model ----------------------------------------------------------------------------
+
+COMPILE_SIZE = 16
+
+
+class TinyNet(torch.nn.Module):
+    """A conv net small enough to export and quantize in a second or two."""
+
+    def __init__(self, outputs: int = 3) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8, outputs),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)  # type: ignore[no-any-return]
+
+
+def compile_inputs(model: torch.nn.Module, *, calibration: int = 8, classes: int = 3) -> Any:
+    """CompileInputs for ``model`` on 12 random COMPILE_SIZE images (kiln_trainer.compile imported here:
+    onnx only for the tests that compile)."""
+    from kiln_trainer import compile as compiler
+
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((12, 3, COMPILE_SIZE, COMPILE_SIZE)).astype(np.float32)
+    return compiler.CompileInputs(
+        model=model.eval(),
+        val_images=images,
+        val_labels=rng.integers(0, classes, len(images)),
+        calibration_images=images[:calibration],
+        class_names=[f"class-{i}" for i in range(classes)],
+        preprocessing=api.Preprocessing(image_size=COMPILE_SIZE, mean=[0.5] * 3, std=[0.5] * 3),
+        training=api.TrainingSummary(
+            architecture="small-cnn",
+            dataset="fake",
+            epochs_requested=1,
+            epochs_run=1,
+            best_epoch=1,
+            best_val_accuracy=0.3,
+            stop_reason="epochs",
+            duration_seconds=1.0,
+        ),
+        metrics=api.Metrics(accuracy=0.3),
+    )
+
+
+# -- two local ranks ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_ranks(commands: list[list[str]], envs: list[dict[str, str]], timeout: float = 600) -> list[tuple[str, str]]:
+    """Run one process per rank at once and return each one's (stdout, stderr), asserting every one exited 0."""
+    ranks = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command, env in zip(commands, envs, strict=True)
+    ]
+    try:
+        outputs = [rank.communicate(timeout=timeout) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    for rank, (_, stderr) in zip(ranks, outputs, strict=True):
+        assert rank.returncode == 0, stderr
+    return outputs

@@ -18,7 +18,7 @@ import torch
 
 from kiln import api
 from kiln.api import constants
-from kiln_trainer import errors
+from kiln_trainer import errors, resume
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,7 @@ def rng_states() -> dict[str, Any]:
 
 def restore_rng(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    resume.restore_cuda_rng(states["cuda"])
     np_state = states["numpy"]
     key = np.asarray(np_state["state"]["key"], dtype=np.uint32)
     np.random.set_state({**np_state, "state": {"key": key, "pos": np_state["state"]["pos"]}})

@@ -340,14 +340,14 @@ def build_loader(
         sampler.set_epoch(epoch)
     return DataLoader(
         dataset,
-        batch_size=batch if train else max(batch, 256),
+        batch_size=batch if train else api.eval_batch_size(spec),
         sampler=sampler,
         shuffle=False,
         num_workers=workers,
         pin_memory=pin_memory,
         drop_last=train and sampler is not None and len(sampler) > batch,
         generator=generator,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=api.LOADER_PREFETCH_FACTOR if workers > 0 else None,
     )
 
 

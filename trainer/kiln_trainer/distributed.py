@@ -8,7 +8,7 @@ WORLD_SIZE > 1 everything here is a no-op and training runs in one process.
 import datetime
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 # noticed much sooner, by the heartbeat watchdog (watchdog.py).
 TIMEOUT = datetime.timedelta(minutes=30)
 _watchdogs: list[watchdog.Watchdog] = []
+# How long ranks 1+ wait for rank 0 to compile every variant on its CPU after training (minutes to hours).
+HANDOFF_TIMEOUT = datetime.timedelta(hours=12)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,10 @@ class Context:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # gloo groups beside the training one: CPU-side agreement on stop flags (no GPU sync), and the hand-off,
+    # whose long timeout covers rank 0's compile step, outside NCCL's watchdog.
+    control: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
+    handoff: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -75,11 +81,20 @@ def setup() -> Context:
         os.environ["RANK"] = str(rank)  # env:// reads it, also when it came from JOB_COMPLETION_INDEX
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=TIMEOUT)
+        control, handoff = _gloo_group(TIMEOUT), _gloo_group(HANDOFF_TIMEOUT)
         log.info("distributed: rank %d of %d joined (%s, %s)", rank, world_size, backend, device)
         port = int(os.environ["MASTER_PORT"])
         guard = watchdog.Watchdog(rank, world_size, os.environ["MASTER_ADDR"], port, watchdog.peer_timeout())
         _watchdogs.append(guard.start())
+        return Context(rank, world_size, local_rank, device, control=control, handoff=handoff)
     return Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _gloo_group(timeout: datetime.timedelta) -> dist.ProcessGroup:
+    """A gloo group of every rank (each rank must create it, in the same order)."""
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    assert isinstance(group, dist.ProcessGroup)  # every rank is a member
+    return group
 
 
 def teardown(ctx: Context) -> None:
@@ -89,17 +104,13 @@ def teardown(ctx: Context) -> None:
         dist.destroy_process_group()
 
 
-def barrier(ctx: Context) -> None:
-    if ctx.enabled:
-        dist.barrier(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-
-
 def any_rank(ctx: Context, flag: bool) -> bool:
-    """True on every rank when it is true on any (a stop request must stop all ranks at the same step)."""
+    """True on every rank when it is true on any (a stop request must stop all ranks at the same step).
+    Agreed on the CPU over the control group: reading a GPU tensor back would wait for the GPU every step."""
     if not ctx.enabled:
         return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=ctx.control)
     return bool(value.item() > 0)
 
 
@@ -109,6 +120,17 @@ def sum_across(ctx: Context, values: torch.Tensor) -> torch.Tensor:
         values = values.to(ctx.device)
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def after_main(ctx: Context, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank once rank 0 has finished its work alone (the compile step): the others
+    wait up to HANDOFF_TIMEOUT on the hand-off group, not in an NCCL barrier whose watchdog would end them
+    after TIMEOUT."""
+    if not ctx.enabled:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=ctx.handoff)
+    return box[0]
 
 
 def broadcast(ctx: Context, obj: Any) -> Any:

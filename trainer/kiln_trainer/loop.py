@@ -32,6 +32,7 @@ from kiln_trainer import (
     models,
     optimizers,
     progress,
+    resume,
     status_reporter,
     stopping,
 )
@@ -57,7 +58,9 @@ def _precision(spec: api.TrainingSpec, device: torch.device) -> tuple[torch.dtyp
     """Autocast dtype and grad scaler: bf16 on CUDA when supported, fp16 with a scaler otherwise; none on CPU."""
     if device.type != "cuda" or spec.mixed_precision == "none":
         return None, torch.amp.GradScaler("cuda", enabled=False)
-    bf16 = spec.mixed_precision == "bf16" or (spec.mixed_precision == "auto" and torch.cuda.is_bf16_supported())
+    # auto: native bf16 only (T4/V100 emulate it, slower than fp16); is_bf16_supported() counts emulation.
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    bf16 = spec.mixed_precision == "bf16" or (spec.mixed_precision == "auto" and native_bf16)
     dtype = torch.bfloat16 if bf16 else torch.float16
     return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
@@ -135,7 +138,7 @@ def _train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        resume.load_scaler(scaler, state["scaler"])
         stops.load_state_dict(state["stop_conditions"])
         checkpoint.restore_rng(state["rng"])
         if averaged is not None and state.get("ema") is not None:
@@ -327,8 +330,7 @@ def _train(
             last_checkpoint=last_checkpoint,
             resumed_from=resumed_from,
         )
-    distributed.barrier(ctx)
-    result = distributed.broadcast(ctx, result)
+    result = distributed.after_main(ctx, result)
     assert result is not None
     return result
 

@@ -5,6 +5,9 @@ int8 activations are unsigned and weights signed (U8S8). With onnxruntime's defa
 resnet18's 20 Convs fused into QLinearConv and the model ran no faster than fp32; with U8S8 all of them
 fused and it ran ~3x faster. On x86 CPUs without VNNI the U8S8 multiply (VPMADDUBSW) can saturate, so there
 weights are quantized to 7 bits (``reduce_range``), as onnxruntime's quantization guide advises.
+
+TensorRT takes only symmetric int8 (signed activations and weights, zero points 0) and refuses U8S8 graphs,
+so a model to be served on a GPU gets a second int8-static graph for TensorRT (``TENSORRT_INT8``).
 """
 
 import logging
@@ -36,10 +39,20 @@ _X86 = frozenset({"x86_64", "amd64", "i386", "i686"})
 
 @dataclass(frozen=True)
 class Int8Settings:
-    """How int8 variants are quantized on this machine, and why (the note is stored in the model)."""
+    """How int8 variants are quantized for where they run, and why (the note is stored in the model)."""
 
     reduce_range: bool
     note: str
+    activations: QuantType = QuantType.QUInt8
+    # Zero points 0 for activations (weights are symmetric QInt8 either way).
+    symmetric: bool = False
+    # int32 biases behind a DequantizeLinear (onnxruntime's kernels fuse them); TensorRT keeps biases float.
+    quantize_bias: bool = True
+
+
+# TensorRT's explicit quantization: S8S8, symmetric, full 8-bit range, float biases.
+TENSORRT_INT8 = Int8Settings(reduce_range=False, note="S8S8 symmetric (TensorRT)", activations=QuantType.QInt8,
+                             symmetric=True, quantize_bias=False)  # fmt: skip
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -138,8 +151,13 @@ def quantize_int8_static(
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         reduce_range=settings.reduce_range,
-        activation_type=QuantType.QUInt8,
+        activation_type=settings.activations,
         weight_type=QuantType.QInt8,
         calibrate_method=CALIBRATION_METHODS[method],
+        extra_options={
+            "ActivationSymmetric": settings.symmetric,
+            "WeightSymmetric": True,
+            "QuantizeBias": settings.quantize_bias,
+        },
     )
     return dst
