@@ -177,6 +177,23 @@ resolve_base() {
   fi
 }
 
+# inputs_digest FILE BASE_ID BUILD_ARG...: what building FILE depends on: the builder, the Dockerfile, the
+# .dockerignore, the build arguments, the base image's ID and every file its COPY instructions take from the
+# context (less what .dockerignore leaves out of every folder). An image labelled with the same digest is
+# current: its build, a minute of cache checks on two busy cores, is skipped.
+inputs_digest() {
+  local file="$1" base_id="$2" sources
+  shift 2
+  mapfile -t sources < <(awk '$1 == "COPY" && $2 !~ /^--/ { for (i = 2; i < NF; i++) print $i }' "$file")
+  {
+    printf '%s\n' "$builder" "$base_id" "$@"
+    sha256sum "$file" .dockerignore
+    find "${sources[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.py[cod]' ! -path '*.egg-info/*' -print0 |
+      LC_ALL=C sort -z | xargs -0 sha256sum
+  } | sha256sum | cut -c1-64
+}
+INPUTS_LABEL="dev.kiln.build-inputs"
+
 # --- build -------------------------------------------------------------------------------------------------
 declare -A bases=()
 cd "$root"
@@ -193,7 +210,7 @@ for name in "${images[@]}"; do
     [ -n "${bases[$public]:-}" ] || bases[$public]="$(resolve_base "$public")"
     wanted="${bases[$public]}"
     if [ "$wanted" = "$LOCAL_BASE" ] && [ "${name%-gpu}" != "$name" ]; then
-      say "warning: $ref builds on $LOCAL_BASE, not $public (not reachable): it lints the Dockerfile, it is no CUDA image"
+      say "warning: $ref builds on $LOCAL_BASE, $public is not reachable (CUDA comes from the wheels; not run on a GPU)"
     fi
   fi
   args=(--file "$file" --tag "$ref" --tag "docker.io/library/$ref" --build-arg "BASE_IMAGE=$wanted")
@@ -205,7 +222,15 @@ for name in "${images[@]}"; do
     fi
   fi
 
-  # Disk: a trainer image commits ~6 GB layers (peak ~+35 GB); prune dangling layers before giving up.
+  digest="$(inputs_digest "$file" "$(image_id "$wanted")" "${args[@]}")"
+  if [ "$(engine image inspect --format "{{index .Config.Labels \"$INPUTS_LABEL\"}}" "$ref" 2>/dev/null)" = "$digest" ]; then
+    say "$ref: current (same Dockerfile, sources, base and arguments)"
+    continue
+  fi
+  args+=(--label "$INPUTS_LABEL=$digest")
+
+  # Disk: a trainer image commits ~6 GB layers (peak measured +22 GB); prune dangling images (superseded
+  # builds, and with them the build cache) only when short of space, before giving up.
   need=5
   [ "${name#trainer}" != "$name" ] && need="${KILN_IMAGES_MIN_FREE_GB:-40}"
   disk="$root"
@@ -217,15 +242,13 @@ for name in "${images[@]}"; do
       die "only $(free_gb "$disk") GB free on $(df -P "$disk" | awk 'NR == 2 { print $6 }'), $ref needs $need GB (KILN_IMAGES_MIN_FREE_GB)"
   fi
 
+  # The replaced image is left untagged, never removed here: podman 4.3's rmi also removes the untagged
+  # images it grew from (the build cache, measured), so only the low-disk prune above reclaims it.
   old="$(image_id "$ref")"
   start=$(date +%s)
   engine build "${build_flags[@]}" "${args[@]}" . >"$state/build-$name.log" 2>&1 ||
     die "building $ref failed (last lines of $state/build-$name.log):$(tail -n 5 "$state/build-$name.log" | sed 's/^/ | /' | tr '\n' ' ')"
   new="$(image_id "$ref")"
-  # The replaced image and its own layers go; layers the new one shares stay (they have a child).
-  if [ -n "$old" ] && [ "$old" != "$new" ]; then
-    engine rmi "$old" >/dev/null 2>&1 || true
-  fi
   size="$(engine image inspect --format '{{.Size}}' "$ref" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
   short="${new#sha256:}"
   say "$ref: ${short:0:12} $size, $(($(date +%s) - start))s$([ "$old" = "$new" ] && echo ', unchanged')"
