@@ -268,9 +268,9 @@ if [ -n "$export_dir" ]; then
     start=$(date +%s)
     rm -f "$export_dir/kiln-$name.id" "$tar.tmp"
     if [ "$builder" = podman ]; then
-      engine save --format oci-archive --output "$tar.tmp" "$ref" >/dev/null
+      engine save --quiet --format oci-archive --output "$tar.tmp" "$ref"
     else
-      engine save --output "$tar.tmp" "$ref"
+      engine save --output "$tar.tmp" "$ref" >/dev/null
     fi
     mv "$tar.tmp" "$tar"
     echo "$id" >"$export_dir/kiln-$name.id"
