@@ -54,12 +54,9 @@ bench: venv
 bench-quick: venv
 	set -o pipefail; bin="$$(bash hack/install-test-tools.sh | tail -n 1)" && KILN_TEST_BIN="$$bin" $(BIN)/python bench/run.py --quick
 
+## images: the five images from the Dockerfiles (Docker, else podman; KILN_IMAGES="operator trainer serving" picks some, IMAGES_EXPORT=DIR also writes OCI archives); see docs/images.md
 images:
-	docker build -f operator/Dockerfile -t kiln-operator:0.1.0 .
-	docker build -f trainer/Dockerfile -t kiln-trainer:0.1.0 .
-	docker build -f trainer/Dockerfile.gpu -t kiln-trainer-gpu:0.1.0 .
-	docker build -f serving/Dockerfile -t kiln-serving:0.1.0 .
-	docker build -f serving/Dockerfile.gpu -t kiln-serving-gpu:0.1.0 .
+	bash hack/build-images.sh $(if $(IMAGES_EXPORT),--export $(IMAGES_EXPORT))
 
 ## cluster: a real single-node cluster on this machine (root, Linux; no Docker): control plane, containerd +
 ## kubelet + kube-proxy + CoreDNS, storage and kiln's images; its last line is the `export KUBECONFIG=...` to run
