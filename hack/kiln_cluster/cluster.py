@@ -242,7 +242,7 @@ class Cluster:
                 images.remove_all_pods({"crictl": crictl}, NodePaths(self.paths.root, run).socket)
             if procs.alive(pid):
                 procs.stop_pid(pid)
-        _kill_leftover_shims(run)
+        _kill_leftovers(self.root, run)
         _unmount_below(self.root, run, *(Path(p) for p in footprint.FIXED_PATHS))
         _remove_cgroups()
         network.tear_down(network.Addresses(bridge=state["bridge"]))
@@ -256,15 +256,14 @@ class Cluster:
         self.plane = self.node = None
 
 
-def _kill_leftover_shims(run: Path) -> None:
-    """containerd shims re-parent to init; any still holding a socket under `run` is killed with its tasks."""
-    for pid, name in footprint.node_processes():
-        if name != "containerd-shim-runc-v2":
-            continue
+def _kill_leftovers(root: Path, run: Path) -> None:
+    """Any node program still running with this cluster's folders in its command line or environment (a shim
+    re-parented to init, a component started after the state file was read) is stopped with its group."""
+    for pid, _name in footprint.node_processes():
         with contextlib.suppress(OSError):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
             environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
-            if str(run) in cmdline or str(run) in environ:
+            if any(str(folder) in text for folder in (root, run) for text in (cmdline, environ)):
                 procs.stop_pid(pid, grace=2)
     # The pause processes of sandboxes whose shim died are orphans of init too.
     for pid, name in footprint.node_processes():

@@ -12,10 +12,14 @@ import sys
 from pathlib import Path
 
 import clusterops
+import pytest
 
 from kiln_cluster import binaries, images
 from kiln_cluster.cluster import EXPORT_DIR
 from kiln_cluster.footprint import Footprint
+
+# The first test of the tier builds and imports images and brings the node up: well past the default limit.
+pytestmark = pytest.mark.timeout(2400)
 
 
 def kiln_cluster(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:

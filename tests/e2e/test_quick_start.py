@@ -25,6 +25,8 @@ from kiln_cluster.rest import ApiError, Kube
 from kiln_cluster.waiting import wait_until
 
 Obj = dict[str, Any]
+# The first test of the tier builds and imports images and brings the node up: well past the default limit.
+pytestmark = pytest.mark.timeout(2400)
 ROOT = Path(__file__).resolve().parents[2]
 NAME, NAMESPACE = "digits-cnn", "default"
 PRIVILEGED_POD: Obj = {

@@ -11,6 +11,7 @@ import signal
 from typing import Any
 
 import clusterops
+import pytest
 import trainingjobs as tj
 
 from kiln.api import constants
@@ -19,6 +20,8 @@ from kiln_cluster.rest import Kube
 from kiln_cluster.waiting import wait_until
 
 Obj = dict[str, Any]
+# The first test of the tier builds and imports images and brings the node up: well past the default limit.
+pytestmark = pytest.mark.timeout(2400)
 INDEX = "batch.kubernetes.io/job-completion-index"
 
 
