@@ -27,9 +27,6 @@ import loadclient
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-for root in (REPO, REPO / "trainer", REPO / "serving"):
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
 
 IMAGE, CLASSES, MODEL = 32, 10, "m"
 CUDA = "CUDAExecutionProvider"
