@@ -3,7 +3,6 @@ that `make demo` runs works end to end. Real training on scikit-learn's digits, 
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,10 @@ import tritonclient.http as httpclient
 import yaml
 
 from kiln import api
+from kiln_cluster.controlplane import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _job(tmp_path: Path, name: str, **training: object) -> Path:
@@ -56,7 +50,7 @@ def _wait_ready(client: httpclient.InferenceServerClient, proc: subprocess.Popen
 
 
 def test_kiln_run_trains_compiles_serves_and_answers_real_digits(tmp_path: Path) -> None:
-    config, output, port = _job(tmp_path, "digits-local"), tmp_path / "out", _free_port()
+    config, output, port = _job(tmp_path, "digits-local"), tmp_path / "out", free_port()
     cmd = [
         sys.executable,
         "-m",
