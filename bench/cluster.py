@@ -16,17 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import operator_apply
 import yaml
 
+from kiln_cluster import binaries, chart
+from kiln_cluster.controlplane import ControlPlane
+from kiln_cluster.rest import ApiError, Kube
+from kiln_cluster.waiting import wait_until
+
 REPO = Path(__file__).resolve().parents[1]
-
-import operator_apply  # noqa: E402
-
-from kiln_cluster import binaries, chart  # noqa: E402
-from kiln_cluster.controlplane import ControlPlane  # noqa: E402
-from kiln_cluster.rest import ApiError, Kube  # noqa: E402
-from kiln_cluster.waiting import wait_until  # noqa: E402
-
 CRD_FILE = REPO / "charts" / "kiln" / "crds" / "trainingjob.yaml"
 WARMUP_NAMESPACE = "kiln-bench-warmup"
 

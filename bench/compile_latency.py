@@ -19,26 +19,19 @@ import contextlib
 import io
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import machine
 import numpy as np
 import onnxruntime as ort
+import torch
 
-REPO = Path(__file__).resolve().parents[1]
-for root in (REPO, REPO / "trainer"):
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-
-import machine  # noqa: E402
-import torch  # noqa: E402
-
-from kiln import api  # noqa: E402
-from kiln.api import constants  # noqa: E402
-from kiln_trainer import checkpoint, data, export, loop, measure, models, quantize  # noqa: E402
+from kiln import api
+from kiln.api import constants
+from kiln_trainer import checkpoint, data, export, loop, measure, models, quantize
 
 CASES = [("small-cnn", 32), ("small-cnn", 224), ("resnet18", 32), ("resnet18", 224)]
 BATCHES = (1, 32)

@@ -25,7 +25,6 @@ import io
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -34,13 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-for root in (REPO, REPO / "trainer", REPO / "serving", REPO / "bench"):
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-
-import torch  # noqa: E402
+import torch
 
 CLASSES = 10
 TENSORRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"

@@ -25,11 +25,9 @@ from pathlib import Path
 
 import loadclient
 import numpy as np
+from serving_setup import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-for root in (REPO, REPO / "trainer", REPO / "serving"):
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
 
 IMAGE, CLASSES, MODEL = 32, 10, "m"
 CUDA = "CUDAExecutionProvider"
@@ -57,13 +55,6 @@ def build(work: Path) -> tuple[Path, Path]:
 # -- servers ----------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _readiness(port: int) -> tuple[bool, str | None]:
     """(ready, why it never will be): a server whose model failed to load (its provider missing, say) answers
     503 with a reason other than "loading", and waiting longer cannot help."""
@@ -83,7 +74,7 @@ def _readiness(port: int) -> tuple[bool, str | None]:
 def server(argv: list[str], log: Path, started: list[subprocess.Popen[bytes]] | None = None) -> Iterator[int]:
     """Start a server whose argv ends in `--port`, wait until ready, yield its port, stop it; the process is
     appended to ``started`` for callers that look at it."""
-    port = _free_port()
+    port = free_port()
     paths = [str(REPO), str(REPO / "trainer"), str(REPO / "serving"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     with log.open("wb") as out:

@@ -201,8 +201,8 @@ def summary(outcomes: list[Outcome]) -> str:
 
 
 def measure(name: str, module_name: str, quick: bool) -> str:
-    """Import the table's module in this (child) process and return its Markdown."""
-    sys.path.insert(0, str(BENCH))
+    """Import the table's module in this (child) process (bench/run.py, so bench/ is on the path) and return
+    its Markdown."""
     if name == "operator":
         import cluster
 

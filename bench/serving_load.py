@@ -13,18 +13,11 @@ import argparse
 import contextlib
 import importlib.util
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-for root in (REPO, REPO / "serving"):
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-
-from serving_setup import (  # noqa: E402
+from serving_setup import (
     IMAGE,
     KSERVE_PYTHON,
     Result,
@@ -42,8 +35,10 @@ from serving_setup import (  # noqa: E402
     torch_server,
 )
 
-from kiln.api import constants  # noqa: E402
-from kiln_serving.config import cpu_quota  # noqa: E402
+from kiln.api import constants
+from kiln_serving.config import cpu_quota
+
+REPO = Path(__file__).resolve().parents[1]
 
 # -- the matrix -------------------------------------------------------------------------------------------------
 

@@ -20,17 +20,14 @@ from typing import TYPE_CHECKING
 import loadclient
 import numpy as np
 
+from kiln import api
+from kiln.api import constants
+from kiln_serving.config import cpu_quota
+
 if TYPE_CHECKING:
     from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-for root in (REPO, REPO / "serving"):
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-
-from kiln import api  # noqa: E402
-from kiln.api import constants  # noqa: E402
-from kiln_serving.config import cpu_quota  # noqa: E402
 
 IMAGE = 32
 CLASSES = 10

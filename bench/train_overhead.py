@@ -16,24 +16,18 @@ import contextlib
 import io
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sized
 from pathlib import Path
 from typing import cast
 
-REPO = Path(__file__).resolve().parents[1]
-for root in (REPO, REPO / "trainer"):
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+import machine
+import torch
+from torch.utils.data import DataLoader
 
-import machine  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from kiln import api  # noqa: E402
-from kiln_trainer import data, loop, models  # noqa: E402
+from kiln import api
+from kiln_trainer import data, loop, models
 
 BATCH = 64
 LEARNING_RATE = 1e-3

@@ -2,8 +2,10 @@
 (with --serve) served on this machine, with no cluster at all.
 
 Training runs in this process for one worker and as local DDP processes (torchrun-style environment) for
-several; the server runs in this process until Ctrl-C. Components are imported lazily: `kiln --help` stays
-instant and this module is importable without torch.
+several; the server runs in this process until Ctrl-C. With ``kiln.cli`` this is the core's top floor: it
+calls the trainer and the server through the typed entry points they expose (``train_file``,
+``serve_local``), imported inside the functions that use them, so `kiln --help` stays instant and this module
+is importable without torch.
 """
 
 import argparse
@@ -132,9 +134,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="a TrainingJob YAML (the same one kubectl apply takes)")
     parser.add_argument("--output", type=Path, help="artifacts folder (default: runs/<name>)")
     parser.add_argument("--serve", action="store_true", help="serve the compiled model when training ends")
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=constants.SERVING_HTTP_PORT, help="port to serve on")
-    parser.add_argument("--metrics-port", type=int, default=0, help="trainer metrics port (0 = off)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to serve on (default: %(default)s, this machine only; 0.0.0.0 listens on all interfaces)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=constants.SERVING_HTTP_PORT, help="port to serve on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve the trainer's Prometheus /metrics on this port, on all interfaces (default: 0 = off)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,17 +162,13 @@ def run(args: argparse.Namespace) -> int:
     for field in ignored_fields(job.spec):
         log.info("kiln run: ignoring %s (it only applies on a cluster)", field)
 
-    from kiln_trainer import cli as trainer_cli  # lazily: torch loads only when training
+    from kiln_trainer import train_command  # lazily: torch loads only when training
 
     log.info("kiln run: training %s into %s", name, output)
     if job.spec.resources.workers > 1:
         code = _train_distributed(args.file, output, job.spec.resources.workers)
     else:
-        code = trainer_cli.run(
-            argparse.Namespace(
-                config=args.file, output=output, metrics_port=args.metrics_port, no_compile=False, log_format="auto"
-            )
-        )
+        code = train_command.train_file(args.file, output, metrics_port=args.metrics_port)
     if code in (EXIT_INTERRUPTED, 128 + signal.SIGTERM):
         sys.stderr.write(f"stopped; the last checkpoint in {output} is kept: run the same command again to resume\n")
     if code != 0:
@@ -178,7 +187,8 @@ def _serve(model_dir: Path, name: str, host: str, port: int, serving: api.Servin
     sys.stdout.write(
         f"\nserving {name} at {url}/v2/models/{name} (Ctrl-C to stop)\n"
         f"  curl {url}/v2/models/{name}\n"
-        f"  curl --data-binary @digit.png {url}/v2/models/{name}/classify\n"
+        f"  curl --data-binary @deploy/kind/digit-8.png {url}/v2/models/{name}/classify"
+        "  # a sample digit in the kiln repository\n"
         f"  python -c \"import tritonclient.http as h; c=h.InferenceServerClient('{host}:{port}'); "
         f"print(c.get_model_metadata('{name}'))\"\n"
     )

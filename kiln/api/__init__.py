@@ -1,5 +1,6 @@
 """The TrainingJob API (kiln.dev/v1alpha1) and the model card: one typed model, the source of the CRD."""
 
+from kiln.api.base import RFC3339, now_rfc3339
 from kiln.api.card import (
     AdversarialReport,
     ClassMetrics,
@@ -7,9 +8,11 @@ from kiln.api.card import (
     HeldOutMetrics,
     ModelCard,
     Preprocessing,
+    StopReason,
     TensorSpec,
     TrainingSummary,
     VariantReport,
+    file_sha256,
 )
 from kiln.api.constants import API_VERSION, EXIT_CONFIG_ERROR, GROUP, KIND, PLURAL, VERSION
 from kiln.api.placement import EnvVar, PodPlacement
@@ -56,6 +59,7 @@ __all__ = [
     "KIND",
     "LOADER_PREFETCH_FACTOR",
     "PLURAL",
+    "RFC3339",
     "VARIANTS",
     "VERSION",
     "AdversarialReport",
@@ -84,6 +88,7 @@ __all__ = [
     "Progress",
     "ResourcesSpec",
     "ServingSpec",
+    "StopReason",
     "TensorSpec",
     "TrainingJob",
     "TrainingJobSpec",
@@ -93,8 +98,10 @@ __all__ = [
     "VariantReport",
     "condition_types",
     "eval_batch_size",
+    "file_sha256",
     "load_trainingjob",
     "loader_bytes_in_flight",
+    "now_rfc3339",
     "parse_trainingjob",
     "processes_per_worker",
     "phases",

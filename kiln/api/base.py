@@ -1,5 +1,7 @@
 """The base every API model shares: camelCase on the wire, unknown fields refused."""
 
+import datetime
+
 from pydantic import AliasGenerator, BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
@@ -17,3 +19,12 @@ class ApiModel(BaseModel):
     def to_dict(self) -> dict[str, object]:
         """The wire form: camelCase keys, unset optional fields left out."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+RFC3339 = "%Y-%m-%dT%H:%M:%SZ"  # how Kubernetes writes timestamps (UTC, whole seconds)
+
+
+def now_rfc3339() -> str:
+    """The current time in RFC 3339, as Kubernetes writes it: status times, progress updates and a model
+    card's creation time."""
+    return datetime.datetime.now(datetime.UTC).strftime(RFC3339)

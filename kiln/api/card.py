@@ -4,6 +4,7 @@ The trainer writes it next to the compiled models; the server reads the input/ou
 preprocessing from it; the operator copies the selected variant into the TrainingJob's status.
 """
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -172,3 +173,13 @@ class ModelCard(ApiModel):
     def read(cls, path: Path) -> "ModelCard":
         """Read and validate a card; pydantic's error names the bad field."""
         return cls.model_validate_json(path.read_text())
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks: what a card records for each variant (the compile step) and
+    what a server checks before loading one."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -16,12 +16,11 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from kiln.api import constants
-
-Manifest = dict[str, Any]
+from kiln_operator.objects import MANAGER as FIELD_MANAGER
+from kiln_operator.objects import Manifest
 
 MERGE_PATCH: Final = "application/merge-patch+json"
 APPLY_PATCH: Final = "application/apply-patch+yaml"
-FIELD_MANAGER: Final = "kiln-operator"
 # (connect, read) seconds: a hung API server fails a request instead of freezing a handler thread forever.
 REQUEST_TIMEOUT: Final = (5.0, 30.0)
 PLURALS: Final = {

@@ -11,12 +11,14 @@ from typing import Any, Final
 from kiln import api
 from kiln.api import constants
 
-Manifest = dict[str, Any]
+Manifest = dict[str, Any]  # a Kubernetes object as JSON-like data; the operator's one alias for it
 
 # A trainer pod's hostname is "<name>-trainer-<index>" and must stay a DNS label (63 characters) for up to
 # 1024 workers, so TrainingJob names are capped here rather than truncated into possible collisions.
 MAX_NAME_LENGTH: Final = 50
-MANAGER: Final = "kiln-operator"
+MANAGER: Final = "kiln-operator"  # the managed-by label value and the server-side apply field manager
+# The Job controller's annotation on an Indexed Job's pods: the trainer's rank.
+COMPLETION_INDEX_ANNOTATION: Final = "batch.kubernetes.io/job-completion-index"
 LABEL_NAME: Final = "app.kubernetes.io/name"
 LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"

@@ -131,7 +131,8 @@ def apply_serving(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spe
     Deployment is created with the HPA's minimum and then applied without replicas.
     """
     owner = objects.Owner.from_body(body)
-    model = (body.get("status") or {}).get("model")
+    reported = (body.get("status") or {}).get("model")
+    model = api.ModelStatus.model_validate(reported) if reported else None
     name = objects.serving_name(owner.name)
     client.apply(serving_objects.build_service(owner))
     if serving_objects.needs_disruption_budget(spec, cfg):
@@ -225,7 +226,7 @@ def _announce(body: Body, event_type: str, reason: str, message: str) -> None:
 def _seconds_since(timestamp: str | None) -> float | None:
     if not timestamp:
         return None
-    created = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    created = datetime.strptime(timestamp, api.RFC3339).replace(tzinfo=UTC)
     return (datetime.now(UTC) - created).total_seconds()
 
 

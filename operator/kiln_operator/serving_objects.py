@@ -38,20 +38,15 @@ GPU_TOLERATION: Final = {"key": objects.GPU_RESOURCE, "operator": "Exists", "eff
 HANDOFF_MANAGER: Final = f"{objects.MANAGER}-replicas-handoff"
 
 
-def serving_variant(spec: api.TrainingJobSpec, model: Mapping[str, Any] | None) -> str:
-    """The variant to serve: the requested one, or for 'auto' the one the trainer selected."""
-    if spec.serving.variant != "auto":
-        return spec.serving.variant
-    variant = (model or {}).get("variant")
-    return str(variant) if variant else "fp32"
-
-
-def server_args(owner: Owner, spec: api.TrainingJobSpec, variant: str) -> list[str]:
+def server_args(owner: Owner, spec: api.TrainingJobSpec) -> list[str]:
+    """`kiln serve`'s flags. `--variant` only when the user chose one: for `auto` the compile step decided
+    once, in the model card, and a server given no `--variant` serves the card's selected variant."""
     serving = spec.serving
+    chosen = [] if serving.variant == "auto" else ["--variant", serving.variant]
     args = [
         "serve",
         "--model-dir", objects.artifacts_dir(owner),
-        "--variant", variant,
+        *chosen,
         "--model-name", owner.name,
         "--host", "0.0.0.0",
         "--port", str(constants.SERVING_HTTP_PORT),
@@ -82,23 +77,23 @@ def _probe(path: str, period: int, failures: int) -> Manifest:
 
 
 def build_deployment(
-    owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfig, model: Mapping[str, Any] | None
+    owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfig, model: api.ModelStatus | None
 ) -> Manifest:
-    """The server Deployment; a new model (sha256 in a pod annotation) or serving edit rolls it.
+    """The server Deployment; a new model (``model.sha256`` in a pod annotation) or serving edit rolls it.
 
     Without `spec.replicas` when autoscaled: the HPA owns it (see the module docstring).
     """
     serving = spec.serving
     tmp_volume, tmp_mount = objects.tmp_volume()
     annotations = objects.prometheus_annotations(constants.SERVING_HTTP_PORT)
-    if model and model.get("sha256"):
-        annotations[MODEL_SHA_ANNOTATION] = str(model["sha256"])
+    if model is not None and model.sha256:
+        annotations[MODEL_SHA_ANNOTATION] = model.sha256
     container: Manifest = {
         "name": objects.SERVING_CONTAINER,
         "image": serving.image or (cfg.serving_gpu_image if serving.gpu else cfg.serving_image),
         "imagePullPolicy": cfg.image_pull_policy,
         "command": ["kiln"],
-        "args": server_args(owner, spec, serving_variant(spec, model)),
+        "args": server_args(owner, spec),
         "env": objects.home_env(),
         "ports": [
             {"name": "http", "containerPort": constants.SERVING_HTTP_PORT},

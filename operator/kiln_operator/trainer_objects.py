@@ -30,7 +30,6 @@ from kiln.api import constants
 from kiln_operator import config, objects
 from kiln_operator.objects import Manifest, Owner
 
-COMPLETION_INDEX_ANNOTATION: Final = "batch.kubernetes.io/job-completion-index"
 # /dev/shm beyond the DataLoader's batches: NCCL's shared-memory transport on GPUs, slack on CPUs.
 SHM_BASE_MIB: Final = {True: 1024, False: 256}
 # TrainingJob labels that travel to the Job, where Kueue's Job integration reads them.
@@ -130,7 +129,7 @@ def master_address(owner: Owner, workers: int) -> str:
 def _trainer_env(owner: Owner, spec: api.TrainingJobSpec) -> list[Manifest]:
     workers, processes = spec.resources.workers, api.processes_per_worker(spec.resources)
     index: Manifest = {
-        "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}
+        "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{objects.COMPLETION_INDEX_ANNOTATION}']"}}
     }
     # One process per pod is rank = index itself; with several the launcher derives each RANK and LOCAL_RANK.
     ranks: list[Manifest] = [{"name": "RANK", **index}, {"name": "LOCAL_RANK", "value": "0"}] if processes == 1 else []

@@ -2,12 +2,12 @@
 
 import contextlib
 import functools
-import hashlib
 import io
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import card_support
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -75,10 +75,6 @@ def all_datatypes(path: Path) -> Path:
     return _save(graph, path)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def trained_folder(root: Path, name: str = "tiny") -> Path:
     """A trainer output folder: models/model.onnx (fp32), models/model.alt.onnx ("int8-static") and a card."""
     fp32 = classifier(root / constants.MODELS_DIR / constants.MODEL_FILE)
@@ -90,33 +86,20 @@ def trained_folder(root: Path, name: str = "tiny") -> Path:
         return api.VariantReport(
             name=name,
             path=str(path.relative_to(root)),
-            sha256=sha256(path),
+            sha256=api.file_sha256(path),
             size_bytes=path.stat().st_size,
             optimized_path=optimized_path,
         )
 
-    card = api.ModelCard(
+    card = card_support.model_card(
         name=name,
-        created_at="2025-01-01T00:00:00Z",
         input=api.TensorSpec(name="input", shape=[-1, 3, SIZE, SIZE]),
         output=api.TensorSpec(name="logits", shape=[-1, len(CLASSES)]),
         class_names=CLASSES,
         preprocessing=api.Preprocessing(image_size=SIZE, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]),
-        metrics=api.Metrics(accuracy=0.9),
-        training=api.TrainingSummary(
-            architecture="small-cnn",
-            dataset="fake",
-            epochs_requested=1,
-            epochs_run=1,
-            best_epoch=1,
-            best_val_accuracy=0.9,
-            stop_reason="epochs",
-            duration_seconds=1.0,
-        ),
         opset=17,
         exporter="onnx.helper",
         variants=[variant("fp32", fp32, str(optimized.relative_to(root))), variant("int8-static", alt)],
-        selected="fp32",
         selection_reason="test",
     )
     card.write(root / constants.MODEL_CARD_FILE)
@@ -130,7 +113,7 @@ def _session(path: Path, digest: str) -> ort.InferenceSession:
 
 def reference(path: Path, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What in-process onnxruntime says, to compare served outputs with."""
-    session = _session(path, sha256(path))
+    session = _session(path, api.file_sha256(path))
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feed), strict=True))
 

@@ -161,14 +161,14 @@ def test_notes_give_commands_to_apply_watch_and_query_the_quick_start(tmp_path: 
 def test_the_operator_runs_kiln_operator_across_all_namespaces_with_flags_its_cli_accepts() -> None:
     import argparse
 
-    from kiln_operator import cli
+    from kiln_operator import operator_command
 
     container = operator_container(render())
     assert container["image"] == "kiln-operator:0.1.0"
     args = container["args"]
     assert args[0] == "operator"
     parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
+    operator_command.add_arguments(parser)
     parsed = parser.parse_args(args[1:])
     assert parsed.all_namespaces and not parsed.namespaces
     assert parsed.metrics_port == constants.OPERATOR_METRICS_PORT

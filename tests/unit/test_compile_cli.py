@@ -3,6 +3,7 @@ checkpoint that cannot be compiled as configured."""
 
 from pathlib import Path
 
+import card_support
 import pytest
 import torch
 import torchvision
@@ -29,16 +30,7 @@ def _write_checkpoint(output_dir: Path, state_dict: dict[str, torch.Tensor] | No
     """A best.pt as the trainer writes it once training ended (the weights need not be trained)."""
     spec = api.TrainingJobSpec.model_validate(SPEC)
     torch.manual_seed(0)
-    summary = api.TrainingSummary(
-        architecture="small-cnn",
-        dataset="digits",
-        epochs_requested=1,
-        epochs_run=1,
-        best_epoch=1,
-        best_val_accuracy=0.1,
-        stop_reason="epochs",
-        duration_seconds=2.0,
-    )
+    summary = card_support.training_summary(best_val_accuracy=0.1, duration_seconds=2.0)
     state = {
         "model": state_dict if state_dict is not None else models.build_model(spec, 10).state_dict(),
         "config": spec.to_dict(),
@@ -94,7 +86,7 @@ def test_a_checkpoint_trained_for_another_config_exits_78(tmp_path: Path, capsys
     _write_checkpoint(tmp_path)
     config = _write_config(tmp_path / "job.yaml", {**SPEC, "model": {"architecture": "resnet18"}})
     code = _compile("--config", config, "--output", tmp_path)
-    _assert_config_error(code, capsys, tmp_path, "different config", "resnet18")
+    _assert_config_error(code, capsys, tmp_path, "different config", "resnet18", "leave out --config")
 
 
 def test_weights_that_do_not_fit_the_architecture_exit_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

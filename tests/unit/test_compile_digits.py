@@ -122,7 +122,7 @@ def test_the_trained_cnn_is_accurate_and_int8_static_stays_within_two_points(com
 def test_every_recorded_sha256_and_size_match_the_file(compiled: Compiled) -> None:
     for variant in compiled.card.variants:
         path = compiled.output_dir / variant.path
-        assert measure.sha256_file(path) == variant.sha256
+        assert api.file_sha256(path) == variant.sha256
         assert path.stat().st_size == variant.size_bytes
 
 

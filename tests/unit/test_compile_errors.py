@@ -9,7 +9,7 @@ import trainer_support as support
 from kiln import api
 from kiln.api import constants
 from kiln_trainer import compile as compiler
-from kiln_trainer import errors, measure
+from kiln_trainer import errors
 
 SIZE = support.COMPILE_SIZE
 
@@ -66,7 +66,7 @@ def test_a_failed_compile_leaves_the_previous_compile_untouched_and_no_staging_b
     assert sorted(p.name for p in tmp_path.iterdir()) == [constants.MODEL_CARD_FILE, constants.MODELS_DIR]
     assert api.ModelCard.read(tmp_path / constants.MODEL_CARD_FILE) == before
     for variant in before.variants:
-        assert measure.sha256_file(tmp_path / variant.path) == variant.sha256
+        assert api.file_sha256(tmp_path / variant.path) == variant.sha256
 
 
 def test_a_recompile_replaces_the_models_and_the_card_and_clears_a_killed_compiles_leftovers(tmp_path: Path) -> None:

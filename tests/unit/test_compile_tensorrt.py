@@ -33,7 +33,7 @@ def test_serving_on_a_gpu_adds_a_symmetric_int8_graph_for_tensorrt_beside_the_cp
     int8 = card.variant("int8-static")
     assert int8.tensorrt_path == f"{constants.MODELS_DIR}/int8-static/{constants.TENSORRT_MODEL_FILE}"
     tensorrt = tmp_path / int8.tensorrt_path
-    assert int8.tensorrt_sha256 == measure.sha256_file(tensorrt)
+    assert int8.tensorrt_sha256 == api.file_sha256(tensorrt)
 
     points = _zero_points(tensorrt)
     assert points, "the TensorRT graph has no Q/DQ zero points"

@@ -3,7 +3,6 @@ that `make demo` runs works end to end. Real training on scikit-learn's digits, 
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,11 @@ import tritonclient.http as httpclient
 import yaml
 
 from kiln import api
+from kiln.api import constants
+from kiln_cluster.controlplane import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _job(tmp_path: Path, name: str, **training: object) -> Path:
@@ -56,7 +51,7 @@ def _wait_ready(client: httpclient.InferenceServerClient, proc: subprocess.Popen
 
 
 def test_kiln_run_trains_compiles_serves_and_answers_real_digits(tmp_path: Path) -> None:
-    config, output, port = _job(tmp_path, "digits-local"), tmp_path / "out", _free_port()
+    config, output, port = _job(tmp_path, "digits-local"), tmp_path / "out", free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -93,6 +88,8 @@ def test_kiln_run_trains_compiles_serves_and_answers_real_digits(tmp_path: Path)
     assert proc.returncode == 0, out
     assert "selected" in out and "accuracy" in out and "precision" in out, "the summary table is printed"
     assert "serving digits-local at" in out and "curl" in out, "how to query it is printed"
+    sample = next(word for word in out.split() if word.endswith(".png")).lstrip("@")
+    assert (ROOT / sample).is_file(), f"the hint's sample image {sample} exists in the repository"
 
 
 def test_ctrl_c_during_kiln_run_keeps_the_checkpoint_and_running_again_resumes(tmp_path: Path) -> None:
@@ -173,3 +170,12 @@ def test_the_demo_trains_serves_queries_and_stops_the_server(tmp_path: Path) -> 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "correct" in result.stdout and "selected variant" in result.stdout
     assert "demo: server stopped" in result.stdout
+
+
+def test_kiln_run_help_shows_the_port_defaults_and_which_server_listens_on_all_interfaces() -> None:
+    result = subprocess.run([sys.executable, "-m", "kiln.cli", "run", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "(default: 127.0.0.1, this machine only" in text
+    assert f"(default: {constants.SERVING_HTTP_PORT})" in text
+    assert "on all interfaces (default: 0 = off)" in text

@@ -11,8 +11,10 @@ from kiln_operator import config, objects, serving_objects, trainer_objects
 
 OWNER = objects.Owner(name="digits", namespace="team-a", uid="0b6e3c1d-5d0f-4a8e-9c1e-2f4b7a9d1e00")
 CFG = config.OperatorConfig()
-MODEL = {"variant": "int8-static", "uri": "/artifacts/team-a/digits/models/int8-static/model.onnx",
-         "sha256": "ab" * 32, "sizeBytes": 120_000, "accuracy": 0.97, "latencyMs": 1.8}  # fmt: skip
+MODEL = api.ModelStatus.model_validate({
+    "variant": "int8-static", "uri": "/artifacts/team-a/digits/models/int8-static/model.onnx",
+    "sha256": "ab" * 32, "sizeBytes": 120_000, "accuracy": 0.97, "latencyMs": 1.8,
+})  # fmt: skip
 
 
 def spec(**sections: Any) -> api.TrainingJobSpec:
@@ -233,7 +235,7 @@ def test_the_trainer_may_only_read_its_own_trainingjob_and_patch_its_status() ->
     assert trainer_objects.build_service_account(OWNER)["automountServiceAccountToken"] is True
 
 
-def test_the_serving_deployment_runs_kiln_serve_on_the_selected_variant_read_only() -> None:
+def test_the_serving_deployment_runs_kiln_serve_on_the_cards_selected_variant_read_only() -> None:
     job_spec = spec(serving={"replicas": 2, "maxBatchSize": 16, "maxQueueDelayMicroseconds": 500})
     deployment = serving_objects.build_deployment(OWNER, job_spec, CFG, MODEL)
     assert deployment["spec"]["replicas"] == 2
@@ -241,7 +243,7 @@ def test_the_serving_deployment_runs_kiln_serve_on_the_selected_variant_read_onl
     [container] = pod["spec"]["containers"]
     assert container["command"] == ["kiln"]
     assert container["args"] == [
-        "serve", "--model-dir", f"/artifacts/team-a/digits/{OWNER.uid}", "--variant", "int8-static",
+        "serve", "--model-dir", f"/artifacts/team-a/digits/{OWNER.uid}",
         "--model-name", "digits",
         "--host", "0.0.0.0", "--port", "8080", "--max-batch-size", "16", "--max-queue-delay-microseconds", "500",
     ]  # fmt: skip
@@ -257,15 +259,18 @@ def test_the_serving_deployment_runs_kiln_serve_on_the_selected_variant_read_onl
     assert pod["spec"]["automountServiceAccountToken"] is False
 
 
-@pytest.mark.parametrize(
-    ("requested", "model", "served"),
-    [("auto", MODEL, "int8-static"), ("auto", {"variant": None}, "fp32"), ("fp32", MODEL, "fp32")],
-)
-def test_auto_serves_the_variant_the_trainer_selected_and_an_explicit_variant_wins(
-    requested: str, model: dict[str, Any], served: str
+@pytest.mark.parametrize(("requested", "flags"), [("auto", []), ("fp32", ["--variant", "fp32"])])
+def test_the_server_is_given_a_variant_only_when_the_user_chose_one_and_else_serves_the_cards(
+    requested: str, flags: list[str]
 ) -> None:
+    # The trainer selected int8-static; for auto the server reads that from the card, not from the status.
     job_spec = spec(export={"variants": ["fp32", "int8-static"]}, serving={"variant": requested})
-    assert serving_objects.serving_variant(job_spec, model) == served
+    [container] = serving_objects.build_deployment(OWNER, job_spec, CFG, MODEL)["spec"]["template"]["spec"][
+        "containers"
+    ]
+    args = container["args"]
+    at = args.index("--variant") if "--variant" in args else len(args)
+    assert args[at : at + 2] == flags
 
 
 def test_gpu_serving_uses_the_gpu_image_one_gpu_the_cuda_provider_and_no_surge() -> None:

@@ -10,6 +10,7 @@ import kopf
 import pytest
 from prometheus_client import REGISTRY
 
+from kiln_cluster.controlplane import free_port
 from kiln_operator import metrics
 
 
@@ -17,12 +18,6 @@ def kiln_operator(*args: str, env: dict[str, str] | None = None) -> subprocess.C
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "kiln.cli", "operator", *args], capture_output=True, text=True,
                           env=full_env, timeout=60)  # fmt: skip
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_help_lists_the_scope_ports_and_peering_flags() -> None:
@@ -48,7 +43,7 @@ def test_a_missing_kubeconfig_fails_with_one_clear_message(tmp_path: Path) -> No
 
 
 def test_an_unreachable_api_server_fails_with_its_address(tmp_path: Path) -> None:
-    port = unused_port()
+    port = free_port()
     kubeconfig = tmp_path / "config"
     kubeconfig.write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: c\n"

@@ -19,7 +19,7 @@ HPA = config.OperatorConfig(
     serving_hpa_max_replicas=8,
     serving_hpa_target_cpu_utilization=60,
 )
-MODEL = {"variant": "fp32", "sha256": "ab" * 32}
+MODEL = api.ModelStatus(variant="fp32", sha256="ab" * 32)
 
 
 def spec(**sections: Any) -> api.TrainingJobSpec:

@@ -3,7 +3,6 @@ line (and a termination message), progress lines, the /metrics endpoint."""
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,8 @@ import pytest
 import trainer_support as support
 
 from kiln import api
-from kiln_trainer import checkpoint, cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from kiln_cluster.controlplane import free_port
+from kiln_trainer import checkpoint, train_command
 
 
 def _fails_with_config_error(result: subprocess.CompletedProcess[str], message: str) -> None:
@@ -113,7 +107,7 @@ def test_a_checkpoint_survives_changes_to_serving_resources_and_workers_count(
 
 
 def test_the_metrics_endpoint_serves_trainer_metrics_while_training(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     body = support.spec_dict(data={"maxSamples": 300}, training={"epochs": 50})
     trainer = subprocess.Popen(
         support.trainer_command(
@@ -155,10 +149,10 @@ def test_the_metrics_endpoint_serves_trainer_metrics_while_training(tmp_path: Pa
 def test_the_termination_message_goes_to_the_configured_path_and_keeps_the_end_of_long_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(cli.ENV_TERMINATION_LOG, str(tmp_path / "termination-log"))
-    cli.write_termination_message("x" * 5000 + "\nRuntimeError: the last line")
+    monkeypatch.setenv(train_command.ENV_TERMINATION_LOG, str(tmp_path / "termination-log"))
+    train_command.write_termination_message("x" * 5000 + "\nRuntimeError: the last line")
     text = (tmp_path / "termination-log").read_text()
     assert len(text) <= 4096 and text.endswith("RuntimeError: the last line\n")
-    monkeypatch.setenv(cli.ENV_TERMINATION_LOG, str(tmp_path / "no-such-folder" / "termination-log"))
-    cli.write_termination_message("nowhere to go")  # silently skipped
+    monkeypatch.setenv(train_command.ENV_TERMINATION_LOG, str(tmp_path / "no-such-folder" / "termination-log"))
+    train_command.write_termination_message("nowhere to go")  # silently skipped
     assert not (tmp_path / "no-such-folder").exists()

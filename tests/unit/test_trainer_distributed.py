@@ -2,29 +2,23 @@
 pods: MASTER_ADDR/MASTER_PORT/WORLD_SIZE, RANK for one and JOB_COMPLETION_INDEX for the other."""
 
 import json
-import socket
 import subprocess
 from pathlib import Path
 
 import trainer_support as support
 
 from kiln import api
+from kiln_cluster.controlplane import free_port
 from kiln_trainer import checkpoint
 
 EPOCHS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_two_gloo_processes_train_together_and_only_rank_0_writes_artifacts(tmp_path: Path) -> None:
     config = support.write_config(
         tmp_path / "job.yaml", support.spec_dict(data={"maxSamples": 400}, training={"epochs": EPOCHS})
     )
-    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     # Separate output folders (in a cluster they share one volume) make any write by rank 1 visible.
     outputs = [tmp_path / "rank0", tmp_path / "rank1"]
     envs = [support.trainer_env(RANK="0", **common), support.trainer_env(JOB_COMPLETION_INDEX="1", **common)]

@@ -3,13 +3,13 @@
 import argparse
 import sys
 
-from kiln_trainer import cli
+from kiln_trainer import train_command
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m kiln_trainer", description="Train a model from a TrainingJob.")
-    cli.add_arguments(parser)
-    return cli.run(parser.parse_args())
+    train_command.add_arguments(parser)
+    return train_command.run(parser.parse_args())
 
 
 if __name__ == "__main__":

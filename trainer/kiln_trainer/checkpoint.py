@@ -99,8 +99,9 @@ def training_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not any(k == o or k.startswith(o + ".") for o in _OPERATIONAL)}
 
 
-def check_compatible(state: dict[str, Any], spec: api.TrainingJobSpec, path: Path) -> None:
-    """Refuse a checkpoint written for another config instead of silently mixing two trainings."""
+def check_compatible(state: dict[str, Any], spec: api.TrainingJobSpec, path: Path, *, remedy: str = "") -> None:
+    """Refuse a checkpoint written for another config instead of silently mixing two trainings. ``remedy`` is
+    the advice in the error (default: for training, where starting over is fine)."""
     # Normalise both through the API so defaults and aliases compare equal.
     try:
         saved = training_config(api.TrainingJobSpec.model_validate(state["config"]).to_dict())
@@ -116,10 +117,8 @@ def check_compatible(state: dict[str, Any], spec: api.TrainingJobSpec, path: Pat
     ]
     if changed:
         shown = "; ".join(changed[:5]) + ("; ..." if len(changed) > 5 else "")
-        raise errors.ConfigError(
-            f"checkpoint {path} was written for a different config ({shown}); use another output folder or "
-            f"delete {path.parent} to start over"
-        )
+        remedy = remedy or f"use another output folder or delete {path.parent} to start over"
+        raise errors.ConfigError(f"checkpoint {path} was written for a different config ({shown}); {remedy}")
 
 
 class Checkpointer:

@@ -11,7 +11,6 @@ import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -346,14 +345,14 @@ def _build(
     measure.save_optimized(staging / chosen.path, optimized, provider=measure.CPU)
     chosen.optimized_path = optimized.relative_to(staging).as_posix()
     for report in reports:
-        report.sha256 = measure.sha256_file(staging / report.path)
+        report.sha256 = api.file_sha256(staging / report.path)
         report.size_bytes = (staging / report.path).stat().st_size
         if report.tensorrt_path is not None:
-            report.tensorrt_sha256 = measure.sha256_file(staging / report.tensorrt_path)
+            report.tensorrt_sha256 = api.file_sha256(staging / report.tensorrt_path)
     pre = inputs.preprocessing
     return api.ModelCard(
         name=name,
-        created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        created_at=api.now_rfc3339(),
         input=api.TensorSpec(name=export.INPUT_NAME, shape=[-1, pre.channels, pre.image_size, pre.image_size]),
         output=api.TensorSpec(name=export.OUTPUT_NAME, shape=[-1, len(inputs.class_names)]),
         class_names=inputs.class_names,

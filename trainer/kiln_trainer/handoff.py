@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from kiln import api
-from kiln_trainer import checkpoint, data, distributed, evaluate, progress, report, status_reporter, stopping
+from kiln_trainer import checkpoint, data, distributed, evaluate, report, status_reporter
 from kiln_trainer import history as history_file
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def finish(
     bundle: data.DataBundle,
     model: nn.Module,
     history: list[evaluate.EpochRecord],
-    stop_reason: stopping.StopReason,
+    stop_reason: api.StopReason,
     *,
     ctx: distributed.Context,
     output_dir: Path,
@@ -107,7 +107,7 @@ def finish(
         val_accuracy=last.val_accuracy,
         samples_per_second=last.samples_per_second,
         eta_seconds=0,
-        updated_at=progress.now(),
+        updated_at=api.now_rfc3339(),
     )
     reporter.final(final_progress, best_metrics, warnings, str(last_checkpoint) if last_checkpoint else None)
     if compile:

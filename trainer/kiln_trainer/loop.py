@@ -131,7 +131,7 @@ def _train(
     stops = stopping.StopConditions(cfg)
     history: list[evaluate.EpochRecord] = []
     best_accuracy, best_epoch, epoch, global_step = -1.0, 0, 0, 0
-    stop_reason: stopping.StopReason | None = None
+    stop_reason: api.StopReason | None = None
     last_checkpoint: Path | None = None
     state = checkpointer.resume_state(spec)
     if state is not None:
@@ -171,7 +171,7 @@ def _train(
     reporter = status_reporter.StatusReporter.from_env(enabled=ctx.is_main, min_interval=status_interval)
     metrics.EPOCHS_REQUESTED.set(cfg.epochs)
     reporter.progress(
-        api.Progress(epoch=epoch, total_epochs=cfg.epochs, updated_at=progress.now()),
+        api.Progress(epoch=epoch, total_epochs=cfg.epochs, updated_at=api.now_rfc3339()),
         str(last_checkpoint) if last_checkpoint else None,
     )
 
@@ -345,5 +345,5 @@ def _progress(record: evaluate.EpochRecord, history: list[evaluate.EpochRecord],
         val_accuracy=record.val_accuracy,
         samples_per_second=record.samples_per_second,
         eta_seconds=max(0, total - record.epoch) * mean_duration,
-        updated_at=progress.now(),
+        updated_at=api.now_rfc3339(),
     )

@@ -7,7 +7,6 @@ benchmark (bench/compile_latency.py is).
 """
 
 import functools
-import hashlib
 import logging
 import os
 import statistics
@@ -157,15 +156,6 @@ def interleaved_latency_ms(
     feed = {export.INPUT_NAME: batch}
     runs = {name: functools.partial(session.run, [export.OUTPUT_NAME], feed) for name, session in sessions.items()}
     return interleaved_medians(runs, repeats=repeats)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_optimized(src: Path, dst: Path, *, provider: str = CPU) -> Path:

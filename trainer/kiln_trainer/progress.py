@@ -1,21 +1,16 @@
 """Live progress for people and log collectors: a tqdm bar on a terminal, one JSON line per epoch otherwise."""
 
-import datetime
 import json
 import sys
 from typing import Any, Literal
 
 from tqdm import tqdm
 
+from kiln import api
 from kiln_trainer import evaluate
 
 LogFormat = Literal["auto", "json", "bar"]
 _POSTFIX_EVERY = 20  # steps between loss read-outs on the bar (each one syncs a GPU)
-
-
-def now() -> str:
-    """The current time in RFC 3339, as Kubernetes writes it."""
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class ProgressLog:
@@ -31,7 +26,7 @@ class ProgressLog:
     def event(self, name: str, **fields: Any) -> None:
         """A structured line (JSON mode) or a plain one above the bar."""
         if self.mode == "json":
-            sys.stdout.write(json.dumps({"event": name, "time": now(), **fields}) + "\n")
+            sys.stdout.write(json.dumps({"event": name, "time": api.now_rfc3339(), **fields}) + "\n")
             sys.stdout.flush()
         elif self.mode == "bar":
             tqdm.write(f"{name}: " + ", ".join(f"{k}={v}" for k, v in fields.items()), file=sys.stderr)

@@ -1,10 +1,8 @@
 """When to stop: epochs exhausted, target accuracy reached, or no improvement for ``patience`` epochs."""
 
-from typing import Any, Literal
+from typing import Any
 
 from kiln import api
-
-StopReason = Literal["epochs", "target-accuracy", "early-stopping"]
 
 
 class StopConditions:
@@ -19,7 +17,7 @@ class StopConditions:
         self.best = float("-inf")
         self.epochs_without_improvement = 0
 
-    def check(self, epoch: int, val_accuracy: float) -> StopReason | None:
+    def check(self, epoch: int, val_accuracy: float) -> api.StopReason | None:
         """The reason to stop after ``epoch`` (1-based), or None to go on."""
         if val_accuracy > self.best + self.min_delta:
             self.best, self.epochs_without_improvement = val_accuracy, 0

@@ -82,7 +82,9 @@ def compile_checkpoint(
     if config is not None:
         job = api.load_trainingjob(config)
         spec, name = job.spec, name or job.metadata.name
-        checkpoint.check_compatible(state, spec, path)
+        # The checkpoint is what is being compiled: the advice is about the config, never to delete it.
+        remedy = "pass the TrainingJob it was trained with, or leave out --config to use the one saved in it"
+        checkpoint.check_compatible(state, spec, path, remedy=remedy)
     else:
         try:
             spec = api.TrainingJobSpec.model_validate(state["config"])

@@ -1,4 +1,5 @@
-"""``kiln train``: train (and compile) a model from a TrainingJob file; what trainer pods run.
+"""``kiln train``: train (and compile) a model from a TrainingJob file; what trainer pods run. ``train_file``
+is the same as a typed entry point (what ``kiln run`` calls).
 
 Exit codes: 0 success; ``api.EXIT_CONFIG_ERROR`` (78) for an invalid config or data set, which the operator
 fails at once instead of retrying; 128+N after signal N (a stop between steps); anything else is retryable.
@@ -11,10 +12,14 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kiln import api
 from kiln.api import constants
 from kiln_trainer import errors, launcher
+
+if TYPE_CHECKING:  # progress loads torch; `kiln train --help` must not
+    from kiln_trainer.progress import LogFormat
 
 log = logging.getLogger("kiln_trainer")
 
@@ -75,23 +80,40 @@ def _configure_logging() -> None:
         )
 
 
-def _child_args(args: argparse.Namespace) -> list[str]:
+def _child_args(config: Path, output: Path, metrics_port: int, compile: bool, log_format: str) -> list[str]:
     """The arguments again, for the launcher's per-rank processes."""
-    argv = ["--config", str(args.config), "--output", str(args.output), "--metrics-port", str(args.metrics_port)]
-    argv += ["--log-format", args.log_format] + (["--no-compile"] if args.no_compile else [])
+    argv = ["--config", str(config), "--output", str(output), "--metrics-port", str(metrics_port)]
+    argv += ["--log-format", log_format] + ([] if compile else ["--no-compile"])
     return argv
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load and validate the TrainingJob, train, hand off; map every failure to an exit code.
+    """`kiln train` with parsed flags."""
+    return train_file(
+        args.config,
+        args.output,
+        metrics_port=args.metrics_port,
+        compile=not args.no_compile,
+        log_format=args.log_format,
+    )
 
-    With several processes per pod (LOCAL_WORLD_SIZE > 1) this process is the launcher of its local ranks.
-    """
+
+def train_file(
+    config: Path,
+    output: Path,
+    *,
+    metrics_port: int = 0,
+    compile: bool = True,
+    log_format: "LogFormat" = "auto",
+) -> int:
+    """Load and validate the TrainingJob in ``config``, train into ``output``, hand off; map every failure to
+    an exit code (see the module docstring). With several processes per pod (LOCAL_WORLD_SIZE > 1) this
+    process is the launcher of its local ranks."""
     _configure_logging()
     try:
         count = launcher.processes(os.environ)
         if count > 1:
-            return launcher.launch(_child_args(args), count)
+            return launcher.launch(_child_args(config, output, metrics_port, compile, log_format), count)
     except api.ConfigError as err:
         sys.stderr.write(f"kiln train: error: {err}\n")
         write_termination_message(str(err))
@@ -99,14 +121,14 @@ def run(args: argparse.Namespace) -> int:
     from kiln_trainer import loop  # torch is imported only once the arguments are valid
 
     try:
-        job = api.load_trainingjob(args.config)
+        job = api.load_trainingjob(config)
         loop.train(
             job.spec,
-            args.output,
+            output,
             name=job.metadata.name,
-            compile=not args.no_compile,
-            metrics_port=args.metrics_port,
-            log_format=args.log_format,
+            compile=compile,
+            metrics_port=metrics_port,
+            log_format=log_format,
         )
     except api.ConfigError as err:  # also kiln_trainer.errors.ConfigError
         sys.stderr.write(f"kiln train: error: {err}\n")
