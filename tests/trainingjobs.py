@@ -173,9 +173,10 @@ def trainer_pods(kube: Kube, namespace: str, name: str) -> list[Obj]:
 
 
 def output_dir(cluster: Any, namespace: str, name: str) -> Path:
-    """A TrainingJob's output folder (checkpoints, model card, compiled models) on the chart's artifacts claim;
-    `cluster` is the e2e tier's kiln_cluster.Cluster."""
-    folder: Path = cluster.claim_path(namespace, "kiln-artifacts") / namespace / name
+    """A TrainingJob's output folder (checkpoints, model card, compiled models) on the chart's artifacts claim:
+    <namespace>/<name>/<uid>, as the operator lays it out; `cluster` is the e2e tier's kiln_cluster.Cluster."""
+    uid = cluster.kube.get(path(namespace, name))["metadata"]["uid"]
+    folder: Path = cluster.claim_path(namespace, "kiln-artifacts") / namespace / name / uid
     return folder
 
 

@@ -130,7 +130,7 @@ def test_status_is_a_subresource_and_the_printer_columns_show_it(
     kube.patch(path + "/status", {"status": status})
     table = kube.table(path)
     columns = [c["name"] for c in table["columnDefinitions"]]
-    assert columns == ["Name", "Phase", "Epoch", "Accuracy", "Model", "Endpoint", "Age"]
+    assert columns == ["Name", "Phase", "Ready", "Epoch", "Accuracy", "Model", "Endpoint", "Age"]
     row = dict(zip(columns, table["rows"][0]["cells"], strict=True))
     assert (row["Phase"], row["Epoch"], row["Accuracy"], row["Model"], row["Endpoint"]) == (
         "Serving",
