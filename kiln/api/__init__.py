@@ -15,22 +15,12 @@ from kiln.api.card import (
     file_sha256,
 )
 from kiln.api.constants import API_VERSION, EXIT_CONFIG_ERROR, GROUP, KIND, PLURAL, VERSION
+from kiln.api.delivery import VARIANTS, ExportSpec, ServingSpec
 from kiln.api.placement import EnvVar, PodPlacement
 from kiln.api.spec import (
     LOADER_PREFETCH_FACTOR,
-    VARIANTS,
-    AdversarialSpec,
-    DataSpec,
-    EmaSpec,
-    ExportSpec,
-    MixupSpec,
-    ModelSpec,
-    NormalizeSpec,
-    OptimizerSpec,
     ResourcesSpec,
-    ServingSpec,
     TrainingJobSpec,
-    TrainingSpec,
     eval_batch_size,
     loader_bytes_in_flight,
     processes_per_worker,
@@ -49,6 +39,16 @@ from kiln.api.status import (
     TrainingJobStatus,
     condition_types,
     phases,
+)
+from kiln.api.training import (
+    AdversarialSpec,
+    DataSpec,
+    EmaSpec,
+    MixupSpec,
+    ModelSpec,
+    NormalizeSpec,
+    OptimizerSpec,
+    TrainingSpec,
 )
 from kiln.api.trainingjob import ConfigError, TrainingJob, load_trainingjob, parse_trainingjob
 

@@ -1,6 +1,7 @@
 """The base every API model shares: camelCase on the wire, unknown fields refused."""
 
 import datetime
+from typing import Any
 
 from pydantic import AliasGenerator, BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
@@ -20,6 +21,10 @@ class ApiModel(BaseModel):
         """The wire form: camelCase keys, unset optional fields left out."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
+
+# json_schema_extra of a nested section that defaults to all its defaults: the CRD then defaults it to {}, so
+# the API server fills in its fields too.
+NESTED: dict[str, Any] = {"default": {}}
 
 RFC3339 = "%Y-%m-%dT%H:%M:%SZ"  # how Kubernetes writes timestamps (UTC, whole seconds)
 

@@ -11,8 +11,9 @@ from typing import Any
 import yaml
 
 from kiln.api.constants import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
-from kiln.api.spec import DATASETS_NEEDING_PATH, TrainingJobSpec
+from kiln.api.spec import TrainingJobSpec
 from kiln.api.status import TrainingJobStatus
+from kiln.api.training import DATASETS_NEEDING_PATH
 
 Schema = dict[str, Any]
 

@@ -133,5 +133,5 @@ def tracked_jobs() -> int:
         return len(_phases)
 
 
-def record_transition(old: str | None, new: str) -> None:
+def record_transition(old: str | None, new: api.Phase) -> None:
     PHASE_TRANSITIONS.labels(old or "None", new).inc()

@@ -4,7 +4,7 @@ Whoever may create a TrainingJob gets pods run for them by the operator, so the 
 way around the cluster's rules (a confused deputy): hostPath volumes reach the node's file system and are
 refused unless the configuration allows them; image overrides run arbitrary code under kiln's labels and
 are refused unless overrides are allowed or the image is under an allowed registry prefix. The CRD already
-limits volumes to an allow-list of sources (kiln.api.spec.VOLUME_SOURCES). Each refusal names the field.
+limits volumes to an allow-list of sources (kiln.api.volumes.VOLUME_SOURCES). Each refusal names the field.
 """
 
 from kiln import api

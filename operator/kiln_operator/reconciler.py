@@ -39,13 +39,13 @@ Body = Mapping[str, Any]
 Manifest = dict[str, Any]
 # Transient API failures are retried inside one run, so a lost trigger does not leave a stale status.
 ATTEMPTS: Final = 3
-WARNING_PHASES: Final = ("Failed",)
+WARNING_PHASES: Final[tuple[api.Phase, ...]] = ("Failed",)
 # Job fields the API server lets an existing Job change, and runPolicy sets (suspend has its own handler).
 MUTABLE_JOB_FIELDS: Final = ("activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished")
 # An owner sets this annotation to "true" to silence the alerts of a job they have looked at.
 ACKNOWLEDGED: Final = f"{api.GROUP}/acknowledged"
 # The condition whose message explains a phase in its transition Event.
-SUMMARY_CONDITION: Final[dict[str, str]] = {
+SUMMARY_CONDITION: Final[dict[api.Phase, api.ConditionType]] = {
     "Pending": "Created",
     "Running": "Running",
     "Exporting": "Succeeded",
@@ -238,7 +238,9 @@ def publish_conditions(body: Body, desired: Mapping[str, Any] | None = None) -> 
     metrics.record_conditions(meta["namespace"], meta["name"], str(shown.get("phase")), truth, acknowledged)
 
 
-def write_status(client: kube.Kube, body: Body, desired: Mapping[str, Any], latest_failure: str = "") -> str | None:
+def write_status(
+    client: kube.Kube, body: Body, desired: Mapping[str, Any], latest_failure: str = ""
+) -> api.Phase | None:
     """Patch what changed; count, announce and time phase transitions. Returns the phase (None: deleted)."""
     meta, current = body["metadata"], body.get("status") or {}
     namespace, name = meta["namespace"], meta["name"]
@@ -250,7 +252,8 @@ def write_status(client: kube.Kube, body: Body, desired: Mapping[str, Any], late
             if kube.is_not_found(err):  # deleted while this run was reading
                 return None
             raise
-    old, new = current.get("phase"), str(desired["phase"])
+    old: str | None = current.get("phase")
+    new: api.Phase = desired["phase"]
     metrics.record_phase(namespace, name, new)
     publish_conditions(body, desired)
     if (desired.get("restarts") or 0) > (current.get("restarts") or 0):
@@ -259,7 +262,7 @@ def write_status(client: kube.Kube, body: Body, desired: Mapping[str, Any], late
     if old != new:
         metrics.record_transition(old, new)
         conditions = {c["type"]: c for c in desired.get("conditions") or []}
-        summary = conditions.get(SUMMARY_CONDITION.get(new, ""), {}).get("message", "")
+        summary = conditions.get(SUMMARY_CONDITION[new], {}).get("message", "")
         _announce(body, "Warning" if new in WARNING_PHASES else "Normal", new, f"{old or 'New'} -> {new}: {summary}")
         if new == "Serving" and old != "Succeeded":  # Serving is left only for Succeeded (serving disabled)
             elapsed = _seconds_since(meta.get("creationTimestamp"))
@@ -270,7 +273,7 @@ def write_status(client: kube.Kube, body: Body, desired: Mapping[str, Any], late
 
 def _reconcile_once(
     client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str, repair: bool = False
-) -> str | None:
+) -> api.Phase | None:
     body = client.get_trainingjob(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
@@ -333,7 +336,7 @@ def _reconcile_once(
 
 def _reconcile_with_retries(
     client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str, repair: bool
-) -> str | None:
+) -> api.Phase | None:
     for attempt in range(1, ATTEMPTS + 1):
         try:
             return _reconcile_once(client, cfg, namespace, name, repair)
@@ -347,7 +350,7 @@ def _reconcile_with_retries(
 
 def reconcile(
     client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str, repair: bool = False
-) -> str | None:
+) -> api.Phase | None:
     """Bring one TrainingJob's children and status up to date; returns its phase. With `repair` (a child was
     deleted, or the periodic resync) the trainer's helpers are re-created too while training runs.
 

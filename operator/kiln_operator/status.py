@@ -199,7 +199,7 @@ def assess_serving(obs: Observation, endpoint: str) -> Serving:
     return Serving("RollingOut", "RollingOut", details or f"{ready}/{replicas} replica(s) ready")
 
 
-def decide_phase(training: Training, has_model: bool, serving: Serving, before: str | None) -> api.Phase:
+def decide_phase(training: Training, has_model: bool, serving: Serving, before: api.Phase | None) -> api.Phase:
     """The one-word summary; the conditions carry the detail. Once serving (or succeeded), a serving outage
     or a rollout keeps the phase (Ready=False says why), so the phase never flaps with availability."""
     if training.state == "Failed":

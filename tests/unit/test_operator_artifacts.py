@@ -20,7 +20,7 @@ def test_a_same_name_trainingjob_gets_a_folder_of_its_own_for_trainer_and_server
     assert objects.artifacts_dir(NEW) == f"{constants.ARTIFACTS_MOUNT}/team-a/digits/{NEW.uid}"
     args = trainer_objects.build_job(NEW, spec, CFG)["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--output") + 1] == objects.artifacts_dir(NEW)
-    server = serving_objects.build_deployment(NEW, spec, CFG, {"variant": "fp32"})
+    server = serving_objects.build_deployment(NEW, spec, CFG, api.ModelStatus(variant="fp32"))
     server_args = server["spec"]["template"]["spec"]["containers"][0]["args"]
     assert server_args[server_args.index("--model-dir") + 1] == objects.artifacts_dir(NEW)
 

@@ -3,7 +3,7 @@
 from typing import Any
 
 from kiln import api
-from kiln_operator import objects, status
+from kiln_operator import objects, reconciler, status
 
 T0, T1, T2, NOW = "2026-11-28T10:00:00Z", "2026-11-28T10:05:00Z", "2026-11-28T10:09:00Z", "2026-11-28T10:10:00Z"
 MODEL = {"variant": "int8-static", "uri": "/artifacts/team-a/digits/models/int8-static/model.onnx",
@@ -395,3 +395,8 @@ def test_an_invalid_spec_fails_with_reason_invalid_spec() -> None:
     assert found["Failed"]["status"] == "True" and found["Failed"]["reason"] == "InvalidSpec"
     assert "spec.model.architecture" in found["Failed"]["message"]
     assert found["Created"]["status"] == "False"
+
+
+def test_every_phase_names_the_condition_its_transition_event_quotes() -> None:
+    assert set(reconciler.SUMMARY_CONDITION) == set(api.phases())
+    assert set(reconciler.SUMMARY_CONDITION.values()) <= set(api.condition_types())
