@@ -23,7 +23,7 @@ from typing import Any
 
 from kiln_cluster import binaries, footprint, images, network, procs
 from kiln_cluster.controlplane import ControlPlane
-from kiln_cluster.node import Node, NodePaths
+from kiln_cluster.node import NODE_NAME, Node, NodePaths
 from kiln_cluster.rest import Kube
 from kiln_cluster.waiting import wait_until
 
@@ -123,7 +123,20 @@ class Cluster:
                 continue
             images.import_archive(self.node.bins, self.node.paths.socket, archive)
             stamp.write_text(image_id)
+        self._wait_for_listed_images()
         self.timings["images"] = time.monotonic() - began
+
+    def _wait_for_listed_images(self) -> None:
+        """Until the node's status lists every kiln image: kubelet refreshes its image list only every 30 s, and
+        `kubectl get node` should show what `up` imported as soon as it returns."""
+
+        def listed() -> bool:
+            node = self.kube.get_or_none(f"/api/v1/nodes/{NODE_NAME}") or {}
+            names = {n for image in node.get("status", {}).get("images") or [] for n in image.get("names") or []}
+            prefixes = [f"docker.io/library/kiln-{name}:" for name in images.KILN_IMAGES]
+            return all(any(n.startswith(prefix) for n in names) for prefix in prefixes)
+
+        wait_until(listed, 120, "the node's status to list kiln's images", interval=2)
 
     # -- storage --------------------------------------------------------------------------------------------
 
