@@ -8,7 +8,6 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from kiln import api
 from kiln_trainer import errors
@@ -43,25 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _summary(state: dict[str, Any], spec: api.TrainingJobSpec) -> api.TrainingSummary:
-    """The checkpoint's training summary; an intermediate checkpoint has none, so one is made from what it
-    does hold and says so."""
-    if state.get("summary"):
-        return api.TrainingSummary.model_validate(state["summary"])
-    epoch = int(state.get("epoch") or 0)
-    return api.TrainingSummary(
-        architecture=spec.model.architecture,
-        dataset=spec.data.dataset,
-        epochs_requested=spec.training.epochs,
-        epochs_run=epoch,
-        best_epoch=epoch,
-        best_val_accuracy=float(state.get("best_accuracy") or 0.0),
-        stop_reason="epochs",
-        duration_seconds=0.0,
-        warnings=["compiled from a checkpoint without a training summary (training had not finished)"],
-    )
-
-
 def compile_checkpoint(
     output_dir: Path,
     *,
@@ -74,61 +54,39 @@ def compile_checkpoint(
     """Rebuild the model from a checkpoint, re-read the data it was trained on, and compile it. Raises
     ConfigError when the checkpoint is unreadable or does not match the config, CompileError otherwise."""
     # Imported here so `kiln compile --help` stays instant.
-    from kiln_trainer import checkpoint, data, models
-    from kiln_trainer import compile as compiler
+    from kiln_trainer import checkpoint, data, handoff, models
 
     path = checkpoint_path or checkpoint.best_checkpoint_path(output_dir)
-    state = checkpoint.load_checkpoint(path)
+    saved = checkpoint.load_snapshot(path)
     if config is not None:
         job = api.load_trainingjob(config)
         spec, name = job.spec, name or job.metadata.name
         # The checkpoint is what is being compiled: the advice is about the config, never to delete it.
         remedy = "pass the TrainingJob it was trained with, or leave out --config to use the one saved in it"
-        checkpoint.check_compatible(state, spec, path, remedy=remedy)
+        checkpoint.check_compatible(saved.config, spec, path, remedy=remedy)
     else:
         try:
-            spec = api.TrainingJobSpec.model_validate(state["config"])
+            spec = api.TrainingJobSpec.model_validate(saved.config)
         except ValueError as err:
             raise errors.ConfigError(f"checkpoint {path} holds a config this version cannot read: {err}") from None
         name = name or output_dir.absolute().name
 
     bundle = data.load_data(spec)
-    saved_names = state.get("class_names")
-    if saved_names is not None and list(saved_names) != bundle.class_names:
+    if saved.class_names is not None and saved.class_names != bundle.class_names:
         raise errors.ConfigError(
-            f"checkpoint {path} was trained on classes {saved_names}, the data has {bundle.class_names}"
+            f"checkpoint {path} was trained on classes {saved.class_names}, the data has {bundle.class_names}"
         )
     # The checkpoint holds every weight; pretrained weights named in the spec are not needed (or read) here.
     bare = spec.model_copy(update={"model": spec.model.model_copy(update={"weights": None})})
     model = models.build_model(bare, bundle.num_classes)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(saved.weights)
     except RuntimeError as err:
         detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])[:400]
         raise errors.ConfigError(
             f"checkpoint {path} does not fit {spec.model.architecture} with {bundle.num_classes} classes: {detail}"
         ) from None
-    model.eval()
-
-    val_images, val_labels = data.stack_images(bundle.val)
-    calibration, _ = data.stack_images(bundle.train_eval, limit=spec.export.calibration.samples)
-    inputs = compiler.CompileInputs(
-        model=model,
-        val_images=val_images,
-        val_labels=val_labels,
-        calibration_images=calibration,
-        class_names=bundle.class_names,
-        preprocessing=api.Preprocessing(
-            image_size=bundle.image_size, channels=val_images.shape[1], mean=bundle.mean, std=bundle.std
-        ),
-        training=_summary(state, spec),
-        metrics=api.Metrics.model_validate(state.get("metrics") or {}),
-        per_class=[api.ClassMetrics.model_validate(c) for c in state.get("per_class") or []],
-        confusion_matrix=[list(map(int, row)) for row in state.get("confusion_matrix") or []],
-    )
-    return compiler.compile_model(
-        spec, inputs, output_dir, name, serve_on_gpu=spec.serving.gpu, repeats=repeats, threads=threads
-    )
+    return handoff.compile_best(spec, bundle, model, saved, output_dir, name, repeats=repeats, threads=threads)
 
 
 def run(args: argparse.Namespace) -> int:

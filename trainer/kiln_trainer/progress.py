@@ -13,6 +13,23 @@ LogFormat = Literal["auto", "json", "bar"]
 _POSTFIX_EVERY = 20  # steps between loss read-outs on the bar (each one syncs a GPU)
 
 
+def status(history: list[evaluate.EpochRecord], total_epochs: int, *, finished: bool = False) -> api.Progress:
+    """The TrainingJob's progress after the newest epoch of ``history``; the ETA assumes the remaining epochs
+    take the mean time so far, and is 0 once training has ``finished`` (early or not)."""
+    record = history[-1]
+    mean_duration = sum(h.duration_seconds for h in history) / len(history)
+    return api.Progress(
+        epoch=record.epoch,
+        total_epochs=total_epochs,
+        train_loss=record.train_loss,
+        val_loss=record.val_loss,
+        val_accuracy=record.val_accuracy,
+        samples_per_second=record.samples_per_second,
+        eta_seconds=0 if finished else max(0, total_epochs - record.epoch) * mean_duration,
+        updated_at=api.now_rfc3339(),
+    )
+
+
 class ProgressLog:
     """Writes progress in the chosen format; ``auto`` picks the bar only when stderr is a terminal. Silent
     on ranks other than 0."""
