@@ -50,8 +50,9 @@ class ServingConfig:
     # Load the card's offline-optimised graph when it has one.
     use_optimized: bool = False
     # Connection hygiene (connections.py): largest request head (431 above), how long a head may take to
-    # arrive and a body may pause (408 after), how long an idle keep-alive connection stays open, and the
-    # most open connections (503 at once above; also kept below the file-descriptor limit).
+    # arrive (the first one counted from connecting) and a body may pause (408 after), how long an idle
+    # keep-alive connection stays open, and the most open connections (503 at once above; also kept below the
+    # file-descriptor limit).
     max_header_bytes: int = 64 * 1024
     header_timeout_seconds: float = 10.0
     body_timeout_seconds: float = 30.0

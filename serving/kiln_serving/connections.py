@@ -2,9 +2,9 @@
 
 - Request heads (request line + headers) over max_header_bytes get 431 and the connection is closed, before
   anything is parsed further: a 64 MB header no longer ties up the event loop.
-- A head must arrive within header_timeout_seconds of its first byte, and a body may pause at most
-  body_timeout_seconds between chunks; a half-sent request is answered 408 and closed, so idle sockets do
-  not pile up until the process runs out of file descriptors.
+- A connection's first head must arrive within header_timeout_seconds of connecting, a later one within it of
+  its first byte, and a body may pause at most body_timeout_seconds between chunks; a silent connection or a
+  half-sent request is answered 408 and closed, so idle sockets do not pile up and fill the connection cap.
 - Past max_connections (capped below the process's file-descriptor limit) a new connection is answered 503
   at once and closed, so the server stays reachable for probes as soon as any connection ends.
 Idle keep-alive connections are closed by uvicorn after keep_alive_timeout_seconds.
@@ -76,6 +76,8 @@ def protocol(config: ServingConfig) -> type[HttpToolsProtocol]:
             if len(self.connections) > cap:
                 log.warning("refusing a connection: %d open, the limit is %d", len(self.connections) - 1, cap)
                 self._refuse(503, "Service Unavailable")
+            else:
+                self._arm(config.header_timeout_seconds)  # a connection that never sends a byte times out too
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -85,7 +87,7 @@ def protocol(config: ServingConfig) -> type[HttpToolsProtocol]:
             if self.transport.is_closing():
                 return
             if self._in_head:
-                if self._head_bytes == 0:
+                if self._head_bytes == 0 and self._timer is None:
                     self._arm(config.header_timeout_seconds)  # the whole head within this, however slow
                 self._head_bytes += len(data)
                 if self._head_bytes > config.max_header_bytes and not self._head_done(data):

@@ -4,6 +4,8 @@ Runs on the HTTP server's event loop and shares its data plane, so gRPC requests
 land in the same metrics. The message classes are the ones tritonclient ships (generated from Triton's
 grpc_service.proto, a superset of KServe's), so tritonclient.grpc and KServe's InferenceGRPCClient work
 unchanged. Tensors come as raw_input_contents or typed contents and always go back as raw_output_contents.
+The service's other RPCs (ModelConfig, RepositoryIndex, shared memory, ...) answer UNIMPLEMENTED, naming the ones
+that are served.
 """
 
 import asyncio
@@ -15,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -35,6 +38,9 @@ _CONTENTS = {
     "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }  # fmt: skip
+
+# Every RPC of the service, as add_GRPCInferenceServiceServicer_to_server looks them up on the servicer.
+_RPCS = frozenset(method.name for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods)
 
 
 def _parameters(params: Any) -> dict[str, object]:
@@ -84,11 +90,23 @@ def encode(model: Model, request: protocol.Request, outputs: dict[str, codec.Arr
     return response
 
 
-class Service(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class Service:
     """The RPCs; errors end the call with the code errors.STATUS gives them."""
 
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
+
+    def __getattr__(self, name: str) -> Callable[[Any, Any], Awaitable[Any]]:
+        """An RPC of the service that kiln does not serve: UNIMPLEMENTED with a message, not grpc's default (a
+        NotImplementedError the server logs with its traceback on every call)."""
+        if name not in _RPCS:
+            raise AttributeError(name)
+        served = ", ".join(sorted(rpc for rpc in _RPCS if rpc in type(self).__dict__))
+
+        async def unimplemented(request: Any, context: Any) -> Any:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"kiln does not serve {name}; it serves {served}")
+
+        return unimplemented
 
     async def _call(self, context: Any, work: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -123,6 +141,14 @@ class Service(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
             for tensor in model.outputs:
                 meta.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
             return meta
+
+        return await self._call(context, work)
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802
+        # The HTTP statistics extension's JSON is the proto3 JSON form of this message: one source, two encodings.
+        async def work() -> Any:
+            stats = self.dataplane.statistics(request.name or None, request.version or None)
+            return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
 
         return await self._call(context, work)
 

@@ -20,7 +20,7 @@ SETTINGS = {
     "max_body_bytes": "largest request body accepted, else 413",
     "max_concurrent_large_requests": "large bodies decoded at once; more wait, bounding memory",
     "max_header_bytes": "largest request head (request line and headers), else 431",
-    "header_timeout_seconds": "how long a request head may take to arrive, else 408 and close",
+    "header_timeout_seconds": "how long a request head may take (the first from connecting), else 408 and close",
     "body_timeout_seconds": "longest pause inside a request body, else 408 and close",
     "keep_alive_timeout_seconds": "how long an idle keep-alive connection stays open",
     "max_connections": "open connections beyond which new ones get 503 at once",

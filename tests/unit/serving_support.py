@@ -1,10 +1,17 @@
-"""Shared pieces of the serving tests: tiny real ONNX models, model cards, and a real server on a free port."""
+"""Shared pieces of the serving tests: tiny real ONNX models, model cards, and a real server on a free port, in
+this process or as a child process."""
 
 import contextlib
 import functools
 import io
+import os
+import re
 import shutil
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import card_support
@@ -19,6 +26,7 @@ from kiln.api import constants
 from kiln_serving import Server, ServingConfig, start
 from kiln_serving.model import Model
 
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 8
 CLASSES = ["cat", "dog", "bird", "fish", "frog"]
 DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
@@ -140,6 +148,60 @@ def serving(cfg: ServingConfig, model: Model | None = None) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
+
+
+def environment() -> dict[str, str]:
+    """This process's environment with this checkout's packages first on PYTHONPATH, for child processes."""
+    roots = [str(REPO), str(REPO / "serving"), str(REPO / "trainer"), str(REPO / "operator")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*roots, os.environ.get("PYTHONPATH", "")])}
+
+
+# `python -m kiln_serving` with a lower soft RLIMIT_NOFILE (argv[1]), set before anything is imported; unlike
+# Popen(preexec_fn=...) this never runs Python between fork and exec of a process that has threads.
+_FILE_LIMITED = (
+    "import resource, runpy, sys; soft = int(sys.argv.pop(1)); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+    "runpy.run_module('kiln_serving', run_name='__main__', alter_sys=True)"
+)
+
+
+@dataclass
+class ServeProcess:
+    """`python -m kiln_serving` running as a child: its process, HTTP port, and stderr lines so far."""
+
+    process: subprocess.Popen[str]
+    port: int
+    log: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.contextmanager
+def kiln_serve(model_dir: Path, *flags: str, open_files: int | None = None) -> Iterator[ServeProcess]:
+    """The server as a child process on a free port (gRPC off), its model ready before the body runs, killed
+    after it unless the body ended it. open_files lowers the child's file-descriptor limit from its start."""
+    args = ["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0",
+            "--intra-op-threads", "1", *flags]  # fmt: skip
+    launch = ["-c", _FILE_LIMITED, str(open_files)] if open_files is not None else ["-m", "kiln_serving"]
+    process = subprocess.Popen([sys.executable, *launch, *args], env=environment(), stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        log: list[str] = []
+        for line in process.stderr:  # the server logs its address, then whether the model is ready
+            log.append(line)
+            if " ready" in line:
+                break
+        found = re.search(r"on http://127\.0\.0\.1:(\d+)", "".join(log))
+        if found is None or not re.search(r"model \S+ ready", log[-1]):
+            raise RuntimeError("the server did not become ready:\n" + "".join(log))
+        # Keep reading, so that a server logging a lot never blocks on a full pipe.
+        threading.Thread(target=log.extend, args=(process.stderr,), daemon=True).start()
+        yield ServeProcess(process, int(found.group(1)), log)
+    finally:
+        process.kill()
+        process.wait()
 
 
 def png(size: tuple[int, int] = (20, 12), seed: int = 0) -> bytes:

@@ -1,7 +1,5 @@
 """The server as a process: `python -m kiln_serving` serves tritonclient and exits cleanly on SIGTERM."""
 
-import os
-import re
 import signal
 import socket
 import subprocess
@@ -10,34 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.http as triton
-from serving_support import images_batch, reference, trained_folder
+from serving_support import environment, images_batch, kiln_serve, reference, trained_folder
 
 from kiln.api import constants
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def environment() -> dict[str, str]:
-    roots = [str(REPO), str(REPO / "serving"), str(REPO / "trainer"), str(REPO / "operator")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([*roots, os.environ.get("PYTHONPATH", "")])}
 
 
 def test_python_m_kiln_serving_serves_tritonclient_and_exits_zero_on_sigterm(tmp_path: Path) -> None:
     folder = trained_folder(tmp_path / "tiny")
-    command = [sys.executable, "-m", "kiln_serving", "--model-dir", str(folder), "--host", "127.0.0.1",
-               "--port", "0", "--grpc-port", "0", "--intra-op-threads", "1"]  # fmt: skip
-    process = subprocess.Popen(command, env=environment(), stderr=subprocess.PIPE, text=True)
-    try:
-        log = []
-        assert process.stderr is not None
-        for line in process.stderr:  # the server logs its address, then that the model is ready
-            log.append(line)
-            if "model tiny ready" in line or "not ready" in line:
-                break
-        found = re.search(r"on http://127\.0\.0\.1:(\d+)", "".join(log))
-        assert found, "".join(log)
-        assert "model tiny ready" in log[-1], "".join(log)
-        client = triton.InferenceServerClient(f"127.0.0.1:{found.group(1)}")
+    with kiln_serve(folder) as served:
+        assert any("model tiny ready" in line for line in served.log), "".join(served.log)
+        client = triton.InferenceServerClient(f"127.0.0.1:{served.port}")
         assert client.is_server_ready()
         x = images_batch(2)
         tensor = triton.InferInput("input", list(x.shape), "FP32")
@@ -45,11 +25,8 @@ def test_python_m_kiln_serving_serves_tritonclient_and_exits_zero_on_sigterm(tmp
         got = client.infer("tiny", [tensor]).as_numpy("logits")
         assert np.abs(got - reference(folder / "models" / "model.onnx", {"input": x})["logits"]).max() <= 1e-5
         client.close()
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-    finally:
-        process.kill()
-        process.wait()
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(timeout=60) == 0
 
 
 def test_kiln_serve_exits_with_the_config_error_code_for_a_missing_model_dir(tmp_path: Path) -> None:

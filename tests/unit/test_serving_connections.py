@@ -1,15 +1,17 @@
 """Connection hygiene, with raw sockets on loopback: oversized heads get 431, half-sent requests and idle
 keep-alive connections are closed, and past the connection cap new connections are refused at once while
-the server stays reachable."""
+the server stays reachable, also as a process at its file-descriptor limit."""
 
+import contextlib
 import socket
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from serving_support import config, serving
+from serving_support import config, kiln_serve, serving
 from serving_support import trained_folder as make_trained_folder
 
 from kiln_serving import Server
@@ -19,8 +21,12 @@ PATIENCE = 30
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    folder: Path = make_trained_folder(tmp_path_factory.mktemp("connections") / "tiny")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_trained_folder(tmp_path_factory.mktemp("connections") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path) -> Iterator[Server]:
     cfg = config(folder, max_header_bytes=8192, header_timeout_seconds=0.5, body_timeout_seconds=0.5,
                  keep_alive_timeout_seconds=0.5, max_connections=8)  # fmt: skip
     with serving(cfg) as running:
@@ -30,6 +36,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def connect(server: Server) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=PATIENCE)
     return sock
+
+
+def probe_until_live(url: str) -> list[str]:
+    """GET /v2/health/live until it answers 200, for up to PATIENCE seconds; what every try got, in order."""
+    outcomes: list[str] = []
+    deadline = time.monotonic() + PATIENCE
+    while time.monotonic() < deadline:
+        try:
+            outcomes.append(str(httpx.get(f"{url}/v2/health/live", timeout=PATIENCE).status_code))
+        except httpx.HTTPError as err:  # refused past the cap before the request was read: a reset
+            outcomes.append(type(err).__name__)
+        if outcomes[-1] == "200":
+            break
+        time.sleep(0.1)
+    return outcomes
 
 
 def until_closed(sock: socket.socket) -> bytes:
@@ -66,20 +87,58 @@ def test_an_idle_keep_alive_connection_is_closed_after_its_answer(server: Server
 
 
 def test_past_the_connection_cap_new_connections_get_503_at_once_and_the_server_stays_reachable(
-    server: Server,
+    folder: Path,
 ) -> None:
-    idle = [connect(server) for _ in range(8)]
-    try:
-        with connect(server) as extra:
-            assert until_closed(extra).startswith(b"HTTP/1.1 503 ")
-    finally:
-        for sock in idle:
-            sock.close()
-    # The idle ones are gone (or time out on their own): probes get through again.
-    for _ in range(PATIENCE * 10):
+    # Silent connections time out too, so these get longer than the test can take to fill the cap.
+    with serving(config(folder, header_timeout_seconds=PATIENCE, max_connections=8)) as capped:
+        idle = [connect(capped) for _ in range(8)]
         try:
-            if httpx.get(f"{server.url}/v2/health/live").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
+            with connect(capped) as extra:
+                assert until_closed(extra).startswith(b"HTTP/1.1 503 ")
+        finally:
+            for sock in idle:
+                sock.close()
+        # The idle ones are gone: probes get through again.
+        assert probe_until_live(capped.url)[-1] == "200"
+
+
+def status_until_closed(sock: socket.socket) -> str:
+    """The status the server answered before closing (socket.timeout if it never closes); "reset" when the
+    connection was reset, as one refused at once with the request unread may be."""
+    try:
+        return until_closed(sock)[:12].decode()
+    except ConnectionResetError:
+        return "reset"
+
+
+def test_at_its_file_descriptor_limit_the_server_answers_probes_and_closes_half_sent_requests(
+    folder: Path,
+) -> None:
+    # 256 descriptors bring the connection cap down to 192 (connections.connection_cap), under 400 connections.
+    with kiln_serve(folder, "--header-timeout-seconds", "2", open_files=256) as served:
+        # The server times each from when it accepts it, in bursts of many: 2 s is ample to reach the cap.
+        half_sent = [socket.create_connection(("127.0.0.1", served.port), timeout=PATIENCE) for _ in range(400)]
+        try:
+            for sock in half_sent:
+                with contextlib.suppress(OSError):  # one refused past the cap may be reset already
+                    sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n")
+            # With all 400 still open on this side, probes are answered (503 while the cap is full) and get
+            # 200 once the half-sent requests time out.
+            outcomes = probe_until_live(served.url)
+            assert outcomes[-1] == "200", outcomes
+            # Every half-sent one was closed by the server: refused at once past the cap, else 408 once its
+            # header timeout passed (each recv waits up to PATIENCE, far past the 2 s).
+            answers = Counter(status_until_closed(sock) for sock in half_sent)
+        finally:
+            for sock in half_sent:
+                sock.close()
+        assert set(answers) <= {"HTTP/1.1 408", "HTTP/1.1 503", "reset"}, answers
+        assert answers["HTTP/1.1 408"] >= 1 and answers["HTTP/1.1 503"] + answers["reset"] >= 1, answers
+        assert httpx.get(f"{served.url}/v2/health/live", timeout=PATIENCE).status_code == 200
+        assert served.process.poll() is None
+    assert "Too many open files" not in "".join(served.log), "".join(served.log)
+
+
+def test_a_connection_that_never_sends_a_byte_is_answered_408_and_closed(server: Server) -> None:
+    with connect(server) as sock:
+        assert until_closed(sock).startswith(b"HTTP/1.1 408 ")

@@ -8,9 +8,11 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+from google.protobuf import json_format
 from prometheus_client.parser import text_string_to_metric_families
 from serving_support import CLASSES, config, images_batch, reference, serving
 from serving_support import trained_folder as make_trained_folder
+from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from kiln_cluster.controlplane import free_port
@@ -87,6 +89,45 @@ def test_grpc_errors_carry_the_protocols_status_codes(
         client.infer("tiny", [tensor])
     assert not_finite.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert requests_by_status(server).get("400", 0) >= 2
+
+
+def test_grpc_statistics_after_n_inferences_match_the_http_statistics_endpoint(
+    server: Server, client: triton_grpc.InferenceServerClient
+) -> None:
+    def counts(stats: pb.ModelStatisticsResponse) -> tuple[int, int, int]:
+        entry = stats.model_stats[0]
+        return entry.inference_stats.success.count, entry.inference_count, entry.execution_count
+
+    before = client.get_inference_statistics("tiny")
+    x = images_batch(2, seed=32)
+    tensor = triton_grpc.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    for _ in range(5):
+        client.infer("tiny", [tensor])
+    after = client.get_inference_statistics("tiny")
+    # One at a time, so every request is its own runtime call of 2 items.
+    assert [a - b for a, b in zip(counts(after), counts(before), strict=True)] == [5, 10, 5]
+    assert after.model_stats[0].name == "tiny" and after.model_stats[0].version == "1"
+    # Nothing ran in between, so both protocols report the same totals, field for field.
+    http = httpx.get(f"{server.url}/v2/models/tiny/stats").json()
+    assert after == json_format.ParseDict(http, pb.ModelStatisticsResponse())
+    assert client.get_inference_statistics() == client.get_inference_statistics("tiny", "1") == after
+
+
+def test_grpc_statistics_of_an_unknown_model_is_not_found_and_unserved_rpcs_are_unimplemented(
+    server: Server, client: triton_grpc.InferenceServerClient
+) -> None:
+    for name, version in (("resnet", ""), ("tiny", "2")):
+        with pytest.raises(InferenceServerException) as missing:
+            client.get_inference_statistics(name, version)
+        assert missing.value.status() == "StatusCode.NOT_FOUND"
+    for unserved in (lambda: client.get_model_config("tiny"), client.get_model_repository_index):
+        with pytest.raises(InferenceServerException) as err:
+            unserved()
+        assert err.value.status() == "StatusCode.UNIMPLEMENTED"
+        assert "kiln does not serve" in err.value.message() and "ModelStatistics" in err.value.message()
+    extensions = client.get_server_metadata(as_json=True)["extensions"]
+    assert "statistics" in extensions and extensions == httpx.get(f"{server.url}/v2").json()["extensions"]
 
 
 def test_a_model_that_cannot_load_answers_unavailable_over_grpc(tmp_path: Path) -> None:
