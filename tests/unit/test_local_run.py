@@ -88,7 +88,7 @@ def test_kiln_run_trains_compiles_serves_and_answers_real_digits(tmp_path: Path)
     assert proc.returncode == 0, out
     assert "selected" in out and "accuracy" in out and "precision" in out, "the summary table is printed"
     assert "serving digits-local at" in out and "curl" in out, "how to query it is printed"
-    sample = next(word for word in out.split() if word.endswith(".png")).lstrip("@")
+    sample = next(word for word in out.split() if word.startswith("@") and word.endswith(".png")).lstrip("@")
     assert (ROOT / sample).is_file(), f"the hint's sample image {sample} exists in the repository"
 
 
