@@ -17,7 +17,7 @@
 #                           PyPI on the local base)
 #   KILN_DEBIAN_MIRROR      mirror debootstrap uses for the local base (default: debootstrap's own)
 #   KILN_CA_BUNDLE          CA bundle mounted read-only into podman's build steps (default: the host's, if any)
-#   KILN_IMAGES_MIN_FREE_GB free disk needed before each trainer build (default 40; other images need 5)
+#   KILN_IMAGES_MIN_FREE_GB free disk needed before each trainer build (default 25: the measured peak of a cold trainer build, +22 GB, and a margin; other images need 5)
 # Tags: kiln-<name>:<version> and docker.io/library/kiln-<name>:<version> (the name containerd resolves for the
 # chart's bare image names); <version> is pyproject.toml's.
 set -euo pipefail
@@ -232,7 +232,7 @@ for name in "${images[@]}"; do
   # Disk: a trainer image commits ~6 GB layers (peak measured +22 GB); prune dangling images (superseded
   # builds, and with them the build cache) only when short of space, before giving up.
   need=5
-  [ "${name#trainer}" != "$name" ] && need="${KILN_IMAGES_MIN_FREE_GB:-40}"
+  [ "${name#trainer}" != "$name" ] && need="${KILN_IMAGES_MIN_FREE_GB:-25}"
   disk="$root"
   [ "$builder" = podman ] && disk="$state/storage"
   if [ "$(free_gb "$disk")" -lt "$need" ]; then
