@@ -123,6 +123,7 @@ class Cluster:
                 continue
             images.import_archive(self.node.bins, self.node.paths.socket, archive)
             stamp.write_text(image_id)
+        images.remove_untagged(self.node.bins, self.node.paths.socket)
         self._wait_for_listed_images()
         self.timings["images"] = time.monotonic() - began
 

@@ -125,3 +125,15 @@ def remove_all_pods(bins: dict[str, Path], socket: Path) -> None:
         timeout=180,
         check=False,
     )
+
+
+def remove_untagged(bins: dict[str, Path], socket: Path) -> list[str]:
+    """Remove the images no tag points at any more (a rebuilt kiln image leaves its predecessor behind under its
+    bare id, ~10 GB for the trainer): without this the node's store grows by one image per rebuild. Returns
+    the ids removed; run while no pod uses them (at `up`, before any pod)."""
+    crictl = [str(bins["crictl"]), "--runtime-endpoint", f"unix://{socket}", "--timeout", "60s"]
+    listed = subprocess.run([*crictl, "images", "-o", "json"], capture_output=True, text=True, timeout=120, check=True)
+    stale = [i["id"] for i in json.loads(listed.stdout).get("images") or [] if not i.get("repoTags")]
+    for image_id in stale:
+        subprocess.run([*crictl, "rmi", image_id], capture_output=True, timeout=120, check=False)
+    return stale
