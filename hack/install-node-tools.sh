@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds and installs what a real single-node cluster needs beside the control plane: containerd 2.x (+ ctr and
-# the runc shim), the CNI plugins, crictl, CoreDNS and a pause binary from the Go module proxy (cached per
-# version), and runc, podman/buildah, debootstrap, iptables, conntrack and Prometheus from Debian. Called by
-# hack/install-test-tools.sh; prints the folder holding the Go-built binaries on its last line.
+# the runc shim), the CNI plugins, crictl, CoreDNS, Prometheus (with Kubernetes discovery) and a pause binary
+# from the Go module proxy (cached per version), and runc, podman/buildah, debootstrap, iptables, conntrack and
+# promtool (Debian's prometheus package) from Debian. Called by hack/install-test-tools.sh; prints the folder
+# holding the Go-built binaries on its last line.
 #
 # Debian's containerd (1.6) is too old for Kubernetes >= 1.36, hence the build; see docs/cluster.md.
 set -euo pipefail
@@ -11,6 +12,10 @@ CONTAINERD_VERSION="${KILN_CONTAINERD_VERSION:-2.4.2}"
 CNI_VERSION="${KILN_CNI_VERSION:-1.10.0}"
 CRICTL_VERSION="${KILN_CRICTL_VERSION:-1.37.0}"
 COREDNS_VERSION="${KILN_COREDNS_VERSION:-1.15.0}"
+# Prometheus 3.x is the Go module's v0.3X.Y: Debian's package is built without kubernetes_sd_configs, which the
+# e2e tier's Prometheus discovers pods with. Debian's promtool stays (chart rule checks).
+PROMETHEUS_VERSION="${KILN_PROMETHEUS_VERSION:-3.16.0}"
+PROMETHEUS_MODULE_VERSION="0.3${PROMETHEUS_VERSION#3.}"
 DEBIAN_PACKAGES=(runc podman buildah debootstrap iptables nftables conntrack iproute2 prometheus curl)
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -77,6 +82,11 @@ if [ ! -x "$bin/crictl" ]; then
 fi
 if [ ! -x "$bin/coredns" ]; then
   (go_build coredns "github.com/coredns/coredns@v$COREDNS_VERSION" github.com/coredns/coredns)
+fi
+if [ "$(cat "$bin/prometheus.version" 2>/dev/null)" != "$PROMETHEUS_MODULE_VERSION" ]; then
+  (LDFLAGS="-X github.com/prometheus/common/version.Version=$PROMETHEUS_VERSION" go_build prometheus \
+    "github.com/prometheus/prometheus@v$PROMETHEUS_MODULE_VERSION" github.com/prometheus/prometheus/cmd/prometheus)
+  echo "$PROMETHEUS_MODULE_VERSION" >"$bin/prometheus.version"
 fi
 if [ ! -x "$bin/pause" ] || [ "$here/pause/main.go" -nt "$bin/pause" ]; then
   say "building pause"

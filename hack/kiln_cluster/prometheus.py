@@ -1,4 +1,4 @@
-"""A real Prometheus (the `prometheus` binary, e.g. Debian's package) scraping on loopback.
+"""A real Prometheus (the `prometheus` binary hack/install-node-tools.sh builds: Debian's lacks kubernetes_sd) scraping.
 
 Scrape targets are files Prometheus watches (`file_sd_configs`), so tests add targets once they know a pod's
 IP or the operator's port: `prom.scrape("serving", ["127.3.0.7:8080"])`. Every job scrapes every second.
@@ -23,7 +23,7 @@ from kiln_cluster.waiting import wait_until
 def skip_reason() -> str | None:
     """Why Prometheus cannot run here, or None."""
     if binaries.find("prometheus") is None:
-        return "the prometheus binary is not installed (Debian: apt-get install prometheus; .ci/run does)"
+        return "the prometheus binary is not installed: run `make test` (hack/install-node-tools.sh builds it)"
     return None
 
 

@@ -163,8 +163,14 @@ def assess_training(job: Body | None, pods: Sequence[Body], status: Body, ttl_af
     if (job.get("spec") or {}).get("suspend"):
         return _suspended(job)
     running = [p for p in pods if _is_running(p)]
-    if running or job_status.get("ready") or job_status.get("succeeded"):
+    # A pod that exited 0 before the Job controller counted it (status.succeeded, Complete lag behind the pod)
+    # still means training ran: Running, never back to Pending.
+    finished = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
+    if running or finished or job_status.get("ready") or job_status.get("succeeded"):
         count = max(len(running), job_status.get("ready") or 0)
+        if count == 0:
+            done = max(len(finished), job_status.get("succeeded") or 0)
+            return Training("Running", "TrainerFinishing", f"{done} of {workers} worker(s) finished")
         return Training("Running", "TrainerRunning", f"{count} of {workers} worker(s) running")
     return Training(
         "Pending", "TrainerPending", pod_status.waiting_message(pods) or "waiting for trainer pods to start"

@@ -36,6 +36,17 @@ def uid_of(kube: Kube, path: str) -> str | None:
     return None if found is None else str(found["metadata"]["uid"])
 
 
+def heal_each(kube: Kube, children: dict[str, str]) -> None:
+    """Delete each child by hand; each must come back (a new uid) within HEAL_SECONDS."""
+    for what, path in children.items():
+        before = uid_of(kube, path)
+        assert before is not None, f"{what} {path} exists before it is deleted"
+        kube.delete(path)
+        wait_until(
+            lambda p=path, b=before: uid_of(kube, p) not in (None, b), HEAL_SECONDS, f"the {what} to be re-created"
+        )
+
+
 def ready(status: Obj) -> str:
     return str(tj.condition(status, "Ready").get("status"))
 
@@ -50,20 +61,32 @@ def test_a_served_job_heals_what_is_deleted_reports_outages_and_rolls_out_servin
         data={"maxSamples": 300},
         training={"epochs": 1},
         serving={"enabled": True},
-        runPolicy={"ttlSecondsAfterFinished": 0},
+        runPolicy={"ttlSecondsAfterFinished": 0, "suspend": True},
         artifacts={"retentionPolicy": "Delete"},
     )
     kube.create_object(manifest, namespace)
     describe = describer(kube, namespace)
+
+    # -- while it waits (suspended: the trainer's helpers exist, no pod runs), each helper deleted comes back
+    helpers = {
+        "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps/{name}-config",
+        "ServiceAccount": f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}-trainer",
+        "Role": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/roles/{name}-trainer",
+        "RoleBinding": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings/{name}-trainer",
+    }
+    tj.wait_for_phase(kube, namespace, name, ("Suspended",), timeout=120, describe=describe)
+    for what, path in helpers.items():
+        wait_until(lambda p=path: uid_of(kube, p), 60, f"the {what} to be created", describe=describe)
+    heal_each(kube, helpers)
+    kube.patch(tj.path(namespace, name), {"spec": {"runPolicy": {"suspend": False}}})
+
     status = tj.wait_for_phase(kube, namespace, name, ("Serving", "Failed"), describe=describe)
     assert status["phase"] == "Serving", status
     wait_until(lambda: ready(tj.status_of(kube, namespace, name)) == "True", 120, "Ready=True", describe=describe)
     endpoint = status["endpoint"]
     folder = tj.output_dir(cluster, namespace, name)
     assert (folder / constants.MODEL_CARD_FILE).is_file()
-    assert status["artifactsPath"].endswith(
-        f"/{namespace}/{name}/{kube.get(tj.path(namespace, name))['metadata']['uid']}"
-    )
+    assert status["artifactsPath"].endswith(folder.relative_to(folder.parents[2]).as_posix())
 
     # -- ttlSecondsAfterFinished: 0 deletes the finished trainer Job; completion is remembered, nothing retrains
     job = f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}-trainer"
@@ -72,21 +95,8 @@ def test_a_served_job_heals_what_is_deleted_reports_outages_and_rolls_out_servin
     assert kube.get_or_none(job) is None, "the finished Job was re-created: training would run again"
     assert tj.status_of(kube, namespace, name)["phase"] == "Serving"
 
-    # -- every child deleted by hand comes back (new uid) within HEAL_SECONDS
-    children = {
-        "serving Service": f"/api/v1/namespaces/{namespace}/services/{serving}",
-        "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps/{name}-config",
-        "ServiceAccount": f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}-trainer",
-        "Role": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/roles/{name}-trainer",
-        "RoleBinding": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings/{name}-trainer",
-    }
-    for what, path in children.items():
-        before = uid_of(kube, path)
-        assert before is not None, f"{what} {path} exists before it is deleted"
-        kube.delete(path)
-        wait_until(
-            lambda p=path, b=before: uid_of(kube, p) not in (None, b), HEAL_SECONDS, f"the {what} to be re-created"
-        )
+    # -- the serving Service deleted by hand comes back; the endpoint stays right
+    heal_each(kube, {"serving Service": f"/api/v1/namespaces/{namespace}/services/{serving}"})
     status = tj.status_of(kube, namespace, name)
     assert (status["phase"], status["endpoint"]) == ("Serving", endpoint)
 

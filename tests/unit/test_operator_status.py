@@ -148,6 +148,17 @@ def test_four_workers_keep_running_while_some_ranks_have_finished() -> None:
     assert conditions_of(desired)["Trained"]["status"] == "False"
 
 
+def test_a_worker_that_exited_before_the_job_counted_it_keeps_the_job_running_not_pending() -> None:
+    # Seen on the real node: the pod is Succeeded while the Job has neither `succeeded` nor Complete yet.
+    pods = [pod("digits-trainer-0-x", "Succeeded", terminated(0, "Completed"))]
+    before = status.assess(
+        observe(job=job(active=1, ready=1), trainer_pods=[pod("digits-trainer-0-x", "Running", running())]), NOW
+    )
+    desired = status.assess(observe(before, job=job(active=1), trainer_pods=pods), NOW)
+    assert desired["phase"] == "Running"
+    assert conditions_of(desired)["Running"]["message"] == "1 of 1 worker(s) finished"
+
+
 def test_four_workers_succeed_only_when_the_job_is_complete_then_wait_for_the_model() -> None:
     pods = [pod(f"digits-trainer-{i}-x", "Succeeded", terminated(0, "Completed")) for i in range(4)]
     desired = status.assess(observe(job=job(4, COMPLETE, succeeded=4), trainer_pods=pods), NOW)
