@@ -78,11 +78,14 @@ class Cli:
             raise AssertionError(f"{self.binary.name} {shlex.join(args)} failed ({done.returncode}):\n{done.stderr}")
         return done.stdout
 
-    def shell(self, command: str, timeout: float = 120) -> str:
-        """A README line as written (`kubectl ...`, `helm ...`, `curl ...`), through the shell; its stdout."""
+    def shell(self, command: str, timeout: float = 120, check: bool = True) -> str:
+        """A README line as written (`kubectl ...`, `helm ...`, `curl ...`), through the shell; its stdout (with
+        check=False, "" when it fails: for probes retried until they answer)."""
         done = subprocess.run(
             command, shell=True, env=self.env, cwd=self.cwd, capture_output=True, text=True, timeout=timeout
         )
+        if done.returncode != 0 and not check:
+            return ""
         if done.returncode != 0:
             raise AssertionError(f"`{command}` failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
         return done.stdout

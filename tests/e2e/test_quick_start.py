@@ -104,7 +104,7 @@ def test_the_quick_start_trains_serves_and_answers_through_port_forward_cluster_
     forward = kubectl.background(clusterops.README_PORT_FORWARD, tmp_path / "port-forward.log")
     try:
         wait_until(
-            lambda: '"ready":true' in kubectl.shell(clusterops.README_READY, timeout=10).replace(" ", ""),
+            lambda: '"ready":true' in kubectl.shell(clusterops.README_READY, timeout=10, check=False).replace(" ", ""),
             60,
             "the server to answer through kubectl port-forward",
             describe=lambda: (tmp_path / "port-forward.log").read_text(),
