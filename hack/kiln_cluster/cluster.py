@@ -220,7 +220,7 @@ class Cluster:
     def container_pid(self, namespace: str, pod: str, container: str) -> int:
         """The host pid of a running container's first process (to kill it as the kernel's OOM killer would)."""
         assert self.node is not None
-        crictl = [str(self.node.bins["crictl"]), "--runtime-endpoint", f"unix://{self.paths.socket}"]
+        crictl = images.crictl(self.node.bins, self.paths.socket)
         ids = subprocess.run(
             [*crictl, "ps", "-q", "--name", f"^{container}$", "--label", f"io.kubernetes.pod.name={pod}",
              "--label", f"io.kubernetes.pod.namespace={namespace}"],

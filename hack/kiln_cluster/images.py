@@ -115,25 +115,25 @@ def imported(bins: dict[str, Path], socket: Path) -> set[str]:
     return {line.split()[0] for line in _ctr(bins, socket, "images", "ls", "-q").splitlines() if line.strip()}
 
 
+def crictl(bins: dict[str, Path], socket: Path) -> list[str]:
+    """crictl talking to this node's containerd over the CRI (kubelet's view of pods, containers and images)."""
+    return [str(bins["crictl"]), "--runtime-endpoint", f"unix://{socket}", "--timeout", "60s"]
+
+
 def remove_all_pods(bins: dict[str, Path], socket: Path) -> None:
     """Stop and remove every pod sandbox through the CRI, so the CNI plugins delete their veths and IPs."""
     if not socket.exists():
         return
-    subprocess.run(
-        [str(bins["crictl"]), "--runtime-endpoint", f"unix://{socket}", "--timeout", "60s", "rmp", "--all", "--force"],
-        capture_output=True,
-        timeout=180,
-        check=False,
-    )
+    subprocess.run([*crictl(bins, socket), "rmp", "--all", "--force"], capture_output=True, timeout=180, check=False)
 
 
 def remove_untagged(bins: dict[str, Path], socket: Path) -> list[str]:
     """Remove the images no tag points at any more (a rebuilt kiln image leaves its predecessor behind under its
     bare id, ~10 GB for the trainer): without this the node's store grows by one image per rebuild. Returns
     the ids removed; run while no pod uses them (at `up`, before any pod)."""
-    crictl = [str(bins["crictl"]), "--runtime-endpoint", f"unix://{socket}", "--timeout", "60s"]
-    listed = subprocess.run([*crictl, "images", "-o", "json"], capture_output=True, text=True, timeout=120, check=True)
+    cri = crictl(bins, socket)
+    listed = subprocess.run([*cri, "images", "-o", "json"], capture_output=True, text=True, timeout=120, check=True)
     stale = [i["id"] for i in json.loads(listed.stdout).get("images") or [] if not i.get("repoTags")]
     for image_id in stale:
-        subprocess.run([*crictl, "rmi", image_id], capture_output=True, timeout=120, check=False)
+        subprocess.run([*cri, "rmi", image_id], capture_output=True, timeout=120, check=False)
     return stale
