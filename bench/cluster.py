@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import audit
 import operator_apply
 import yaml
 
@@ -67,7 +68,8 @@ def warm_up(kube: Kube) -> float:
 
 
 def operator_table(quick: bool) -> str:
-    """Start the control plane and the operator, run bench/operator_apply.py's main, stop everything."""
+    """Start the control plane (auditing the operator's writes) and the operator, run bench/operator_apply.py's
+    three bursts, stop everything, count the writes."""
     missing = chart.skip_reason()
     try:
         binaries.control_plane(scheduler=False)
@@ -76,41 +78,35 @@ def operator_table(quick: bool) -> str:
     if missing:
         raise SystemExit(f"operator table not run: {missing}")
     with tempfile.TemporaryDirectory(prefix="kiln-bench-cluster-") as tmp:
-        # No kube-scheduler: nothing here is ever scheduled (the TrainingJobs are suspended).
-        plane = ControlPlane(Path(tmp) / "control-plane", scheduler=False)
+        manifests = chart.render()
+        # No kube-scheduler: nothing here is ever scheduled (the TrainingJobs are suspended, the plain Jobs'
+        # Pods stay Pending). The audit log counts the operator's writes.
+        operator_user = f"system:serviceaccount:{chart.RELEASE_NAMESPACE}:{chart.operator_account(manifests)}"
+        plane = ControlPlane(Path(tmp) / "control-plane", scheduler=False, audit_policy=audit.policy(operator_user))
         plane.start()
         try:
             install_crd(plane.kube, yaml.safe_load(CRD_FILE.read_text()))
-            operator = chart.KilnOperator(plane, chart.render(), Path(tmp) / "operator")
+            alone = operator_apply.bare_trainingjobs(quick, str(plane.kubeconfig_path))  # before the operator
+            operator = chart.KilnOperator(plane, manifests, Path(tmp) / "operator")
             operator.start()
             try:
                 assert operator.proc is not None
                 warm = warm_up(plane.kube)
-                pids = {name: proc.pid for name, proc in plane.processes.items()} | {"kiln operator": operator.proc.pid}
-                cpu_before = {name: operator_apply.cpu_seconds(pid) for name, pid in pids.items()}
-                began = time.monotonic()
-                markdown: str = operator_apply.main(quick, str(plane.kubeconfig_path), operator.proc.pid)
-                wall = time.monotonic() - began
-                cpu = {name: _used(cpu_before[name], operator_apply.cpu_seconds(pid)) for name, pid in pids.items()}
+                pids = {name: proc.pid for name, proc in plane.processes.items()}
+                results = operator_apply.measure(quick, str(plane.kubeconfig_path), operator.proc.pid, pids)
             except BaseException:
                 print(operator.tail(80), file=sys.stderr)
                 raise
             finally:
                 operator.stop()
         finally:
-            plane.stop()
+            plane.stop()  # flushes the audit log
+        writes = audit.writes_per_trainingjob(plane.audit_log, results.namespace, results.names, "-trainer")
+        markdown: str = operator_apply.render(results, writes, alone)
     started = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in plane.timings.items())
     return (
         markdown.rstrip()
         + "\n\nControl plane: etcd, kube-apiserver and kube-controller-manager on loopback (kiln_cluster; started in "
         + f"{started}); `kiln operator` as a local process with the Helm chart's ServiceAccount and RBAC; one "
-        + f"warm-up TrainingJob → Job took {warm:.2f} s before the timed apply.\n\n"
-        + f"CPU seconds each process used during the measurement ({wall:.1f} s wall, namespace set-up and clean-up "
-        + "included): "
-        + ", ".join(f"{name} {seconds:.1f}" for name, seconds in cpu.items())
-        + ".\n"
+        + f"warm-up TrainingJob → Job took {warm:.2f} s before the timed bursts.\n"
     )
-
-
-def _used(before: float | None, after: float | None) -> float:
-    return after - before if before is not None and after is not None else float("nan")

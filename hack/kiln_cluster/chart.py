@@ -71,6 +71,13 @@ def ensure_namespace(kube: Kube, name: str) -> None:
         kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
 
 
+def operator_account(manifests: list[Obj]) -> str:
+    """The ServiceAccount the chart's operator Deployment runs as."""
+    [deployment] = [m for m in manifests if m["kind"] == "Deployment"]
+    account: str = deployment["spec"]["template"]["spec"].get("serviceAccountName", "default")
+    return account
+
+
 class KilnOperator:
     """`kiln operator` running as the chart's ServiceAccount; `start()`, `restart()`, `stop()`."""
 
@@ -84,7 +91,7 @@ class KilnOperator:
         self.health_port = 0
         [self.deployment] = [m for m in manifests if m["kind"] == "Deployment"]
         self.pod_spec: Obj = self.deployment["spec"]["template"]["spec"]
-        self.account: str = self.pod_spec.get("serviceAccountName", "default")
+        self.account = operator_account(manifests)
 
     def install_identity(self) -> None:
         """Apply what gives the operator its identity, permissions and settings."""

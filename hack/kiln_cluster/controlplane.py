@@ -109,6 +109,7 @@ class ControlPlane:
         scheduler: bool = True,
         addresses: network.Addresses | None = None,
         detached: bool = False,
+        audit_policy: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
         self.scheduler = scheduler
@@ -117,6 +118,10 @@ class ControlPlane:
         # (restricted by default), and can reach kubelets for logs, exec and port-forward.
         self.addresses = addresses
         self.detached = detached
+        # An audit policy makes the API server log the requests it selects, one JSON line each, to
+        # `audit_log` (batched, so logging does not sit on the request path): how benchmarks count API writes.
+        self.audit_policy = audit_policy
+        self.audit_log = root / "logs" / "audit.jsonl"
         self.bins = binaries.control_plane(scheduler=scheduler)
         self.processes: dict[str, Process] = {}
         self.timings: dict[str, float] = {}
@@ -260,6 +265,7 @@ class ControlPlane:
                 f"--tls-private-key-file={self.serving_key}",
                 f"--client-ca-file={self.ca_path}",
                 *self._node_flags(),
+                *self._audit_flags(),
                 "--allow-privileged=true",
                 f"--service-account-issuer={self.server}",
                 f"--api-audiences={self.server}",
@@ -279,6 +285,15 @@ class ControlPlane:
             },
         )
         self.kube = Kube(self.server, self.ca_pem, self.admin.cert_pem, self.admin.key_pem)
+
+    def _audit_flags(self) -> list[str]:
+        if self.audit_policy is None:
+            return []
+        policy = self.root / "audit-policy.yaml"
+        policy.write_text(yaml.safe_dump(self.audit_policy))
+        self.audit_log.parent.mkdir(parents=True, exist_ok=True)
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
+                "--audit-log-mode=batch", "--audit-log-batch-max-wait=1s"]  # fmt: skip
 
     def _node_flags(self) -> list[str]:
         """Authorization, admission and kubelet-client flags: RBAC alone without a node; with one, what a

@@ -3,11 +3,13 @@
 kopf exports no metrics of its own; `serve` starts prometheus_client's HTTP server from the startup handler.
 """
 
+import contextlib
 import functools
+import inspect
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Final, ParamSpec, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final, ParamSpec, TypeVar, cast
 
 import kopf
 import prometheus_client
@@ -60,14 +62,14 @@ def serve(port: int, host: str = "0.0.0.0") -> None:
 
 
 def instrumented(handler: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Time a handler and count its failures under one label."""
+    """Time a handler (sync or async, as kopf calls either) and count its failures under one label."""
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(fn)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        @contextlib.contextmanager
+        def measured() -> Iterator[None]:
             start = time.monotonic()
             try:
-                return fn(*args, **kwargs)
+                yield
             except kopf.TemporaryError:
                 raise
             except Exception:
@@ -75,6 +77,20 @@ def instrumented(handler: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
                 raise
             finally:
                 HANDLER_DURATION.labels(handler).observe(time.monotonic() - start)
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def awaited(*args: P.args, **kwargs: P.kwargs) -> Any:
+                with measured():
+                    return await fn(*args, **kwargs)
+
+            return cast(Callable[P, R], awaited)
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            with measured():
+                return fn(*args, **kwargs)
 
         return wrapper
 

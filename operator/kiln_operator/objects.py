@@ -31,6 +31,9 @@ GPU_RESOURCE: Final = "nvidia.com/gpu"
 USER_ID: Final = 1000
 # On a trainer Job the operator suspended for runPolicy.suspend: only such a Job is the operator's to resume.
 SUSPENDED_BY_USER_ANNOTATION: Final = f"{constants.GROUP}/suspended-by-user"
+# The trainer's trainingjob.yaml travels in its pod template under this annotation and reaches the container
+# as a file through a downwardAPI volume: no ConfigMap to create (one API write fewer before the Job).
+TRAINER_CONFIG_ANNOTATION: Final = f"{constants.GROUP}/trainingjob-config"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +58,6 @@ def is_queued(job: Mapping[str, Any]) -> bool:
 def suspended_by_user(job: Mapping[str, Any]) -> bool:
     """Whether the operator holds this Job for runPolicy.suspend."""
     return SUSPENDED_BY_USER_ANNOTATION in ((job.get("metadata") or {}).get("annotations") or {})
-
-
-def config_map_name(name: str) -> str:
-    return f"{name}-config"
 
 
 def service_account_name(name: str) -> str:

@@ -1,6 +1,6 @@
 """Every API permission the operator uses, with the call that needs it: the one owner of the chart's RBAC.
 
-charts/kiln/templates/_helpers.tpl (kiln.operatorRules) and operator/rbac.yaml render exactly these rules, a
+charts/kiln/templates/_helpers.tpl (kiln.operatorRules) renders exactly these rules, a
 unit test compares them, and the integration tier checks them against the calls the operator really makes.
 Keys are (API group, resource); a verb listed here and not used, or used and not listed, is a bug.
 """
@@ -11,16 +11,16 @@ Grants = dict[tuple[str, str], tuple[str, ...]]
 
 # In every namespace the operator watches (a Role per namespace, or one ClusterRole when it watches all).
 NAMESPACED: Final[Grants] = {
-    # reconciler reads each job (get); kopf lists and watches them and patches kopf's annotations and
-    # finalizer (patch). The trainer's Role grants get on its job, which the operator must hold itself.
+    # reconciler reads each job (get); kopf lists and watches them; retention patches the operator's
+    # finalizer onto those with retentionPolicy Delete and off again (patch). The trainer's Role grants get
+    # on its job, which the operator must hold itself.
     ("kiln.dev", "trainingjobs"): ("get", "list", "watch", "patch"),
-    # reconciler.write_status and kopf's status patches; the trainer's Role grants get and patch on it.
+    # reconciler.write_status; the trainer's Role grants get and patch on it.
     ("kiln.dev", "trainingjobs/status"): ("get", "patch"),
     # Children's ownerReferences carry blockOwnerDeletion (OwnerReferencesPermissionEnforcement).
     ("kiln.dev", "trainingjobs/finalizers"): ("update",),
-    # reconciler.ensure_trainer: create_if_absent of the trainer's ConfigMap, ServiceAccount, Role, RoleBinding;
-    # kopf watches them (handlers.repair_deleted_child re-creates one deleted by hand).
-    ("", "configmaps"): ("list", "watch", "create"),
+    # reconciler.ensure_trainer: create_if_absent of the trainer's ServiceAccount, Role, RoleBinding; kopf
+    # watches them (handlers.repair_deleted_child re-creates one deleted by hand).
     ("", "serviceaccounts"): ("list", "watch", "create"),
     ("rbac.authorization.k8s.io", "roles"): ("list", "watch", "create"),
     ("rbac.authorization.k8s.io", "rolebindings"): ("list", "watch", "create"),
@@ -28,7 +28,7 @@ NAMESPACED: Final[Grants] = {
     # both watched like the others.
     ("", "services"): ("list", "watch", "create", "patch", "delete"),
     # The trainer Job: reconciler reads it (get), kopf watches it, create_if_absent (also the cleanup Job),
-    # suspend_job and converge_job patch it.
+    # reconciler.converge_job patches it (runPolicy fields and suspend).
     ("batch", "jobs"): ("get", "list", "watch", "create", "patch"),
     # The serving Deployment: read back, watched, created (autoscaled) or applied, removed when disabled.
     ("apps", "deployments"): ("get", "list", "watch", "create", "patch", "delete"),

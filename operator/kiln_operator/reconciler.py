@@ -5,14 +5,14 @@ Every trigger (the TrainingJob's own handlers, and watch events of its Job, Pods
 the next one repairs it. Runs for one TrainingJob are coalesced: while one runs, further triggers only mark
 it dirty and return, and the running thread goes once more with a fresh read. So a burst of pod events
 costs one or two runs and one thread, and two threads never write an older observation over a newer one.
-All state lives in the TrainingJob (status and kopf's annotations) and
-in the children's deterministic names, so an operator restart loses nothing and duplicates nothing.
+All state lives in the TrainingJob's status and in the children's deterministic names, so an operator
+restart loses nothing and duplicates nothing.
 """
 
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -40,8 +40,6 @@ Manifest = dict[str, Any]
 # Transient API failures are retried inside one run, so a lost trigger does not leave a stale status.
 ATTEMPTS: Final = 3
 WARNING_PHASES: Final[tuple[api.Phase, ...]] = ("Failed",)
-# Job fields the API server lets an existing Job change, and runPolicy sets (suspend has its own handler).
-MUTABLE_JOB_FIELDS: Final = ("activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished")
 # An owner sets this annotation to "true" to silence the alerts of a job they have looked at.
 ACKNOWLEDGED: Final = f"{api.GROUP}/acknowledged"
 # The condition whose message explains a phase in its transition Event.
@@ -81,19 +79,15 @@ def remember(namespace: str, name: str) -> None:
         _known.add((namespace, name))
 
 
-def resync_forever(client: kube.Kube, cfg: config.OperatorConfig, stop: threading.Event, interval: float) -> None:
-    """Every `interval` seconds, reconcile every known TrainingJob with repair: heals what watch events missed
-    (a child deleted while the operator was down, a watch that went quiet) and ends export deadlines."""
+def resync_forever(queue: Callable[[tuple[str, str], bool], object], stop: threading.Event, interval: float) -> None:
+    """Every `interval` seconds, queue a reconcile with repair of every known TrainingJob: heals what watch
+    events missed (a child deleted while the operator was down, a watch that went quiet) and ends export
+    deadlines."""
     while not stop.wait(interval):
         with _guard:
             keys = sorted(_known)
-        for namespace, name in keys:
-            if stop.is_set():
-                return
-            try:
-                reconcile(client, cfg, namespace, name, repair=True)
-            except Exception as err:  # one job's trouble must not stop the others' resync
-                log.warning("resync of %s/%s failed: %s", namespace, name, err)
+        for key in keys:
+            queue(key, True)
 
 
 def validate(body: Body, cfg: config.OperatorConfig) -> api.TrainingJobSpec:
@@ -114,12 +108,16 @@ def validate(body: Body, cfg: config.OperatorConfig) -> api.TrainingJobSpec:
         raise InvalidSpec(str(err)) from None
 
 
-def ensure_trainer(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec) -> list[str]:
-    """Create whichever trainer objects are missing; returns the kinds created (those that existed are kept)."""
+def ensure_trainer(
+    client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec, kinds: Collection[str] = ()
+) -> list[str]:
+    """Create whichever trainer objects are missing (only those of `kinds`, if given); returns the kinds
+    created (those that existed are kept)."""
     owner = objects.Owner.from_body(body)
     labels = body["metadata"].get("labels") or {}
     children = trainer_objects.build_trainer_objects(owner, spec, cfg, labels)
-    return [child["kind"] for child in children if client.create_if_absent(child)]
+    wanted = [child for child in children if not kinds or child["kind"] in kinds]
+    return [child["kind"] for child in wanted if client.create_if_absent(child)]
 
 
 def apply_serving(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec) -> None:
@@ -166,46 +164,67 @@ def remove_serving(client: kube.Kube, cfg: config.OperatorConfig, namespace: str
     return client.delete("v1", "Service", namespace, serving) or deleted
 
 
-def job_patch(desired: Body, live: Body) -> Manifest:
-    """The merge patch of the Job's mutable fields from live to desired (None removes a field)."""
-    want, have = desired.get("spec") or {}, live.get("spec") or {}
-    return {k: want.get(k) for k in MUTABLE_JOB_FIELDS if have.get(k) != want.get(k)}
-
-
 def converge_job(
-    client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec, job: Body
-) -> bool:
-    """Patch the runPolicy fields a live Job accepts (deadline, retries, TTL) to the spec; True if it did.
-    Everything else of the Job is immutable and so is the part of the spec it comes from (CEL)."""
-    desired = trainer_objects.build_job(objects.Owner.from_body(body), spec, cfg)
-    patch = job_patch(desired, job)
+    client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec, job: Manifest
+) -> Manifest:
+    """Bring the live Job to the spec in one merge patch: the runPolicy fields a live Job accepts (deadline,
+    retries, TTL) and runPolicy.suspend (`suspend_patch`). Everything else of the Job is immutable, and so is
+    the part of the spec it comes from (CEL). Returns the Job as it is now."""
+    patch: Manifest = suspend_patch(job, spec.run_policy.suspend) or {}
+    fields = trainer_objects.job_patch(trainer_objects.run_policy_fields(spec), job)
+    if fields:
+        patch["spec"] = {**patch.get("spec", {}), **fields}
     if not patch:
-        return False
-    client.patch("batch/v1", "Job", job["metadata"]["namespace"], job["metadata"]["name"], {"spec": patch})
-    return True
+        return job
+    return client.patch("batch/v1", "Job", job["metadata"]["namespace"], job["metadata"]["name"], patch)
 
 
-def suspend_job(client: kube.Kube, namespace: str, name: str, suspend: bool) -> bool:
-    """Hold or resume the trainer Job for runPolicy.suspend; True if the Job was patched.
+def suspend_patch(job: Body, suspend: bool) -> Manifest | None:
+    """The merge patch that holds or resumes the trainer Job for runPolicy.suspend, or None to leave it.
 
     A queued Job (Kueue owns its spec.suspend) and a finished one are left alone. A Job is resumed only if the
     operator suspended it (SUSPENDED_BY_USER_ANNOTATION), so a Job held by another controller stays held.
     """
-    job = client.get("batch/v1", "Job", namespace, objects.job_name(name))
-    if job is None or objects.is_queued(job):
-        return False
-    if status.assess_training(job, [], {}).state in ("Succeeded", "Failed"):
-        return False
+    if objects.is_queued(job) or status.assess_training(job, [], {}).state in ("Succeeded", "Failed"):
+        return None
     held = bool((job.get("spec") or {}).get("suspend"))
     mine = objects.suspended_by_user(job)
     if (held and mine) if suspend else not mine:
-        return False  # already held by the operator, or not the operator's to resume
-    marker = {objects.SUSPENDED_BY_USER_ANNOTATION: "true" if suspend else None}
-    body: dict[str, Any] = {"metadata": {"annotations": marker}}
+        return None  # already held by the operator, or not the operator's to resume
+    body: Manifest = {"metadata": {"annotations": {objects.SUSPENDED_BY_USER_ANNOTATION: "true" if suspend else None}}}
     if suspend or held:
         body["spec"] = {"suspend": suspend}
-    client.patch("batch/v1", "Job", namespace, objects.job_name(name), body)
-    return True
+    return body
+
+
+def start_training(client: kube.Kube, cfg: config.OperatorConfig, body: Body) -> None:
+    """A TrainingJob without a status yet (just created): create what its pods need to start, at once and
+    without reading anything first, so the Job exists after one write (the ServiceAccount). The caller then
+    queues a reconcile with repair, which creates the rest (trainer_objects.AFTER_START: what the trainer
+    needs only to report) and writes the first status, or Failed for an invalid spec.
+    """
+    try:
+        spec = validate(body, cfg)
+    except InvalidSpec:
+        return
+    kinds = [k for k in trainer_objects.TRAINER_KINDS if k not in trainer_objects.AFTER_START]
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            ensure_trainer(client, cfg, body, spec, kinds)
+            return
+        except Exception as err:
+            if attempt == ATTEMPTS or not kube.is_transient(err):
+                raise  # logged by kopf; the queued reconcile (with repair) tries again
+            time.sleep(0.5 * attempt)
+
+
+def needs_reconcile(body: Body) -> bool:
+    """Whether a TrainingJob's own change calls for a reconcile: a spec edit not yet observed (runPolicy,
+    serving), or a model reported by the trainer that serving waits for. Other changes of the TrainingJob
+    (progress, metrics, annotations) need nothing from the operator; its children's events drive the rest."""
+    current = body.get("status") or {}
+    edited = body["metadata"].get("generation") != current.get("observedGeneration")
+    return edited or (current.get("phase") == "Exporting" and bool(current.get("model")))
 
 
 def _announce(body: Body, event_type: str, reason: str, message: str) -> None:
@@ -291,13 +310,14 @@ def _reconcile_once(
     if job is None and status.assess_training(None, [], current, ttl).state == "Missing":
         ensure_trainer(client, cfg, body, spec)
         job = client.get("batch/v1", "Job", namespace, job_name)
+    failed = status.is_failed(current)
+    if job is not None and not failed:
+        job = converge_job(client, cfg, body, spec, job)
     pods = client.list_objects("v1", "Pod", namespace, objects.label_selector(name, objects.TRAINER))
     training = status.assess_training(job, pods, current, ttl)
-    failed = status.is_failed(current)
-    if job is not None and not failed and converge_job(client, cfg, body, spec, job):
-        job = client.get("batch/v1", "Job", namespace, job_name)
-    if repair and job is not None and not failed and training.state in ("Pending", "Running", "Suspended"):
-        ensure_trainer(client, cfg, body, spec)  # a deleted ConfigMap, identity or workers Service comes back
+    if repair and job is not None and not failed and training.state in ("Pending", "Queued", "Running", "Suspended"):
+        helpers = [k for k in trainer_objects.TRAINER_KINDS if k != "Job"]
+        ensure_trainer(client, cfg, body, spec, helpers)  # a deleted identity, Role or workers Service comes back
 
     # Serving: only once the model is reported; applied on every run (server-side apply converges it to the
     # current spec, model and config, and repairs hand edits), removed when disabled.

@@ -1,4 +1,10 @@
-"""The trainer's objects: ConfigMap, ServiceAccount + Role + RoleBinding, headless Service and Job.
+"""The trainer's objects: ServiceAccount, Job, Role + RoleBinding and headless Service.
+
+Creation order keeps the API writes before the Job to one: the ServiceAccount (a pod cannot be created
+without it); the trainer's config rides in the pod template (objects.TRAINER_CONFIG_ANNOTATION, mounted by
+a downwardAPI volume); the headless Service follows the Job at once, before any of its pods can start. The
+Role and RoleBinding (AFTER_START) come with the first reconcile: the trainer needs them only to report
+its progress, which it retries.
 
 Semantics with several workers (the Job is Indexed, completions = parallelism = workers, restartPolicy Never):
 - The Job succeeds only when every index succeeded; rank 0 writes the model, the others must finish too.
@@ -21,7 +27,7 @@ objects.SUSPENDED_BY_USER_ANNOTATION, and only such a Job is resumed when runPol
 """
 
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 
 import yaml
 
@@ -32,6 +38,8 @@ from kiln_operator.objects import Manifest, Owner
 
 # /dev/shm beyond the DataLoader's batches: NCCL's shared-memory transport on GPUs, slack on CPUs.
 SHM_BASE_MIB: Final = {True: 1024, False: 256}
+# libyaml's emitter when PyYAML has it (its wheels do): the document is written for every Job built.
+DUMPER: Final = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 # TrainingJob labels that travel to the Job, where Kueue's Job integration reads them.
 QUEUE_LABELS: Final = (constants.KUEUE_QUEUE_LABEL, constants.KUEUE_PRIORITY_LABEL)
 
@@ -49,16 +57,7 @@ def trainingjob_document(owner: Owner, spec: api.TrainingJobSpec) -> str:
         "metadata": {"name": owner.name, "namespace": owner.namespace},
         "spec": spec.to_dict(),
     }
-    return yaml.safe_dump(body, sort_keys=False)
-
-
-def build_config_map(owner: Owner, spec: api.TrainingJobSpec) -> Manifest:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": objects.metadata(owner, objects.config_map_name(owner.name), objects.TRAINER),
-        "data": {constants.CONFIG_FILE: trainingjob_document(owner, spec)},
-    }
+    return yaml.dump(body, Dumper=DUMPER, sort_keys=False)
 
 
 def build_service_account(owner: Owner) -> Manifest:
@@ -153,7 +152,17 @@ def _trainer_volumes(
 ) -> tuple[list[Manifest], list[Manifest]]:
     tmp_volume, tmp_mount = objects.tmp_volume()
     volumes: list[Manifest] = [
-        {"name": "config", "configMap": {"name": objects.config_map_name(owner.name)}},
+        {
+            "name": "config",
+            "downwardAPI": {
+                "items": [
+                    {
+                        "path": constants.CONFIG_FILE,
+                        "fieldRef": {"fieldPath": f"metadata.annotations['{objects.TRAINER_CONFIG_ANNOTATION}']"},
+                    }
+                ]
+            },
+        },
         objects.artifacts_volume(spec.artifacts.volume, cfg.artifacts_pvc),
         tmp_volume,
     ]
@@ -190,6 +199,28 @@ def trainer_args(owner: Owner) -> list[str]:
         "--output", objects.artifacts_dir(owner),
         "--metrics-port", str(constants.TRAINER_METRICS_PORT),
     ]  # fmt: skip
+
+
+# Job fields the API server lets an existing Job change, and runPolicy sets (suspend aside: the reconciler's
+# suspend_patch).
+MUTABLE_JOB_FIELDS: Final = ("activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished")
+
+
+def run_policy_fields(spec: api.TrainingJobSpec) -> Manifest:
+    """The MUTABLE_JOB_FIELDS runPolicy sets (those it leaves unset are absent)."""
+    policy = spec.run_policy
+    fields: Manifest = {"backoffLimit": policy.backoff_limit}
+    if policy.active_deadline_seconds is not None:
+        fields["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if policy.ttl_seconds_after_finished is not None:
+        fields["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    return fields
+
+
+def job_patch(wanted: Mapping[str, object], live: Mapping[str, Any]) -> Manifest:
+    """The merge patch of a live Job's MUTABLE_JOB_FIELDS to `wanted` (run_policy_fields; None removes one)."""
+    have = live.get("spec") or {}
+    return {k: wanted.get(k) for k in MUTABLE_JOB_FIELDS if have.get(k) != wanted.get(k)}
 
 
 def build_job(
@@ -238,7 +269,6 @@ def build_job(
         "completionMode": "Indexed",
         "completions": workers,
         "parallelism": workers,
-        "backoffLimit": policy.backoff_limit,
         "suspend": policy.suspend or bool(queue),
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": {
@@ -266,28 +296,30 @@ def build_job(
             "metadata": objects.pod_metadata(
                 res,
                 objects.labels(owner.name, objects.TRAINER),
-                objects.prometheus_annotations(constants.TRAINER_METRICS_PORT),
+                objects.prometheus_annotations(constants.TRAINER_METRICS_PORT)
+                | {objects.TRAINER_CONFIG_ANNOTATION: trainingjob_document(owner, spec)},
             ),
             "spec": pod_spec,
         },
     }
-    if policy.active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
-    if policy.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    job_spec.update(run_policy_fields(spec))
     held = {objects.SUSPENDED_BY_USER_ANNOTATION: "true"} if policy.suspend and not queue else None
     metadata = objects.metadata(owner, objects.job_name(owner.name), objects.TRAINER, held)
     metadata["labels"].update(queue)
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 
+# Every kind build_trainer_objects makes, and those that may follow the Job's creation by a while: the
+# trainer needs its Role and RoleBinding only to report status, and retries that.
+TRAINER_KINDS: Final = ("ServiceAccount", "Job", "Service", "Role", "RoleBinding")
+AFTER_START: Final = ("Role", "RoleBinding")
+
+
 def build_trainer_objects(
     owner: Owner, spec: api.TrainingJobSpec, cfg: config.OperatorConfig, labels: Mapping[str, str] | None = None
 ) -> list[Manifest]:
-    """Everything training needs, in creation order (the Job last, so its pods find the rest in place)."""
-    children = [build_config_map(owner, spec), build_service_account(owner), build_role(owner),
-                build_role_binding(owner)]  # fmt: skip
+    """Everything training needs, in creation order (see the module docstring: one write before the Job)."""
+    children = [build_service_account(owner), build_job(owner, spec, cfg, labels)]
     if spec.resources.workers > 1:
         children.append(build_workers_service(owner))
-    children.append(build_job(owner, spec, cfg, labels))
-    return children
+    return [*children, build_role(owner), build_role_binding(owner)]

@@ -69,7 +69,6 @@ def test_a_served_job_heals_what_is_deleted_reports_outages_and_rolls_out_servin
 
     # -- while it waits (suspended: the trainer's helpers exist, no pod runs), each helper deleted comes back
     helpers = {
-        "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps/{name}-config",
         "ServiceAccount": f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}-trainer",
         "Role": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/roles/{name}-trainer",
         "RoleBinding": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings/{name}-trainer",

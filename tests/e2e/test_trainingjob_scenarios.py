@@ -38,7 +38,6 @@ def children(kube: Kube, namespace: str, name: str) -> dict[str, list[str]]:
         "ReplicaSet": "/apis/apps/v1",
         "Pod": "/api/v1",
         "Service": "/api/v1",
-        "ConfigMap": "/api/v1",
         "ServiceAccount": "/api/v1",
         "Role": "/apis/rbac.authorization.k8s.io/v1",
         "RoleBinding": "/apis/rbac.authorization.k8s.io/v1",
@@ -195,7 +194,7 @@ def test_kubectl_delete_tj_cascades_to_every_child(
     kube.create_object(manifest, namespace)
     status = tj.wait_for_phase(kube, namespace, name, ("Serving", "Failed"), describe=describer(kube, namespace))
     assert status["phase"] == "Serving", status
-    kinds = {"Job", "Deployment", "ReplicaSet", "Pod", "Service", "ConfigMap", "ServiceAccount", "Role", "RoleBinding"}
+    kinds = {"Job", "Deployment", "ReplicaSet", "Pod", "Service", "ServiceAccount", "Role", "RoleBinding"}
     assert kinds <= children(kube, namespace, name).keys()
 
     kubectl("delete", "tj", name, "-n", namespace, "--wait=true", timeout=180)

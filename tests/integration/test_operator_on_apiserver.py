@@ -5,6 +5,7 @@ hostile specs refused as a Failed condition naming the field, the artifacts fold
 from typing import Any
 
 import trainingjobs as tj
+import yaml
 
 from kiln_cluster.chart import KilnOperator
 from kiln_cluster.rest import Kube
@@ -24,17 +25,17 @@ def test_children_are_created_under_the_charts_rbac_and_one_deleted_by_hand_come
 ) -> None:
     namespace, name = workload_namespace, "repaired"
     created = kube.create_object(tj.digits_job(name, runPolicy={"suspend": True}), namespace)
-    config_map = f"/api/v1/namespaces/{namespace}/configmaps/{name}-config"
-    first = wait_for(kube, config_map, "the trainer's ConfigMap", kiln_operator)
+    role = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/roles/{name}-trainer"
     wait_for(kube, f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}-trainer", "the trainer Job", kiln_operator)
-    kube.delete(config_map)
+    first = wait_for(kube, role, "the trainer's Role", kiln_operator)
+    kube.delete(role)
     back = wait_until(
-        lambda: (cm := kube.get_or_none(config_map)) and cm["metadata"]["uid"] != first["metadata"]["uid"] and cm,
+        lambda: (r := kube.get_or_none(role)) and r["metadata"]["uid"] != first["metadata"]["uid"] and r,
         REPAIR_SECONDS,
-        "the deleted ConfigMap to be re-created",
+        "the deleted Role to be re-created",
         describe=kiln_operator.tail,
     )
-    assert back["data"] == first["data"]
+    assert back["rules"] == first["rules"]
     status = tj.wait_for_phase(kube, namespace, name, ("Suspended",), timeout=60, describe=kiln_operator.tail)
     assert status["artifactsPath"].endswith(f"/{namespace}/{name}/{created['metadata']['uid']}")
     assert {"Succeeded", "Ready", "Failed"} <= {c["type"] for c in status["conditions"]}
@@ -76,3 +77,42 @@ def test_a_host_path_volume_fails_the_job_naming_the_field_and_creates_nothing(
     assert failed["reason"] == "InvalidSpec"
     assert "spec.artifacts.volume.hostPath" in failed["message"] and "spec.resources.image" in failed["message"]
     assert kube.get_or_none(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}-trainer") is None
+
+
+def test_the_operator_keeps_no_bookkeeping_on_a_trainingjob_and_its_trainer_config_rides_in_the_pod_template(
+    kube: Kube, kiln_operator: KilnOperator, workload_namespace: str
+) -> None:
+    """Issue 15 (scale): no kopf progress or diff-base annotations, no finalizer (retention Retain), no
+    ConfigMap: the TrainingJob gets a status and nothing else, and the pods read their config from the Job."""
+    namespace, name = workload_namespace, "lean"
+    kube.create_object(tj.digits_job(name, runPolicy={"suspend": True}), namespace)
+    tj.wait_for_phase(kube, namespace, name, ("Suspended",), timeout=60, describe=kiln_operator.tail)
+    meta = kube.get(tj.path(namespace, name))["metadata"]
+    assert not [key for key in meta.get("annotations") or {} if key.startswith("kiln.dev/")], meta
+    assert not meta.get("finalizers"), meta
+    job = kube.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}-trainer")
+    document = yaml.safe_load(job["spec"]["template"]["metadata"]["annotations"]["kiln.dev/trainingjob-config"])
+    assert document["metadata"] == {"name": name, "namespace": namespace}
+    assert document["spec"]["training"]["epochs"] == 2
+    assert kube.get_or_none(f"/api/v1/namespaces/{namespace}/configmaps/{name}-config") is None
+
+
+def test_retention_delete_holds_the_trainingjob_until_its_cleanup_job_is_started(
+    kube: Kube, kiln_operator: KilnOperator, workload_namespace: str
+) -> None:
+    namespace, name = workload_namespace, "tidy"
+    created = kube.create_object(
+        tj.digits_job(name, runPolicy={"suspend": True}, artifacts={"retentionPolicy": "Delete"}), namespace
+    )
+    path = tj.path(namespace, name)
+    wait_until(
+        lambda: "kiln.dev/finalizer" in (kube.get(path)["metadata"].get("finalizers") or []) or None,
+        30,
+        "the operator's finalizer",
+        describe=kiln_operator.tail,
+    )
+    kube.delete(path)
+    cleanup = f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}-cleanup-{created['metadata']['uid'][:8]}"
+    job = wait_for(kube, cleanup, "the artifacts cleanup Job", kiln_operator)
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][-1].endswith(created["metadata"]["uid"])
+    wait_until(lambda: kube.get_or_none(path) is None, 30, "the TrainingJob to be gone", describe=kiln_operator.tail)

@@ -55,7 +55,6 @@ NEEDED = [
     ("create", "jobs", "batch", "team", None),
     ("create", "deployments", "apps", "team", None),
     ("create", "services", "", "team", None),
-    ("create", "configmaps", "", "team", None),
     ("create", "serviceaccounts", "", "team", None),
     ("create", "roles", "rbac.authorization.k8s.io", "team", None),
     ("create", "rolebindings", "rbac.authorization.k8s.io", "team", None),
@@ -65,6 +64,7 @@ NEEDED = [
 FORBIDDEN = [
     ("get", "secrets", "", "team", None),
     ("list", "secrets", "", None, None),
+    ("create", "configmaps", "", "team", None),
     ("create", "pods", "", "team", None),
     ("delete", "jobs", "batch", "team", None),
     ("get", "pods", "", "team", "log"),

@@ -39,7 +39,7 @@ def test_every_child_is_labelled_and_adopted_by_its_trainingjob() -> None:
     children = trainer_objects.build_trainer_objects(OWNER, spec(resources={"workers": 2}), CFG)
     children += [serving_objects.build_deployment(OWNER, spec(), CFG, MODEL), serving_objects.build_service(OWNER)]
     assert [c["kind"] for c in children] == [
-        "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Service", "Job", "Deployment", "Service"
+        "ServiceAccount", "Job", "Service", "Role", "RoleBinding", "Deployment", "Service"
     ]  # fmt: skip
     for child in children:
         meta = child["metadata"]
@@ -60,15 +60,21 @@ def test_children_have_deterministic_names_so_a_restarted_operator_finds_them() 
     first = trainer_objects.build_trainer_objects(OWNER, spec(resources={"workers": 4}), CFG)
     second = trainer_objects.build_trainer_objects(OWNER, spec(resources={"workers": 4}), CFG)
     assert [c["metadata"]["name"] for c in first] == [c["metadata"]["name"] for c in second] == [
-        "digits-config", "digits-trainer", "digits-trainer", "digits-trainer", "digits-workers", "digits-trainer"
+        "digits-trainer", "digits-trainer", "digits-workers", "digits-trainer", "digits-trainer"
     ]  # fmt: skip
     assert first == second
 
 
-def test_the_config_map_holds_the_whole_validated_trainingjob_the_trainer_reads() -> None:
+def test_the_pod_template_carries_the_whole_validated_trainingjob_the_trainer_reads_as_a_file() -> None:
     job_spec = spec(training={"epochs": 3}, export={"variants": ["int8-static"]})
-    config_map = trainer_objects.build_config_map(OWNER, job_spec)
-    document = yaml.safe_load(config_map["data"]["trainingjob.yaml"])
+    template = trainer_objects.build_job(OWNER, job_spec, CFG)["spec"]["template"]
+    annotation = "kiln.dev/trainingjob-config"
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    assert volumes["config"]["downwardAPI"]["items"] == [
+        {"path": "trainingjob.yaml", "fieldRef": {"fieldPath": f"metadata.annotations['{annotation}']"}}
+    ]
+    assert mounts_of(template["spec"]["containers"][0])["/etc/kiln"]["name"] == "config"
+    document = yaml.safe_load(template["metadata"]["annotations"][annotation])
     assert document["apiVersion"] == "kiln.dev/v1alpha1" and document["kind"] == "TrainingJob"
     assert document["metadata"] == {"name": "digits", "namespace": "team-a"}
     parsed = api.parse_trainingjob(document)
@@ -78,8 +84,8 @@ def test_the_config_map_holds_the_whole_validated_trainingjob_the_trainer_reads(
 
 def test_a_single_worker_job_is_indexed_with_one_completion_and_no_headless_service() -> None:
     children = trainer_objects.build_trainer_objects(OWNER, spec(), CFG)
-    assert "Service" not in [c["kind"] for c in children]
-    job = children[-1]
+    assert [c["kind"] for c in children] == ["ServiceAccount", "Job", "Role", "RoleBinding"]
+    job = children[1]
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1
     assert "subdomain" not in job["spec"]["template"]["spec"]
@@ -96,7 +102,7 @@ def test_a_single_worker_job_is_indexed_with_one_completion_and_no_headless_serv
 
 def test_four_workers_get_a_headless_service_a_subdomain_and_rank_zero_as_master() -> None:
     children = trainer_objects.build_trainer_objects(OWNER, spec(resources={"workers": 4}), CFG)
-    service, job = children[-2], children[-1]
+    job, service = children[1], children[2]
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["publishNotReadyAddresses"] is True
     assert service["spec"]["selector"] == {"kiln.dev/trainingjob": "digits", "app.kubernetes.io/component": "trainer"}
@@ -177,9 +183,9 @@ def test_trainer_pods_run_restricted_with_a_writable_tmp() -> None:
 def test_metrics_port_is_declared_and_annotated_for_prometheus() -> None:
     job = trainer_objects.build_job(OWNER, spec(), CFG)
     assert {"name": "metrics", "containerPort": 9400} in trainer_container(job)["ports"]
-    assert job["spec"]["template"]["metadata"]["annotations"] == {
+    assert job["spec"]["template"]["metadata"]["annotations"].items() >= {
         "prometheus.io/scrape": "true", "prometheus.io/port": "9400", "prometheus.io/path": "/metrics"
-    }  # fmt: skip
+    }.items()  # fmt: skip
 
 
 def test_data_is_mounted_read_only_and_artifacts_default_to_the_operator_pvc() -> None:
@@ -195,7 +201,6 @@ def test_data_is_mounted_read_only_and_artifacts_default_to_the_operator_pvc() -
     volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
     assert volumes["data"] == {"name": "data", "persistentVolumeClaim": {"claimName": "c"}}
     assert volumes["artifacts"] == {"name": "artifacts", "persistentVolumeClaim": {"claimName": "shared"}}
-    assert volumes["config"] == {"name": "config", "configMap": {"name": "digits-config"}}
     own = spec(artifacts={"volume": {"hostPath": {"path": "/srv/kiln"}}})
     volumes = {v["name"]: v for v in trainer_objects.build_job(OWNER, own, CFG)["spec"]["template"]["spec"]["volumes"]}
     assert volumes["artifacts"] == {"name": "artifacts", "hostPath": {"path": "/srv/kiln"}}

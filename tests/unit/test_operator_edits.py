@@ -4,7 +4,7 @@ from typing import Any
 
 from kiln import api
 from kiln.api import crd
-from kiln_operator import config, objects, reconciler, trainer_objects
+from kiln_operator import config, objects, trainer_objects
 
 OWNER = objects.Owner(name="digits", namespace="team-a", uid="0b6e3c1d-5d0f-4a8e-9c1e-2f4b7a9d1e00")
 
@@ -14,20 +14,26 @@ def job_for(**run_policy: Any) -> dict[str, Any]:
     return trainer_objects.build_job(OWNER, spec, config.OperatorConfig())
 
 
+def fields_for(**run_policy: Any) -> dict[str, Any]:
+    return trainer_objects.run_policy_fields(api.TrainingJobSpec.model_validate({"runPolicy": run_policy}))
+
+
 def test_run_policy_edits_become_a_patch_of_the_jobs_mutable_fields_only() -> None:
     live = job_for(backoffLimit=3)
-    edited = job_for(backoffLimit=5, activeDeadlineSeconds=600, ttlSecondsAfterFinished=60)
-    assert reconciler.job_patch(edited, live) == {
+    edited = fields_for(backoffLimit=5, activeDeadlineSeconds=600, ttlSecondsAfterFinished=60)
+    assert trainer_objects.job_patch(edited, live) == {
         "backoffLimit": 5,  # runPolicy.backoffLimit counts retries of the whole gang (one per lost worker)
         "activeDeadlineSeconds": 600,
         "ttlSecondsAfterFinished": 60,
     }
-    assert reconciler.job_patch(live, edited) == {
+    assert trainer_objects.job_patch(
+        fields_for(backoffLimit=3), job_for(backoffLimit=5, activeDeadlineSeconds=600, ttlSecondsAfterFinished=60)
+    ) == {
         "backoffLimit": 3,
         "activeDeadlineSeconds": None,
         "ttlSecondsAfterFinished": None,
     }
-    assert reconciler.job_patch(live, live) == {}
+    assert trainer_objects.job_patch(fields_for(backoffLimit=3), live) == {}
 
 
 def test_every_section_but_run_policy_and_serving_is_immutable_with_a_message_saying_what_to_do() -> None:

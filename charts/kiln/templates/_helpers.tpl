@@ -119,7 +119,7 @@ What the operator may do inside a namespace it watches: the rules of a ClusterRo
 */}}
 {{- define "kiln.operatorRules" -}}
 # Exactly the verbs the operator's calls need, call by call in operator/kiln_operator/permissions.py
-# (a unit test keeps these equal). TrainingJobs: read, watched, kopf's annotations and finalizer.
+# (a unit test keeps these equal). TrainingJobs: read, watched, the operator's finalizer (retention Delete).
 - apiGroups: ["kiln.dev"]
   resources: ["trainingjobs"]
   verbs: ["get", "list", "watch", "patch"]
@@ -132,9 +132,9 @@ What the operator may do inside a namespace it watches: the rules of a ClusterRo
 - apiGroups: ["kiln.dev"]
   resources: ["trainingjobs/finalizers"]
   verbs: ["update"]
-# The trainer's config, identity and role: created, and watched so one deleted by hand is re-created.
+# The trainer's identity and role: created, and watched so one deleted by hand is re-created.
 - apiGroups: [""]
-  resources: ["configmaps", "serviceaccounts"]
+  resources: ["serviceaccounts"]
   verbs: ["list", "watch", "create"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
