@@ -133,7 +133,7 @@ def track_training_job(
     metrics.record_phase(namespace, name, current.get("phase"))
     if not current.get("phase"):
         reconciler.start_training(client, cfg, body)
-        _queue(memo).add((namespace, name), repair=True)  # the trainer's Role and the first status follow
+        _queue(memo).add((namespace, name))  # the trainer's Role and the first status follow
         return
     reconciler.publish_conditions(body)
     if event.get("type") is None or reconciler.needs_reconcile(body):

@@ -39,7 +39,7 @@ NAMESPACED: Final[Grants] = {
     # kopf.event posts Events on TrainingJobs through the core API.
     ("", "events"): ("create",),
 }
-# Only when the chart turns serving autoscaling on: apply_serving applies the HPA or deletes a stale one.
+# Only when the chart turns serving autoscaling on: rollout.apply_serving applies the HPA or deletes a stale one.
 AUTOSCALING: Final[Grants] = {("autoscaling", "horizontalpodautoscalers"): ("patch", "delete")}
 # In the release namespace, only with several replicas: leader.LeaderElector reads, creates and updates the
 # one Lease (create cannot be limited by name; get and update are, to kiln-operator).

@@ -28,7 +28,7 @@ from kiln_operator import (
     objects,
     pod_status,
     policy,
-    serving_objects,
+    rollout,
     status,
     trainer_objects,
 )
@@ -58,6 +58,7 @@ _running: set[tuple[str, str]] = set()
 _dirty: set[tuple[str, str]] = set()
 _repair: set[tuple[str, str]] = set()  # dirty runs that must also re-create missing trainer children
 _known: set[tuple[str, str]] = set()  # every TrainingJob seen, for the periodic resync
+_started: set[tuple[str, str]] = set()  # started by start_training: trainer_objects.AFTER_START still to create
 
 
 class InvalidSpec(ValueError):
@@ -70,6 +71,7 @@ def forget(namespace: str, name: str) -> None:
         _dirty.discard((namespace, name))
         _repair.discard((namespace, name))
         _known.discard((namespace, name))
+        _started.discard((namespace, name))
     metrics.forget_job(namespace, name)
 
 
@@ -120,50 +122,6 @@ def ensure_trainer(
     return [child["kind"] for child in wanted if client.create_if_absent(child)]
 
 
-def apply_serving(client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec) -> None:
-    """Create or converge the serving Service, PodDisruptionBudget, Deployment and HPA to the current spec,
-    model and config.
-
-    HPAs are touched only when the operator autoscales (the chart grants their verbs only then). Replicas
-    follow serving_objects' rules: fixed replicas are applied after a stale HPA is gone; an autoscaled
-    Deployment is created with the HPA's minimum and then applied without replicas.
-    """
-    owner = objects.Owner.from_body(body)
-    reported = (body.get("status") or {}).get("model")
-    model = api.ModelStatus.model_validate(reported) if reported else None
-    name = objects.serving_name(owner.name)
-    client.apply(serving_objects.build_service(owner))
-    if serving_objects.needs_disruption_budget(spec, cfg):
-        client.apply(serving_objects.build_disruption_budget(owner))
-    else:
-        client.delete(serving_objects.PDB_API_VERSION, serving_objects.PDB_KIND, owner.namespace, name)
-    deployment = serving_objects.build_deployment(owner, spec, cfg, model)
-    if not serving_objects.autoscaled(spec, cfg):
-        if cfg.serving_hpa_enabled:  # scaled to zero or no CPU request: fixed replicas, no HPA
-            client.delete(serving_objects.HPA_API_VERSION, serving_objects.HPA_KIND, owner.namespace, name)
-        client.apply(deployment)
-        return
-    autoscaler = serving_objects.build_autoscaler(owner, spec, cfg)
-    if not client.create_if_absent(serving_objects.with_replicas(deployment, autoscaler["spec"]["minReplicas"])):
-        live = client.get("apps/v1", "Deployment", owner.namespace, name)
-        if live is not None and serving_objects.applies_replicas(live):
-            client.apply(serving_objects.build_replicas_handoff(live), serving_objects.HANDOFF_MANAGER)
-        client.apply(deployment)
-    client.apply(autoscaler)
-
-
-def remove_serving(client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str) -> bool:
-    """Delete the serving HPA, Deployment, PodDisruptionBudget and Service (serving was disabled); True if
-    anything was deleted."""
-    serving = objects.serving_name(name)
-    deleted = False
-    if cfg.serving_hpa_enabled:  # first, so it never scales a Deployment that is going away
-        deleted = client.delete(serving_objects.HPA_API_VERSION, serving_objects.HPA_KIND, namespace, serving)
-    deleted = client.delete("apps/v1", "Deployment", namespace, serving) or deleted
-    deleted = client.delete(serving_objects.PDB_API_VERSION, serving_objects.PDB_KIND, namespace, serving) or deleted
-    return client.delete("v1", "Service", namespace, serving) or deleted
-
-
 def converge_job(
     client: kube.Kube, cfg: config.OperatorConfig, body: Body, spec: api.TrainingJobSpec, job: Manifest
 ) -> Manifest:
@@ -200,8 +158,8 @@ def suspend_patch(job: Body, suspend: bool) -> Manifest | None:
 def start_training(client: kube.Kube, cfg: config.OperatorConfig, body: Body) -> None:
     """A TrainingJob without a status yet (just created): create what its pods need to start, at once and
     without reading anything first, so the Job exists after one write (the ServiceAccount). The caller then
-    queues a reconcile with repair, which creates the rest (trainer_objects.AFTER_START: what the trainer
-    needs only to report) and writes the first status, or Failed for an invalid spec.
+    queues a reconcile, which creates the rest (trainer_objects.AFTER_START: what the trainer needs only to
+    report) and writes the first status, or Failed for an invalid spec.
     """
     try:
         spec = validate(body, cfg)
@@ -211,10 +169,12 @@ def start_training(client: kube.Kube, cfg: config.OperatorConfig, body: Body) ->
     for attempt in range(1, ATTEMPTS + 1):
         try:
             ensure_trainer(client, cfg, body, spec, kinds)
+            with _guard:
+                _started.add((body["metadata"]["namespace"], body["metadata"]["name"]))
             return
         except Exception as err:
             if attempt == ATTEMPTS or not kube.is_transient(err):
-                raise  # logged by kopf; the queued reconcile (with repair) tries again
+                raise  # logged by kopf; the periodic resync (with repair) tries again
             time.sleep(0.5 * attempt)
 
 
@@ -315,19 +275,28 @@ def _reconcile_once(
         job = converge_job(client, cfg, body, spec, job)
     pods = client.list_objects("v1", "Pod", namespace, objects.label_selector(name, objects.TRAINER))
     training = status.assess_training(job, pods, current, ttl)
-    if repair and job is not None and not failed and training.state in ("Pending", "Queued", "Running", "Suspended"):
-        helpers = [k for k in trainer_objects.TRAINER_KINDS if k != "Job"]
-        ensure_trainer(client, cfg, body, spec, helpers)  # a deleted identity, Role or workers Service comes back
+    # With repair a deleted identity, Role or workers Service comes back; a job start_training began gets the
+    # kinds it left to this first reconcile.
+    with _guard:
+        starting = (namespace, name) in _started
+    if job is not None and not failed and training.state in ("Pending", "Queued", "Running", "Suspended"):
+        helpers = [k for k in trainer_objects.TRAINER_KINDS if k != "Job"] if repair else []
+        kinds = helpers or (list(trainer_objects.AFTER_START) if starting else [])
+        if kinds:
+            ensure_trainer(client, cfg, body, spec, kinds)
+    if starting:
+        with _guard:
+            _started.discard((namespace, name))
 
     # Serving: only once the model is reported; applied on every run (server-side apply converges it to the
     # current spec, model and config, and repairs hand edits), removed when disabled.
     deployment, serving_pods = None, []
     if training.state == "Succeeded" and current.get("model") and not failed:
         if spec.serving.enabled:
-            apply_serving(client, cfg, body, spec)
+            rollout.apply_serving(client, cfg, body, spec)
         deployment = client.get("apps/v1", "Deployment", namespace, objects.serving_name(name))
         if not spec.serving.enabled and deployment is not None:
-            remove_serving(client, cfg, namespace, name)
+            rollout.remove_serving(client, cfg, namespace, name)
             deployment = None
         if deployment is not None:
             selector = objects.label_selector(name, objects.SERVING)
