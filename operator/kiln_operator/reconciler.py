@@ -9,12 +9,13 @@ All state lives in the TrainingJob's status and in the children's deterministic 
 restart loses nothing and duplicates nothing.
 """
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import kopf
 import pydantic
@@ -36,6 +37,7 @@ from kiln_operator import (
 log = logging.getLogger(__name__)
 
 Body = Mapping[str, Any]
+T = TypeVar("T")
 Manifest = dict[str, Any]
 # Transient API failures are retried inside one run, so a lost trigger does not leave a stale status.
 ATTEMPTS: Final = 3
@@ -58,7 +60,6 @@ _running: set[tuple[str, str]] = set()
 _dirty: set[tuple[str, str]] = set()
 _repair: set[tuple[str, str]] = set()  # dirty runs that must also re-create missing trainer children
 _known: set[tuple[str, str]] = set()  # every TrainingJob seen, for the periodic resync
-_started: set[tuple[str, str]] = set()  # started by start_training: trainer_objects.AFTER_START still to create
 
 
 class InvalidSpec(ValueError):
@@ -71,7 +72,6 @@ def forget(namespace: str, name: str) -> None:
         _dirty.discard((namespace, name))
         _repair.discard((namespace, name))
         _known.discard((namespace, name))
-        _started.discard((namespace, name))
     metrics.forget_job(namespace, name)
 
 
@@ -166,16 +166,11 @@ def start_training(client: kube.Kube, cfg: config.OperatorConfig, body: Body) ->
     except InvalidSpec:
         return
     kinds = [k for k in trainer_objects.TRAINER_KINDS if k not in trainer_objects.AFTER_START]
-    for attempt in range(1, ATTEMPTS + 1):
-        try:
-            ensure_trainer(client, cfg, body, spec, kinds)
-            with _guard:
-                _started.add((body["metadata"]["namespace"], body["metadata"]["name"]))
-            return
-        except Exception as err:
-            if attempt == ATTEMPTS or not kube.is_transient(err):
-                raise  # logged by kopf; the periodic resync (with repair) tries again
-            time.sleep(0.5 * attempt)
+    # A final failure is logged by kopf; the periodic resync (with repair) tries again.
+    _with_retries(
+        lambda: ensure_trainer(client, cfg, body, spec, kinds),
+        f"creating the trainer of {body['metadata']['namespace']}/{body['metadata']['name']}",
+    )
 
 
 def needs_reconcile(body: Body) -> bool:
@@ -275,18 +270,13 @@ def _reconcile_once(
         job = converge_job(client, cfg, body, spec, job)
     pods = client.list_objects("v1", "Pod", namespace, objects.label_selector(name, objects.TRAINER))
     training = status.assess_training(job, pods, current, ttl)
-    # With repair a deleted identity, Role or workers Service comes back; a job start_training began gets the
-    # kinds it left to this first reconcile.
-    with _guard:
-        starting = (namespace, name) in _started
+    # With repair a deleted identity, Role or workers Service comes back. The first reconcile (no phase written
+    # yet) creates what start_training left to it.
     if job is not None and not failed and training.state in ("Pending", "Queued", "Running", "Suspended"):
-        helpers = [k for k in trainer_objects.TRAINER_KINDS if k != "Job"] if repair else []
-        kinds = helpers or (list(trainer_objects.AFTER_START) if starting else [])
-        if kinds:
-            ensure_trainer(client, cfg, body, spec, kinds)
-    if starting:
-        with _guard:
-            _started.discard((namespace, name))
+        if repair:
+            ensure_trainer(client, cfg, body, spec, [k for k in trainer_objects.TRAINER_KINDS if k != "Job"])
+        elif not current.get("phase"):
+            ensure_trainer(client, cfg, body, spec, trainer_objects.AFTER_START)
 
     # Serving: only once the model is reported; applied on every run (server-side apply converges it to the
     # current spec, model and config, and repairs hand edits), removed when disabled.
@@ -323,18 +313,18 @@ def _reconcile_once(
     return write_status(client, body, status.assess(observation, status.now_rfc3339()), latest_failure)
 
 
-def _reconcile_with_retries(
-    client: kube.Kube, cfg: config.OperatorConfig, namespace: str, name: str, repair: bool
-) -> api.Phase | None:
-    for attempt in range(1, ATTEMPTS + 1):
+def _with_retries(call: Callable[[], T], what: str) -> T:
+    """`call`, tried again after transient API failures (ATTEMPTS in all), so a lost trigger leaves no stale
+    state."""
+    for attempt in range(1, ATTEMPTS):
         try:
-            return _reconcile_once(client, cfg, namespace, name, repair)
+            return call()
         except Exception as err:
-            if attempt == ATTEMPTS or not kube.is_transient(err):
+            if not kube.is_transient(err):
                 raise
-            log.info("reconcile %s/%s failed (%s), retrying", namespace, name, err)
+            log.info("%s failed (%s), retrying", what, err)
             time.sleep(0.5 * attempt)
-    return None
+    return call()
 
 
 def reconcile(
@@ -356,7 +346,8 @@ def reconcile(
         _running.add(key)
     try:
         while True:
-            phase = _reconcile_with_retries(client, cfg, namespace, name, repair)
+            once = functools.partial(_reconcile_once, client, cfg, namespace, name, repair)
+            phase = _with_retries(once, f"reconcile {namespace}/{name}")
             with _guard:  # checked and cleared atomically with the mark set by other threads
                 if key not in _dirty:
                     _running.discard(key)
