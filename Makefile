@@ -53,9 +53,11 @@ crd: venv
 	$(BIN)/kiln crd > charts/kiln/crds/trainingjob.yaml
 
 bench: venv
+	$(BIN)/python bench/serving_peers.py
 	set -o pipefail; bin="$$(bash hack/install-test-tools.sh | tail -n 1)" && KILN_TEST_BIN="$$bin" $(BIN)/python bench/run.py
 
 bench-quick: venv
+	$(BIN)/python bench/serving_peers.py
 	set -o pipefail; bin="$$(bash hack/install-test-tools.sh | tail -n 1)" && KILN_TEST_BIN="$$bin" $(BIN)/python bench/run.py --quick
 
 ## images: the five images from the Dockerfiles (Docker, else podman; KILN_IMAGES="operator trainer serving" picks some, IMAGES_EXPORT=DIR also writes OCI archives); see docs/images.md

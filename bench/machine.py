@@ -96,6 +96,38 @@ def _cpu_times() -> tuple[float, float]:
     return sum(fields) - idle, sum(fields)
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of one process so far (all its threads); None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children, theirs, ...) alive now, from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and every process below it: a server that runs helpers (Triton's tritonserver
+    and Python-backend stub under PyTriton) is charged for all of them."""
+    return sum(cpu_seconds(p) or 0.0 for p in [pid, *descendants(pid)])
+
+
 def busy_cores(seconds: float) -> float | None:
     """How many cores' worth of CPU the whole machine used over the next `seconds` (others' load, when idle)."""
     try:

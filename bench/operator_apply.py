@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
+from machine import cpu_seconds
+
 MANAGED_BY = "app.kubernetes.io/managed-by=kiln-operator"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 THREADS = 16
@@ -56,15 +58,6 @@ def rss_bytes(pid: int) -> int | None:
     except OSError:
         return None
     return None
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class RssSampler(threading.Thread):

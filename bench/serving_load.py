@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from serving_peers import KSERVE_PYTHON, TRITON_PYTHON, kserve_server, triton_server
 from serving_setup import (
     IMAGE,
-    KSERVE_PYTHON,
     Result,
     Running,
     build_models,
@@ -29,7 +29,6 @@ from serving_setup import (
     in_process,
     infer_request,
     kiln_server,
-    kserve_server,
     pooled,
     serve_torch,
     torch_server,
@@ -77,7 +76,12 @@ def main(quick: bool, model_dir: Path | None = None) -> str:
             kserve = kserve_server(fp32 / constants.MODEL_FILE, work)
             cells.append(("KServe 0.21 ModelServer + onnxruntime fp32, binary, no batching", kserve, True))
         else:
-            notes.append(f"KServe peer not run: no KServe virtualenv at {KSERVE_PYTHON}.")
+            notes.append(f"KServe peer not run: no KServe virtualenv at {KSERVE_PYTHON} (bench/install-peers.sh).")
+        if TRITON_PYTHON.exists():
+            triton = triton_server(fp32 / constants.MODEL_FILE, work)
+            cells.append(("Triton (PyTriton 0.7) + onnxruntime fp32, binary, batching on", triton, True))
+        else:
+            notes.append(f"Triton peer not run: no PyTriton virtualenv at {TRITON_PYTHON} (bench/install-peers.sh).")
         for name, server, binary in cells:
             try:
                 with server as running:
@@ -157,6 +161,8 @@ def report(results: list[Result], notes: list[str], seconds: float) -> str:
          find("kiln fp32, JSON, batching on", 32), 0.0)  # fmt: skip
     goal("kiln (binary, batching on) vs KServe ModelServer, concurrency 32", find("kiln fp32, binary, batching on", 32),
          find("KServe", 32), 5.0)  # fmt: skip
+    goal("kiln (binary, batching on) vs Triton through PyTriton (batching on), concurrency 32",
+         find("kiln fp32, binary, batching on", 32), find("Triton", 32), 1.0)  # fmt: skip
     if notes:
         lines += ["", "### Notes", "", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"

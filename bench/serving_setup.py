@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import loadclient
 import numpy as np
+from machine import tree_cpu_seconds
 
 from kiln import api
 from kiln.api import constants
@@ -31,7 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 IMAGE = 32
 CLASSES = 10
-KSERVE_PYTHON = Path(os.environ.get("KILN_BENCH_KSERVE_PYTHON", "/tmp/kserve-venv/bin/python"))
 
 
 @dataclass
@@ -175,12 +175,6 @@ class Running:
     grpc_port: int | None = None
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @contextlib.contextmanager
 def process(
     command: list[str], port: int, log: Path, ready_path: str = "/v2/health/ready", grpc_port: int | None = None
@@ -242,32 +236,6 @@ def serve_torch(weights: Path, model_dir: Path, port: int) -> int:
     return kiln_serving.serve(config, model=TorchModel(name="m"))
 
 
-KSERVE_SCRIPT = """
-import sys, numpy as np, onnxruntime as ort, kserve
-from kserve import InferOutput, InferResponse
-class Onnx(kserve.Model):
-    def __init__(self, name, path):
-        super().__init__(name)
-        self.session = ort.InferenceSession(path)
-        self.ready = True
-    def predict(self, payload, headers=None):
-        y = self.session.run(None, {"input": payload.inputs[0].as_numpy()})[0]
-        out = InferOutput(name="logits", shape=list(y.shape), datatype="FP32")
-        out.set_data_from_numpy(y, binary_data=False)
-        return InferResponse(model_name=self.name, infer_outputs=[out], response_id=payload.id or "0")
-server = kserve.ModelServer(http_port=int(sys.argv[2]), enable_grpc=False, workers=1, enable_latency_logging=False)
-server.start([Onnx("m", sys.argv[1])])
-"""
-
-
-def kserve_server(model: Path, work: Path) -> contextlib.AbstractContextManager[Running]:
-    script = work / "kserve_onnx.py"
-    script.write_text(KSERVE_SCRIPT)
-    port = free_port()
-    return process([str(KSERVE_PYTHON), str(script), str(model), str(port)], port, work / "kserve.log",
-                   "/v2/models/m/ready")  # fmt: skip
-
-
 # -- client -----------------------------------------------------------------------------------------------------
 
 
@@ -297,12 +265,12 @@ def closed_loop(name: str, server: Running, request: bytes, concurrency: int, ba
                                for _ in range(concurrency)])  # fmt: skip
         latencies: list[float] = []
         errors: list[int] = []
-        cpu = cpu_seconds(server.pid)
+        cpu = tree_cpu_seconds(server.pid)
         started = time.perf_counter()
         await asyncio.gather(*[loadclient.client(port, request, started + seconds, latencies, errors)
                                for _ in range(concurrency)])  # fmt: skip
         elapsed = time.perf_counter() - started
-        return Result(name, concurrency, batch, elapsed, latencies, len(errors), cpu_seconds(server.pid) - cpu)
+        return Result(name, concurrency, batch, elapsed, latencies, len(errors), tree_cpu_seconds(server.pid) - cpu)
 
     return asyncio.run(run())
 
@@ -333,11 +301,11 @@ def grpc_closed_loop(name: str, server: Running, x: np.ndarray, concurrency: int
         await asyncio.gather(*[user(time.perf_counter() + min(0.5, seconds / 4), [], []) for _ in range(concurrency)])
         latencies: list[float] = []
         errors: list[int] = []
-        cpu = cpu_seconds(server.pid)
+        cpu = tree_cpu_seconds(server.pid)
         started = time.perf_counter()
         await asyncio.gather(*[user(started + seconds, latencies, errors) for _ in range(concurrency)])
         elapsed = time.perf_counter() - started
-        return Result(name, concurrency, len(x), elapsed, latencies, len(errors), cpu_seconds(server.pid) - cpu)
+        return Result(name, concurrency, len(x), elapsed, latencies, len(errors), tree_cpu_seconds(server.pid) - cpu)
 
     return asyncio.run(run())
 

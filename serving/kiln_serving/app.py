@@ -7,6 +7,7 @@ the one place that knows the mapping, and every error body is the protocol's {"e
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -21,7 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from kiln_serving import binary, errors, grpc_service, jsontext, metrics
+from kiln_serving import binary, connections, errors, grpc_service, jsontext, metrics
 from kiln_serving.config import ServingConfig
 from kiln_serving.dataplane import DataPlane
 from kiln_serving.model import Model
@@ -114,7 +115,37 @@ async def _disconnect(request: Request) -> None:
 
 async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
     """Await `work` (the body already read), cancelling it when the client hangs up meanwhile: a request still
-    queued leaves the batcher's queue (its place freed) and is counted as ClientClosed."""
+    queued leaves the batcher's queue (its place freed) and is counted as ClientClosed.
+
+    Under kiln's own HTTP protocol the connection says when it is lost (connections.HANG_UP), and the request's
+    task is cancelled from that callback: no watcher task per request. Other ASGI servers get one."""
+    hang_up: asyncio.Future[None] | None = request.scope.get("extensions", {}).get(connections.HANG_UP)
+    if hang_up is None:
+        return await _watched(request, work)
+    if hang_up.done():
+        work.close()
+        raise errors.ClientClosed("the client went away")
+    task = asyncio.current_task()
+    assert task is not None
+    cancelled: list[bool] = []
+
+    def cancel(_: object) -> None:
+        cancelled.append(task.cancel())
+
+    hang_up.add_done_callback(cancel)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not any(cancelled):  # a cancellation of someone else's (shutdown): not ours to swallow
+            raise
+        task.uncancel()
+        raise errors.ClientClosed("the client went away") from None
+    finally:
+        hang_up.remove_done_callback(cancel)
+
+
+async def _watched(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """unless_disconnected under another ASGI server: a task watching receive() for the disconnect."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_disconnect(request))
     try:
@@ -303,6 +334,33 @@ async def _http_error(_: Request, err: Exception) -> Response:
     return _json({"error": f"{err.detail}"}, err.status_code, dict(err.headers or {}))
 
 
+# POST paths of the inference route, as the Route patterns in Routes.routes() match them.
+_INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
+
+
+class App(Starlette):
+    """Starlette, but an inference request goes straight to its handler.
+
+    Nearly every request is one, and Starlette's middleware stack and router are a dozen coroutine layers that
+    each request pays for on every resumption; Routes.instrumented already turns every error into a response,
+    which is all those layers would add. Everything else takes Starlette's way."""
+
+    def __init__(self, routes: Routes, **kwargs: Any) -> None:
+        super().__init__(routes=routes.routes(), **kwargs)
+        self.infer = routes.infer
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                scope["app"] = self
+                scope["path_params"] = {k: v for k, v in match.groupdict().items() if v is not None}
+                response = await self.infer(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def build_app(
     config: ServingConfig, model: Model | None = None, registry: CollectorRegistry | None = None
 ) -> Starlette:
@@ -329,7 +387,7 @@ def build_app(
         errors.ServingError: _serving_error,
         HTTPException: _http_error,
     }
-    app = Starlette(routes=routes.routes(), exception_handlers=handlers, lifespan=lifespan)
+    app = App(routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.dataplane = dataplane
     app.state.grpc_port = None
     return app

@@ -8,6 +8,8 @@
 - Past max_connections (capped below the process's file-descriptor limit) a new connection is answered 503
   at once and closed, so the server stays reachable for probes as soon as any connection ends.
 Idle keep-alive connections are closed by uvicorn after keep_alive_timeout_seconds.
+- Each request's scope carries, under extensions[HANG_UP], a future of its connection that is done once the
+  connection is lost, so the app learns of a client hanging up without a watcher task per request.
 """
 
 import asyncio
@@ -20,6 +22,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from kiln_serving.config import ServingConfig
 
 log = logging.getLogger(__name__)
+
+# The ASGI scope extension holding the connection's "lost" future (see the module's docstring).
+HANG_UP = "kiln.hang_up"
 
 # File descriptors kept free for the listening socket, model files, logs and the gRPC service.
 _SPARE_FDS = 64
@@ -49,6 +54,7 @@ def protocol(config: ServingConfig) -> type[HttpToolsProtocol]:
             self._head_bytes = 0
             self._in_head = True  # between requests the next bytes start a head
             self._timer: asyncio.TimerHandle | None = None
+            self._hang_up: asyncio.Future[None] | None = None
 
         def _arm(self, seconds: float) -> None:
             self._disarm()
@@ -81,7 +87,16 @@ def protocol(config: ServingConfig) -> type[HttpToolsProtocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._hang_up is not None and not self._hang_up.done():
+                self._hang_up.set_result(None)
             super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._hang_up is None:
+                self._hang_up = self.loop.create_future()
+            extensions: dict[str, object] = self.scope.setdefault("extensions", {})  # type: ignore[assignment]
+            extensions[HANG_UP] = self._hang_up
 
         def data_received(self, data: bytes) -> None:
             if self.transport.is_closing():

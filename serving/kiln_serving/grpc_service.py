@@ -22,7 +22,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from kiln_serving import codec, errors, metrics, protocol
-from kiln_serving.dataplane import DataPlane
+from kiln_serving.dataplane import DataPlane, weight
 from kiln_serving.model import Model
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,11 @@ def _parameters(params: Any) -> dict[str, object]:
     return out
 
 
-def decode(model: Model, request: Any, allow_non_finite: bool) -> protocol.Request:
-    """A ModelInferRequest -> the protocol's Request (checked exactly like an HTTP one)."""
+def decode(model: Model, request: Any, raw: list[bytes], allow_non_finite: bool) -> protocol.Request:
+    """A ModelInferRequest (and its raw_input_contents, read once) -> the protocol's Request (checked exactly
+    like an HTTP one)."""
     if not request.inputs:
         raise errors.InvalidInput("request needs 'inputs': a non-empty list of tensors")
-    raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise errors.InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
     tensors: dict[str, codec.Array] = {}
@@ -155,6 +155,8 @@ class Service:
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
         dataplane, model_metrics = self.dataplane, self.dataplane.model_metrics
         size = request.ByteSize()
+        raw = list(request.raw_input_contents)  # each read of a bytes field copies it
+        raw_bytes = sum(map(len, raw))
         started = time.perf_counter()
         status = 200
         model_metrics.in_flight.inc()
@@ -162,9 +164,11 @@ class Service:
             async with dataplane.admit(size):
                 with dataplane.batcher.arriving():
                     model = dataplane.require_ready(request.model_name, request.model_version or None)
-                    decoded = await dataplane.offload(size, decode, model, request, dataplane.config.allow_non_finite)
+                    heavy, allow = weight(size - raw_bytes, raw_bytes), dataplane.config.allow_non_finite
+                    decoded = await dataplane.offload(heavy, decode, model, request, raw, allow)
                     outputs = await dataplane.run(decoded)
-                    return await dataplane.offload(size, encode, model, decoded, outputs)
+                    out_bytes = sum(a.nbytes for a in outputs.values())  # raw_output_contents: only copied
+                    return await dataplane.offload(weight(0, out_bytes), encode, model, decoded, outputs)
         except errors.ServingError as err:
             status, code = errors.status(err)
             await context.abort(grpc.StatusCode[code], str(err))

@@ -45,6 +45,7 @@ def _uvicorn(app: Starlette, config: ServingConfig) -> uvicorn.Server:
             lifespan="on",
             log_config=None,  # keep the process's logging setup
             access_log=config.access_log,
+            proxy_headers=False,  # nothing in front of the server forwards client addresses kiln would use
             timeout_graceful_shutdown=int(config.graceful_shutdown_seconds),
             http=connections.protocol(config),
             timeout_keep_alive=config.keep_alive_timeout_seconds,  # type: ignore[arg-type]

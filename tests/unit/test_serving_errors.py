@@ -89,6 +89,8 @@ CASES: list[tuple[str, str, str, dict[str, object], int, str]] = [
     ("unknown version metadata", "GET", "/v2/models/tiny/versions/3", {}, 404, "has no version '3'"),
     ("unknown version ready", "GET", "/v2/models/tiny/versions/3/ready", {}, 404, "has no version '3'"),
     ("unknown path", "GET", "/v3/everything", {}, 404, "Not Found"),
+    ("wrong method on infer", "GET", "/v2/models/tiny/infer", {}, 405, "Method Not Allowed"),
+    ("infer path with more segments", "POST", "/v2/models/tiny/extra/infer", {"json": infer_body()}, 404, "Not Found"),
     ("body over the limit", "POST", "/v2/models/tiny/infer", {"content": b" " * (LIMIT + 1)}, 413,
      f"over the limit of {LIMIT} bytes"),
     ("gzip over the limit", "POST", "/v2/models/tiny/infer",

@@ -1,24 +1,28 @@
 """Heavy and hostile requests: health answers while a big JSON request is decoded, a JSON request's memory
 stays within a few times its body, and a client that hangs up is counted as such, not as a server error."""
 
+import contextlib
 import json
 import logging
 import socket
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from serving_support import SIZE, config, reference, serving
 from serving_support import trained_folder as make_trained_folder
 
-from kiln_serving import Server, codec
+from kiln_serving import Server, ServingConfig, codec
+from kiln_serving.app import build_app
 from kiln_serving.model import Model, TensorInfo
+from kiln_serving.server import bind
 
 PATIENCE = 60
 
@@ -166,10 +170,27 @@ def queue_depth(server: Server) -> float:
     return gauge(server, "queue_depth")
 
 
-def test_a_queued_request_whose_client_hangs_up_gives_its_place_in_the_queue_back(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def plain_uvicorn(cfg: ServingConfig, model: Model) -> Iterator[Server]:
+    """kiln's app under uvicorn's own h11 protocol: no kiln connection layer, so no hang-up extension."""
+    app = build_app(cfg, model)
+    uv = uvicorn.Server(uvicorn.Config(app, http="h11", lifespan="on", log_config=None))
+    server = Server(app=app, sock=bind(cfg.host, cfg.port), uvicorn_server=uv)
+    server.thread.start()
+    try:
+        assert server.wait_loaded(PATIENCE)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("run", [serving, plain_uvicorn], ids=["kiln-http", "another-asgi-server"])
+def test_a_queued_request_whose_client_hangs_up_gives_its_place_in_the_queue_back(
+    tmp_path: Path, run: Callable[[ServingConfig, Model], contextlib.AbstractContextManager[Server]]
+) -> None:
     model = GatedModel()
     body = json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]}).encode()
-    with serving(config(tmp_path, max_queue_size=1, max_queue_delay_microseconds=0), model) as server:
+    with run(config(tmp_path, max_queue_size=1, max_queue_delay_microseconds=0), model) as server:
         running = raw_post(server.port, "/v2/models/gated/infer", body)  # holds the worker at the gate
         deadline = time.monotonic() + PATIENCE
         # In flight, neither arriving nor queued: the first request is at the model's gate.

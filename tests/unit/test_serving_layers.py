@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "serving" / "kiln_serving"
 
 # Lower layers first; a module may import only modules listed before it.
 LAYERS = ["errors", "config", "providers", "jsontext", "codec", "binary", "images", "metrics", "model", "protocol",
-          "batching", "dataplane", "grpc_service", "app", "connections", "server", "serve_cli", "__main__",
+          "batching", "dataplane", "grpc_service", "connections", "app", "server", "serve_cli", "__main__",
           "__init__"]  # fmt: skip
 FORBIDDEN = ("torch", "torchvision", "kiln_trainer", "kiln_operator", "kopf", "fastapi")
 
