@@ -8,6 +8,7 @@
 - Past max_connections (capped below the process's file-descriptor limit) a new connection is answered 503
   at once and closed, so the server stays reachable for probes as soon as any connection ends.
 Idle keep-alive connections are closed by uvicorn after keep_alive_timeout_seconds.
+- A response's head and body leave in one send (_HeadWithBody).
 - Each request's scope carries, under extensions[HANG_UP], a future of its connection that is done once the
   connection is lost, so the app learns of a client hanging up without a watcher task per request.
 """
@@ -34,6 +35,47 @@ def _response(status: int, reason: str) -> bytes:
     body = f'{{"error":"{reason}"}}'.encode()
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             "connection: close\r\n\r\n").encode() + body  # fmt: skip
+
+
+# A body smaller than this is joined to its head (a cheap copy); a larger one leaves beside it (writev).
+_JOIN_BELOW = 64 * 1024
+
+
+class _HeadWithBody:
+    """A response's view of the transport: its head (uvicorn's first write: status line and headers) is held
+    until the body's first write and both leave in one send, so a small answer is one TCP segment and one
+    wake-up of the client rather than two. A head with no body by the end of this loop turn (HEAD) goes alone."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._head: bytes | None = None
+        self._first = True
+
+    def write(self, data: bytes) -> None:
+        if self._first:
+            self._first, self._head = False, data
+            self._loop.call_soon(self.flush)
+        elif self._head is not None:
+            head, self._head = self._head, None
+            if len(data) < _JOIN_BELOW:
+                self._transport.write(head + data)
+            else:
+                self._transport.writelines((head, data))
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def connection_cap(configured: int) -> int:
@@ -119,7 +161,10 @@ def protocol(config: ServingConfig) -> type[HttpToolsProtocol]:
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            previous = self.cycle
             super().on_headers_complete()
+            if self.cycle is not None and self.cycle is not previous:
+                self.cycle.transport = _HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
             if self.cycle is not None and self.cycle.more_body and not self.parser.should_upgrade():
                 self._arm(config.body_timeout_seconds)
             else:

@@ -142,3 +142,16 @@ def test_at_its_file_descriptor_limit_the_server_answers_probes_and_closes_half_
 def test_a_connection_that_never_sends_a_byte_is_answered_408_and_closed(server: Server) -> None:
     with connect(server) as sock:
         assert until_closed(sock).startswith(b"HTTP/1.1 408 ")
+
+
+def test_an_answer_without_a_body_write_still_goes_out_before_the_next_one(server: Server) -> None:
+    """A response's head waits for its body to share one send; a HEAD's answer has no body write to wait for,
+    and the request pipelined behind it is answered after it on the same connection."""
+    with connect(server) as sock:
+        sock.sendall(b"HEAD /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\nGET /v2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < 2 or not answers.endswith(b"}"):
+            answers += sock.recv(65536)
+        head, _, rest = answers.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: 13" in head
+        assert rest.startswith(b"HTTP/1.1 200") and b'"name":"kiln"' in rest
