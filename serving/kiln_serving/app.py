@@ -127,20 +127,25 @@ async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) ->
         raise errors.ClientClosed("the client went away")
     task = asyncio.current_task()
     assert task is not None
-    cancelled: list[bool] = []
+    # Callbacks of a done future are already scheduled when it completes, so removing ours in `finally` may be too
+    # late: `waiting` keeps a cancel that runs after the work ended from hitting whatever the task does next.
+    waiting, cancelled = True, False
 
     def cancel(_: object) -> None:
-        cancelled.append(task.cancel())
+        nonlocal cancelled
+        if waiting:
+            cancelled = task.cancel()
 
     hang_up.add_done_callback(cancel)
     try:
         return await work
     except asyncio.CancelledError:
-        if not any(cancelled):  # a cancellation of someone else's (shutdown): not ours to swallow
+        if not cancelled:  # a cancellation of someone else's (shutdown): not ours to swallow
             raise
         task.uncancel()
         raise errors.ClientClosed("the client went away") from None
     finally:
+        waiting = False
         hang_up.remove_done_callback(cancel)
 
 
