@@ -72,16 +72,14 @@ def main(quick: bool, model_dir: Path | None = None) -> str:
         if weights_path is not None:
             cells.append(("PyTorch eager fp32 (kiln HTTP), binary, batching on",
                           torch_server(fp32, weights_path, work / "e.log"), True))  # fmt: skip
-        if KSERVE_PYTHON.exists():
-            kserve = kserve_server(fp32 / constants.MODEL_FILE, work)
-            cells.append(("KServe 0.21 ModelServer + onnxruntime fp32, binary, no batching", kserve, True))
-        else:
-            notes.append(f"KServe peer not run: no KServe virtualenv at {KSERVE_PYTHON} (bench/install-peers.sh).")
-        if TRITON_PYTHON.exists():
-            triton = triton_server(fp32 / constants.MODEL_FILE, work)
-            cells.append(("Triton (PyTriton 0.7) + onnxruntime fp32, binary, batching on", triton, True))
-        else:
-            notes.append(f"Triton peer not run: no PyTriton virtualenv at {TRITON_PYTHON} (bench/install-peers.sh).")
+        peers = [("KServe 0.21 ModelServer", "no batching", KSERVE_PYTHON, kserve_server),
+                 ("Triton (PyTriton 0.7)", "batching on", TRITON_PYTHON, triton_server)]  # fmt: skip
+        for peer, batching, python, peer_server in peers:
+            if python.exists():
+                cells.append((f"{peer} + onnxruntime fp32, binary, {batching}",
+                              peer_server(fp32 / constants.MODEL_FILE, work), True))  # fmt: skip
+            else:
+                notes.append(f"{peer} not run: no virtualenv at {python} (python bench/serving_peers.py makes it).")
         for name, server, binary in cells:
             try:
                 with server as running:

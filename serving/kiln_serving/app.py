@@ -7,7 +7,6 @@ the one place that knows the mapping, and every error body is the protocol's {"e
 import asyncio
 import contextlib
 import logging
-import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -339,10 +338,6 @@ async def _http_error(_: Request, err: Exception) -> Response:
     return _json({"error": f"{err.detail}"}, err.status_code, dict(err.headers or {}))
 
 
-# POST paths of the inference route, as the Route patterns in Routes.routes() match them.
-_INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
-
-
 class App(Starlette):
     """Starlette, but an inference request goes straight to its handler.
 
@@ -353,16 +348,19 @@ class App(Starlette):
     def __init__(self, routes: Routes, **kwargs: Any) -> None:
         super().__init__(routes=routes.routes(), **kwargs)
         self.infer = routes.infer
+        # The inference routes' own patterns (their parameters are plain strings): one place says the paths.
+        self.infer_paths = [r.path_regex for r in self.routes if isinstance(r, Route) and r.endpoint == routes.infer]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            match = _INFER_PATH.fullmatch(scope["path"])
-            if match is not None:
-                scope["app"] = self
-                scope["path_params"] = {k: v for k, v in match.groupdict().items() if v is not None}
-                response = await self.infer(Request(scope, receive, send))
-                await response(scope, receive, send)
-                return
+            for path in self.infer_paths:
+                match = path.match(scope["path"])
+                if match is not None:
+                    scope["app"] = self
+                    scope["path_params"] = match.groupdict()
+                    response = await self.infer(Request(scope, receive, send))
+                    await response(scope, receive, send)
+                    return
         await super().__call__(scope, receive, send)
 
 

@@ -96,7 +96,7 @@ def protocol(config: ServingConfig) -> type[HttpToolsProtocol]:
             self._head_bytes = 0
             self._in_head = True  # between requests the next bytes start a head
             self._timer: asyncio.TimerHandle | None = None
-            self._hang_up: asyncio.Future[None] | None = None
+            self._hang_up: asyncio.Future[None] = self.loop.create_future()  # done once the connection is lost
 
         def _arm(self, seconds: float) -> None:
             self._disarm()
@@ -129,14 +129,12 @@ def protocol(config: ServingConfig) -> type[HttpToolsProtocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
-            if self._hang_up is not None and not self._hang_up.done():
+            if not self._hang_up.done():
                 self._hang_up.set_result(None)
             super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            if self._hang_up is None:
-                self._hang_up = self.loop.create_future()
             extensions: dict[str, object] = self.scope.setdefault("extensions", {})  # type: ignore[assignment]
             extensions[HANG_UP] = self._hang_up
 
