@@ -1,9 +1,9 @@
 """The Open Inference Protocol over gRPC: KServe v2's / Triton's `inference.GRPCInferenceService`.
 
-Runs on the HTTP server's event loop and shares its data plane, so gRPC requests batch with HTTP ones and
-land in the same metrics. The message classes are the ones tritonclient ships (generated from Triton's
-grpc_service.proto, a superset of KServe's), so tritonclient.grpc and KServe's InferenceGRPCClient work
-unchanged. Tensors come as raw_input_contents or typed contents and always go back as raw_output_contents.
+Runs on the HTTP server's event loop (over kiln's own HTTP/2 connections: http2.py, grpc_wire.py) and shares
+its data plane, so gRPC requests batch with HTTP ones and land in the same metrics. The message classes are the
+ones tritonclient ships (generated from Triton's grpc_service.proto, a superset of KServe's), so tritonclient.grpc
+and KServe's InferenceGRPCClient work unchanged. Tensors come as raw_input_contents or typed contents and always go back as raw_output_contents.
 The service's other RPCs (ModelConfig, RepositoryIndex, shared memory, ...) answer UNIMPLEMENTED, naming the ones
 that are served.
 """
@@ -15,13 +15,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from kiln_serving import codec, errors, metrics, protocol
+from kiln_serving import codec, connections, errors, grpc_wire, http2, metrics, protocol
+from kiln_serving.config import ServingConfig
 from kiln_serving.dataplane import DataPlane, weight
 from kiln_serving.model import Model
 
@@ -39,8 +38,7 @@ _CONTENTS = {
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }  # fmt: skip
 
-# Every RPC of the service, as add_GRPCInferenceServiceServicer_to_server looks them up on the servicer.
-_RPCS = frozenset(method.name for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods)
+_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 
 def _parameters(params: Any) -> dict[str, object]:
@@ -96,43 +94,46 @@ class Service:
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
 
-    def __getattr__(self, name: str) -> Callable[[Any, Any], Awaitable[Any]]:
-        """An RPC of the service that kiln does not serve: UNIMPLEMENTED with a message, not grpc's default (a
-        NotImplementedError the server logs with its traceback on every call)."""
-        if name not in _RPCS:
-            raise AttributeError(name)
-        served = ", ".join(sorted(rpc for rpc in _RPCS if rpc in type(self).__dict__))
+    def methods(self) -> dict[str, grpc_wire.Method]:
+        """The served RPCs by path, each parsing its own request message."""
+        served = {}
+        for rpc in _SERVICE.methods:
+            call = getattr(self, rpc.name, None)
+            if call is not None:
+                parse = getattr(pb, rpc.input_type.name).FromString
+                served[f"/{_SERVICE.full_name}/{rpc.name}"] = grpc_wire.Method(parse, call)
+        return served
 
-        async def unimplemented(request: Any, context: Any) -> Any:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"kiln does not serve {name}; it serves {served}")
+    def unknown(self, path: str) -> grpc_wire.Abort:
+        """UNIMPLEMENTED for a path kiln does not serve, naming the RPCs it does."""
+        served = ", ".join(sorted(rpc.name for rpc in _SERVICE.methods if hasattr(self, rpc.name)))
+        name = path.rsplit("/", 1)[-1] if path.startswith(f"/{_SERVICE.full_name}/") else path
+        return grpc_wire.Abort("UNIMPLEMENTED", f"kiln does not serve {name}; it serves {served}")
 
-        return unimplemented
-
-    async def _call(self, context: Any, work: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, work: Callable[[], Awaitable[T]]) -> T:
         try:
             return await work()
         except errors.ServingError as err:
-            await context.abort(grpc.StatusCode[errors.status(err)[1]], str(err))
-            raise  # abort raises; this line is for the type checker
+            raise grpc_wire.Abort(errors.status(err)[1], str(err)) from None
 
-    async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802 (the protocol's names)
+    async def ServerLive(self, request: Any) -> Any:  # noqa: N802 (the protocol's names)
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def ServerReady(self, request: Any) -> Any:  # noqa: N802
         return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
-    async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def ModelReady(self, request: Any) -> Any:  # noqa: N802
         async def work() -> Any:
             self.dataplane.check_model(request.name, request.version or None)
             return pb.ModelReadyResponse(ready=self.dataplane.ready())
 
-        return await self._call(context, work)
+        return await self._call(work)
 
-    async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def ServerMetadata(self, request: Any) -> Any:  # noqa: N802
         meta = self.dataplane.server_metadata()
         return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"], extensions=meta["extensions"])
 
-    async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def ModelMetadata(self, request: Any) -> Any:  # noqa: N802
         async def work() -> Any:
             model = self.dataplane.require_ready(request.name, request.version or None)
             meta = pb.ModelMetadataResponse(name=model.name, versions=[model.version], platform=model.platform)
@@ -142,17 +143,17 @@ class Service:
                 meta.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
             return meta
 
-        return await self._call(context, work)
+        return await self._call(work)
 
-    async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def ModelStatistics(self, request: Any) -> Any:  # noqa: N802
         # The HTTP statistics extension's JSON is the proto3 JSON form of this message: one source, two encodings.
         async def work() -> Any:
             stats = self.dataplane.statistics(request.name or None, request.version or None)
             return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
 
-        return await self._call(context, work)
+        return await self._call(work)
 
-    async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def ModelInfer(self, request: Any) -> Any:  # noqa: N802
         dataplane, model_metrics = self.dataplane, self.dataplane.model_metrics
         size = request.ByteSize()
         raw = list(request.raw_input_contents)  # each read of a bytes field copies it
@@ -171,14 +172,14 @@ class Service:
                     return await dataplane.offload(weight(0, out_bytes), encode, model, decoded, outputs)
         except errors.ServingError as err:
             status, code = errors.status(err)
-            await context.abort(grpc.StatusCode[code], str(err))
-        except asyncio.CancelledError:  # the client cancelled or went away: no error of ours
+            raise grpc_wire.Abort(code, str(err)) from None
+        except asyncio.CancelledError:  # the client cancelled, went away or its deadline passed: no error of ours
             status = metrics.CLIENT_CLOSED
             raise
         except Exception as err:
             log.exception("unexpected error in ModelInfer")
             status = 500
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {err}")
+            raise grpc_wire.Abort("INTERNAL", f"internal error: {err}") from None
         finally:
             model_metrics.in_flight.dec()
             known = request.model_name == dataplane.model.name and request.model_version in (
@@ -186,25 +187,39 @@ class Service:
                 dataplane.model.version,
             )
             model_metrics.request(status, time.perf_counter() - started, known)
-        raise AssertionError("unreachable: abort raises")
 
 
 @dataclass
 class Running:
-    server: grpc.aio.Server
+    server: http2.Server
     port: int
 
     async def stop(self, grace_seconds: float) -> None:
         await self.server.stop(grace_seconds)
 
 
+def settings(dataplane: DataPlane) -> http2.Settings:
+    """The HTTP/2 connections' handler and limits, from the same settings as the HTTP/1.1 server's."""
+    config: ServingConfig = dataplane.config
+    service = Service(dataplane)
+    too_large = f"request over the {config.max_body_bytes}-byte limit (max_body_bytes)"
+    return http2.Settings(
+        handler=grpc_wire.Dispatcher(service.methods(), service.unknown),
+        oversize=grpc_wire.error("RESOURCE_EXHAUSTED", too_large),
+        max_body=config.max_body_bytes + _ENVELOPE_BYTES,
+        max_header_bytes=config.max_header_bytes,
+        header_timeout=config.header_timeout_seconds,
+        body_timeout=config.body_timeout_seconds,
+        keep_alive_timeout=config.keep_alive_timeout_seconds,
+        max_connections=connections.connection_cap(config.max_connections),
+    )
+
+
 async def start(dataplane: DataPlane, host: str, port: int) -> Running:
     """Listen on host:port (0 = any free) on the running event loop."""
-    limit = dataplane.config.max_body_bytes + _ENVELOPE_BYTES
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", -1)])  # fmt: skip
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Service(dataplane), server)
-    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    await server.start()
+    sock = connections.bind(host, port)
+    server = http2.Server(settings(dataplane))
+    await server.start(sock)
+    bound: int = sock.getsockname()[1]
     log.info("gRPC inference service on %s:%d", host, bound)
     return Running(server, bound)

@@ -25,19 +25,6 @@ from kiln_serving.model import Model
 log = logging.getLogger(__name__)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket; port 0 picks a free one, which the caller reads back from the socket."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto must say TCP: asyncio sets TCP_NODELAY only on sockets that do, and without it every response
-    # (headers and body are two writes) stalls ~40 ms on Nagle's algorithm meeting delayed ACKs.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
 def _uvicorn(app: Starlette, config: ServingConfig) -> uvicorn.Server:
     return uvicorn.Server(
         uvicorn.Config(
@@ -82,7 +69,7 @@ def serve(config: ServingConfig, model: Model | None = None) -> int:
     Owns the process, so it also tunes the allocator for request-sized buffers (keep_large_blocks)."""
     keep_large_blocks()
     app = build_app(config, model)
-    sock = bind(config.host, config.port)
+    sock = connections.bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     log.info(
         "serving %s on http://%s:%d (Open Inference Protocol v2, metrics at /metrics)",
@@ -167,6 +154,6 @@ class Server:
 def start(config: ServingConfig, model: Model | None = None, registry: CollectorRegistry | None = None) -> Server:
     """Start serving in a background thread and return at once; use wait_loaded() before sending requests."""
     app = build_app(config, model, registry)
-    running = Server(app=app, sock=bind(config.host, config.port), uvicorn_server=_uvicorn(app, config))
+    running = Server(app=app, sock=connections.bind(config.host, config.port), uvicorn_server=_uvicorn(app, config))
     running.thread.start()
     return running

@@ -21,8 +21,8 @@ from serving_support import trained_folder as make_trained_folder
 
 from kiln_serving import Server, ServingConfig, codec
 from kiln_serving.app import build_app
+from kiln_serving.connections import bind
 from kiln_serving.model import Model, TensorInfo
-from kiln_serving.server import bind
 
 PATIENCE = 60
 

@@ -1,0 +1,125 @@
+"""gRPC over HTTP/2 (gRPC's PROTOCOL-HTTP2 document) for unary calls: a path names the method, the body is one
+length-prefixed protobuf message, the answer is that message plus a grpc-status trailer, and an error is a
+Trailers-Only answer. Deadlines (grpc-timeout) are kept; compressed messages are refused (kiln advertises only
+identity, so clients do not compress).
+"""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from kiln_serving import http2
+
+log = logging.getLogger(__name__)
+
+# The status codes, by the names errors.STATUS uses.
+CODES = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9, "ABORTED": 10,
+    "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12, "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15,
+    "UNAUTHENTICATED": 16,
+}  # fmt: skip
+_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+# grpc-message is percent-encoded past this length's worth of text it keeps (one frame holds the block).
+_MESSAGE_CHARS = 4096
+_HEAD = [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-accept-encoding", b"identity")]
+_OK_HEAD = http2.encode_headers(_HEAD)
+_OK_TRAILERS = http2.encode_headers([(b"grpc-status", b"0")])
+
+
+class Abort(Exception):
+    """End the call with a status code (a name of CODES) and a message for the client."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def ok(message: bytes) -> http2.Reply:
+    return http2.Reply(_OK_HEAD, b"\x00" + len(message).to_bytes(4, "big") + message, _OK_TRAILERS)
+
+
+def _percent(text: str) -> bytes:
+    """grpc-message's encoding: bytes outside printable ASCII, and '%', as %XX."""
+    raw = text[:_MESSAGE_CHARS].encode()
+    return b"".join(bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
+
+
+def error(code: str, message: str) -> http2.Reply:
+    """A Trailers-Only answer: the status travels in the only header block."""
+    status = [(b"grpc-status", str(CODES[code]).encode()), (b"grpc-message", _percent(message))]
+    return http2.Reply(http2.encode_headers(_HEAD + status))
+
+
+def not_grpc(status: int, message: str) -> http2.Reply:
+    """A plain HTTP answer to a request that is not a gRPC call at all."""
+    return http2.Reply(http2.encode_headers([(b":status", str(status).encode()), (b"content-type", b"text/plain")]),
+                       message.encode())  # fmt: skip
+
+
+def timeout_seconds(value: str) -> float:
+    """grpc-timeout ("100m", "5S", ...: at most 8 digits and a unit) in seconds."""
+    digits, unit = value[:-1], value[-1:]
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 8 and unit in _UNITS):
+        raise Abort("INTERNAL", f"malformed grpc-timeout {value!r}")
+    return int(digits) * _UNITS[unit]
+
+
+def message(body: bytes) -> memoryview:
+    """The one message of a unary request body."""
+    if len(body) < 5:
+        raise Abort("INTERNAL", "the request carries no message")
+    if body[0] != 0:
+        raise Abort("UNIMPLEMENTED", "compressed messages are not supported: send with grpc-encoding identity")
+    length = int.from_bytes(body[1:5], "big")
+    if len(body) != 5 + length:
+        raise Abort("INTERNAL", "a unary request carries exactly one whole message")
+    return memoryview(body)[5:]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One RPC: how to parse its request message, and the coroutine answering it."""
+
+    parse: Callable[[memoryview], Any]
+    call: Callable[[Any], Awaitable[Any]]
+
+
+class Dispatcher:
+    """The http2 handler: checks the call, finds the method by path, runs it within the deadline."""
+
+    def __init__(self, methods: Mapping[str, Method], unknown: Callable[[str], Abort]) -> None:
+        self.methods = methods
+        self.unknown = unknown
+
+    async def __call__(self, request: http2.Request) -> http2.Reply:
+        headers = request.headers
+        if headers.get(":method") != "POST":
+            return not_grpc(405, "gRPC calls are POST requests")
+        if not headers.get("content-type", "").startswith("application/grpc"):
+            return not_grpc(415, "not a gRPC request: content-type must be application/grpc")
+        path = headers.get(":path", "")
+        try:
+            method = self.methods.get(path)
+            if method is None:
+                raise self.unknown(path)
+            try:
+                parsed = method.parse(message(request.body))
+            except DecodeError as err:
+                raise Abort("INTERNAL", f"cannot parse the request message: {err}") from err
+            deadline = headers.get("grpc-timeout")
+            if deadline is None:
+                answer = await method.call(parsed)
+            else:
+                try:
+                    async with asyncio.timeout(timeout_seconds(deadline)):
+                        answer = await method.call(parsed)
+                except TimeoutError:
+                    raise Abort("DEADLINE_EXCEEDED", "deadline exceeded") from None
+        except Abort as err:
+            return error(err.code, str(err))
+        return ok(answer.SerializeToString())
