@@ -169,9 +169,8 @@ class Connection(asyncio.Protocol):
         ours = [(_MAX_CONCURRENT_STREAMS, MAX_STREAMS), (_INITIAL_WINDOW_SIZE, window), (_MAX_FRAME_SIZE, MAX_FRAME),
                 (_MAX_HEADER_LIST_SIZE, self.settings.max_header_bytes)]  # fmt: skip
         payload = b"".join(struct.pack(">HI", key, value) for key, value in ours)
-        self.transport.write(
-            frame(SETTINGS, 0, 0, payload) + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", _CONNECTION_WINDOW))
-        )
+        update = frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", _CONNECTION_WINDOW))
+        self.transport.write(frame(SETTINGS, 0, 0, payload) + update)  # type: ignore[union-attr]
         self.timer = self.loop.call_later(self.settings.header_timeout, self._check)
 
     def connection_lost(self, exc: Exception | None) -> None:
