@@ -1,5 +1,5 @@
 """The Open Inference Protocol over gRPC, as tritonclient.grpc speaks it: same model, batching, metrics and
-errors as HTTP, on a real grpc.aio server beside the HTTP one."""
+errors as HTTP, on the gRPC port beside the HTTP one."""
 
 from collections.abc import Iterator
 from pathlib import Path
