@@ -12,11 +12,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import grpcclient
 import loadclient
 import numpy as np
 from machine import tree_cpu_seconds
@@ -257,58 +258,37 @@ def infer_request(x: np.ndarray, binary: bool, model: str = "m") -> bytes:
 
 
 def closed_loop(name: str, server: Running, request: bytes, concurrency: int, batch: int, seconds: float) -> Result:
-    port = server.port
-
-    async def run() -> Result:
-        warm: list[float] = []
-        await asyncio.gather(*[loadclient.client(port, request, time.perf_counter() + min(0.5, seconds / 4), warm, [])
-                               for _ in range(concurrency)])  # fmt: skip
-        latencies: list[float] = []
-        errors: list[int] = []
-        cpu = tree_cpu_seconds(server.pid)
-        started = time.perf_counter()
-        await asyncio.gather(*[loadclient.client(port, request, started + seconds, latencies, errors)
-                               for _ in range(concurrency)])  # fmt: skip
-        elapsed = time.perf_counter() - started
-        return Result(name, concurrency, batch, elapsed, latencies, len(errors), tree_cpu_seconds(server.pid) - cpu)
-
-    return asyncio.run(run())
+    """`concurrency` HTTP/1.1 clients (loadclient.py) each sending `request` back to back for `seconds`."""
+    return _measure(name, server.pid, server.port, loadclient.client, request, concurrency, batch, seconds)
 
 
 def grpc_closed_loop(name: str, server: Running, x: np.ndarray, concurrency: int, seconds: float) -> Result:
-    """Like closed_loop over gRPC: one channel per simulated user, raw_input_contents, as tritonclient sends.
-
-    Like the HTTP client, it sends the same serialized request again and again and does not parse the answer
-    (a call without (de)serializers), so that both clients cost the shared cores about as little."""
-    import grpc
+    """Like closed_loop over gRPC (grpcclient.py): ModelInfer with raw_input_contents, as tritonclient sends it,
+    serialized once and sent again and again, reading only each call's status (as the HTTP client does)."""
     from tritonclient.grpc import service_pb2 as pb
 
     request = pb.ModelInferRequest(model_name="m")
     request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
     request.raw_input_contents.append(x.astype("<f4").tobytes())
-    payload = request.SerializeToString()
-    target = f"127.0.0.1:{server.grpc_port}"
+    call = grpcclient.call("/inference.GRPCInferenceService/ModelInfer", request.SerializeToString())
+    assert server.grpc_port is not None
+    return _measure(name, server.pid, server.grpc_port, grpcclient.client, call, concurrency, len(x), seconds)
 
-    async def user(until: float, latencies: list[float], errors: list[int]) -> None:
-        async with grpc.aio.insecure_channel(target) as channel:
-            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-            while time.perf_counter() < until:
-                started = time.perf_counter()
-                try:
-                    await infer(payload)
-                    latencies.append(time.perf_counter() - started)
-                except grpc.aio.AioRpcError:
-                    errors.append(1)
+
+def _measure(name: str, pid: int, port: int, client: Callable[..., Awaitable[None]], request: object,
+             concurrency: int, batch: int, seconds: float) -> Result:  # fmt: skip
+    """A warm-up, then the closed loop, with the server's CPU time over it."""
 
     async def run() -> Result:
-        await asyncio.gather(*[user(time.perf_counter() + min(0.5, seconds / 4), [], []) for _ in range(concurrency)])
+        warm_until = time.perf_counter() + min(0.5, seconds / 4)
+        await asyncio.gather(*[client(port, request, warm_until, [], []) for _ in range(concurrency)])
         latencies: list[float] = []
         errors: list[int] = []
-        cpu = tree_cpu_seconds(server.pid)
+        cpu = tree_cpu_seconds(pid)
         started = time.perf_counter()
-        await asyncio.gather(*[user(started + seconds, latencies, errors) for _ in range(concurrency)])
+        await asyncio.gather(*[client(port, request, started + seconds, latencies, errors) for _ in range(concurrency)])
         elapsed = time.perf_counter() - started
-        return Result(name, concurrency, len(x), elapsed, latencies, len(errors), tree_cpu_seconds(server.pid) - cpu)
+        return Result(name, concurrency, batch, elapsed, latencies, len(errors), tree_cpu_seconds(pid) - cpu)
 
     return asyncio.run(run())
 

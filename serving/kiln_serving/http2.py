@@ -212,6 +212,8 @@ class Connection(asyncio.Protocol):
     # -- frames in -------------------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
         self.last_read = time.monotonic()
         self.buffer += data
         try:
@@ -259,7 +261,8 @@ class Connection(asyncio.Protocol):
         elif kind == HEADERS:
             self._headers(flags, stream_id, payload)
         elif kind == CONTINUATION:
-            if self.continuing is None or self.continuing[0] != stream_id:
+            # continuing[0] is -stream_id while a trailer block continues (see _headers).
+            if self.continuing is None or abs(self.continuing[0]) != stream_id:
                 raise ConnectionError_(PROTOCOL_ERROR, "CONTINUATION without HEADERS")
             block = self.continuing[1]
             block += payload
@@ -305,6 +308,8 @@ class Connection(asyncio.Protocol):
         if flags & PRIORITY_FLAG:
             block = block[5:]
         if stream_id in self.streams:  # trailers after a body: they only end the stream
+            if self.streams[stream_id].received:
+                raise ConnectionError_(PROTOCOL_ERROR, f"HEADERS after the end of stream {stream_id}")
             if not flags & END_STREAM:
                 raise ConnectionError_(PROTOCOL_ERROR, "HEADERS in the middle of a request")
             if flags & END_HEADERS:
