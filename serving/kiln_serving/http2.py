@@ -123,7 +123,6 @@ class _Stream:
     headers: dict[str, str] | None = None
     task: "asyncio.Task[None] | None" = None
     received: bool = False  # the client's END_STREAM came
-    answered: bool = False
     # What waits for window: data (not yet sent) and the trailer block.
     pending: memoryview | None = None
     trailers: bytes | None = None
@@ -444,7 +443,6 @@ class Connection(asyncio.Protocol):
 
     def _send(self, stream: _Stream, reply: Reply) -> None:
         """The answer's headers now, then as much of its body as the windows allow, then the trailers."""
-        stream.answered = True
         if reply.trailers is None and not reply.body:
             out = [frame(HEADERS, END_HEADERS | END_STREAM, stream.id, reply.head)]
         else:

@@ -10,21 +10,23 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import card_support
+import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from kiln import api
 from kiln.api import constants
-from kiln_serving import Server, ServingConfig, start
-from kiln_serving.model import Model
+from kiln_serving import Server, ServingConfig, codec, start
+from kiln_serving.model import Model, TensorInfo
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 8
@@ -213,3 +215,41 @@ def png(size: tuple[int, int] = (20, 12), seed: int = 0) -> bytes:
 
 def images_batch(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 3, SIZE, SIZE)).astype(np.float32)
+
+
+# -- metrics and a model that waits ---------------------------------------------------------------------------
+
+# How long GatedModel waits for its gate at most (so a failed test cannot hang the worker forever).
+GATE_SECONDS = 60
+
+
+def statuses(server: Server, model: str = "tiny") -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    return {s.labels["status"]: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "kiln_serving_requests_total" and s.labels["model"] == model}  # fmt: skip
+
+
+def gauge(server: Server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return next(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name == f"kiln_serving_{name}")  # fmt: skip
+
+
+def queue_depth(server: Server) -> float:
+    return gauge(server, "queue_depth")
+
+
+class GatedModel(Model):
+    """Identity on [N, 2] floats that runs only once the test opens its gate: a way to hold the worker busy."""
+
+    def __init__(self) -> None:
+        super().__init__(name="gated", inputs=[TensorInfo("x", "FP32", (-1, 2))],
+                         outputs=[TensorInfo("y", "FP32", (-1, 2))])  # fmt: skip
+        self.gate = threading.Event()
+
+    def load(self) -> None:
+        self.ready, self.reason = True, None
+
+    def predict(self, inputs: Mapping[str, codec.Array]) -> dict[str, codec.Array]:
+        self.gate.wait(GATE_SECONDS)
+        return {"y": np.asarray(inputs["x"])}

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 from google.protobuf import json_format
-from prometheus_client.parser import text_string_to_metric_families
-from serving_support import CLASSES, config, images_batch, reference, serving
+from serving_support import CLASSES, config, images_batch, reference, serving, statuses
 from serving_support import trained_folder as make_trained_folder
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
@@ -37,12 +36,6 @@ def client(server: Server) -> Iterator[triton_grpc.InferenceServerClient]:
     c.close()
 
 
-def requests_by_status(server: Server) -> dict[str, float]:
-    text = httpx.get(f"{server.url}/metrics").text
-    return {s.labels["status"]: s.value for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == "kiln_serving_requests_total" and s.labels["model"] == "tiny"}  # fmt: skip
-
-
 def test_tritonclient_grpc_sees_health_and_metadata(client: triton_grpc.InferenceServerClient) -> None:
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("tiny") and client.is_model_ready("tiny", "1")
@@ -55,7 +48,7 @@ def test_tritonclient_grpc_sees_health_and_metadata(client: triton_grpc.Inferenc
 def test_grpc_inference_with_raw_contents_matches_onnxruntime_and_is_counted(
     server: Server, client: triton_grpc.InferenceServerClient, folder: Path
 ) -> None:
-    before = requests_by_status(server).get("200", 0.0)
+    before = statuses(server).get("200", 0.0)
     x = images_batch(3, seed=31)
     tensor = triton_grpc.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
@@ -66,7 +59,7 @@ def test_grpc_inference_with_raw_contents_matches_onnxruntime_and_is_counted(
     top = client.infer("tiny", [tensor], outputs=[triton_grpc.InferRequestedOutput("logits", class_count=1)])
     labels = [v.decode().split(":")[2] for v in top.as_numpy("logits").reshape(-1)]
     assert labels == [CLASSES[i] for i in expected.argmax(axis=1)]
-    assert requests_by_status(server)["200"] >= before + 2
+    assert statuses(server)["200"] >= before + 2
 
 
 def test_grpc_errors_carry_the_protocols_status_codes(
@@ -88,7 +81,7 @@ def test_grpc_errors_carry_the_protocols_status_codes(
     with pytest.raises(InferenceServerException) as not_finite:
         client.infer("tiny", [tensor])
     assert not_finite.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert requests_by_status(server).get("400", 0) >= 2
+    assert statuses(server).get("400", 0) >= 2
 
 
 def test_grpc_statistics_after_n_inferences_match_the_http_statistics_endpoint(

@@ -8,21 +8,20 @@ import socket
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
-from serving_support import SIZE, config, reference, serving
+from serving_support import SIZE, GatedModel, config, gauge, queue_depth, reference, serving, statuses
 from serving_support import trained_folder as make_trained_folder
 
-from kiln_serving import Server, ServingConfig, codec
+from kiln_serving import Server, ServingConfig
 from kiln_serving.app import build_app
 from kiln_serving.connections import bind
-from kiln_serving.model import Model, TensorInfo
+from kiln_serving.model import Model
 
 PATIENCE = 60
 
@@ -68,12 +67,6 @@ def read_response(sock: socket.socket) -> bytes:
             if len(rest) >= length:
                 return data
     return b"".join(chunks)
-
-
-def statuses(server: Server, model: str = "tiny") -> dict[str, float]:
-    text = httpx.get(f"{server.url}/metrics").text
-    return {s.labels["status"]: s.value for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == "kiln_serving_requests_total" and s.labels["model"] == model}  # fmt: skip
 
 
 def test_health_never_waits_for_a_big_json_request_to_be_decoded(server: Server, folder: Path) -> None:
@@ -142,32 +135,6 @@ def test_a_client_hanging_up_mid_body_is_counted_as_499_without_an_error_log(
     assert after.get("500", 0) == before.get("500", 0)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
-
-
-class GatedModel(Model):
-    """Identity on [N, 2] floats that runs only once the test opens its gate: a way to hold the worker busy."""
-
-    def __init__(self) -> None:
-        super().__init__(name="gated", inputs=[TensorInfo("x", "FP32", (-1, 2))],
-                         outputs=[TensorInfo("y", "FP32", (-1, 2))])  # fmt: skip
-        self.gate = threading.Event()
-
-    def load(self) -> None:
-        self.ready, self.reason = True, None
-
-    def predict(self, inputs: Mapping[str, codec.Array]) -> dict[str, codec.Array]:
-        self.gate.wait(PATIENCE)
-        return {"y": np.asarray(inputs["x"])}
-
-
-def gauge(server: Server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    return next(s.value for family in text_string_to_metric_families(text) for s in family.samples
-                if s.name == f"kiln_serving_{name}")  # fmt: skip
-
-
-def queue_depth(server: Server) -> float:
-    return gauge(server, "queue_depth")
 
 
 @contextlib.contextmanager

@@ -22,9 +22,8 @@ import hpack
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
-from serving_support import config, images_batch, reference, serving
+from serving_support import GatedModel, config, gauge, images_batch, queue_depth, reference, serving, statuses
 from serving_support import trained_folder as make_trained_folder
-from test_serving_heavy import GatedModel, gauge, queue_depth, statuses
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
