@@ -12,7 +12,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from kiln_serving import http2
+from kiln_serving import http2_wire
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,8 @@ _UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 # grpc-message is percent-encoded past this length's worth of text it keeps (one frame holds the block).
 _MESSAGE_CHARS = 4096
 _HEAD = [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-accept-encoding", b"identity")]
-_OK_HEAD = http2.encode_headers(_HEAD)
-_OK_TRAILERS = http2.encode_headers([(b"grpc-status", b"0")])
+_OK_HEAD = http2_wire.encode_headers(_HEAD)
+_OK_TRAILERS = http2_wire.encode_headers([(b"grpc-status", b"0")])
 
 
 class Abort(Exception):
@@ -39,8 +39,8 @@ class Abort(Exception):
         self.code = code
 
 
-def ok(message: bytes) -> http2.Reply:
-    return http2.Reply(_OK_HEAD, b"\x00" + len(message).to_bytes(4, "big") + message, _OK_TRAILERS)
+def ok(message: bytes) -> http2_wire.Reply:
+    return http2_wire.Reply(_OK_HEAD, b"\x00" + len(message).to_bytes(4, "big") + message, _OK_TRAILERS)
 
 
 def _percent(text: str) -> bytes:
@@ -49,16 +49,16 @@ def _percent(text: str) -> bytes:
     return b"".join(bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
 
 
-def error(code: str, message: str) -> http2.Reply:
+def error(code: str, message: str) -> http2_wire.Reply:
     """A Trailers-Only answer: the status travels in the only header block."""
     status = [(b"grpc-status", str(CODES[code]).encode()), (b"grpc-message", _percent(message))]
-    return http2.Reply(http2.encode_headers(_HEAD + status))
+    return http2_wire.Reply(http2_wire.encode_headers(_HEAD + status))
 
 
-def not_grpc(status: int, message: str) -> http2.Reply:
+def not_grpc(status: int, message: str) -> http2_wire.Reply:
     """A plain HTTP answer to a request that is not a gRPC call at all."""
-    return http2.Reply(http2.encode_headers([(b":status", str(status).encode()), (b"content-type", b"text/plain")]),
-                       message.encode())  # fmt: skip
+    head = http2_wire.encode_headers([(b":status", str(status).encode()), (b"content-type", b"text/plain")])
+    return http2_wire.Reply(head, message.encode())
 
 
 def timeout_seconds(value: str) -> float:
@@ -96,7 +96,7 @@ class Dispatcher:
         self.methods = methods
         self.unknown = unknown
 
-    async def __call__(self, request: http2.Request) -> http2.Reply:
+    async def __call__(self, request: http2_wire.Request) -> http2_wire.Reply:
         headers = request.headers
         if headers.get(":method") != "POST":
             return not_grpc(405, "gRPC calls are POST requests")

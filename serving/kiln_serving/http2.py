@@ -20,85 +20,59 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import hpack
 
-log = logging.getLogger(__name__)
+from kiln_serving.http2_answers import Answers, Stream
+from kiln_serving.http2_wire import (
+    ACK,
+    CANCEL,
+    COMPRESSION_ERROR,
+    CONTINUATION,
+    DATA,
+    DEFAULT_FRAME,
+    DEFAULT_WINDOW,
+    END_HEADERS,
+    END_STREAM,
+    ENHANCE_YOUR_CALM,
+    FLOW_CONTROL_ERROR,
+    FRAME_SIZE_ERROR,
+    GOAWAY,
+    HEAD,
+    HEADERS,
+    INITIAL_WINDOW_SIZE,
+    INTERNAL_ERROR,
+    MAX_CONCURRENT_STREAMS,
+    MAX_FRAME_SIZE,
+    MAX_HEADER_LIST_SIZE,
+    MAX_WINDOW,
+    NO_ERROR,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY_FLAG,
+    PROTOCOL_ERROR,
+    PUSH_PROMISE,
+    REFUSED_STREAM,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    ConnectionError_,
+    Handler,
+    Reply,
+    Request,
+    frame,
+)
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
-END_STREAM = ACK = 0x1
-END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x6, 0x7, 0x8, 0x9, 0xB
-# SETTINGS identifiers.
-_HEADER_TABLE_SIZE, _MAX_CONCURRENT_STREAMS, _INITIAL_WINDOW_SIZE, _MAX_FRAME_SIZE, _MAX_HEADER_LIST_SIZE = (
-    0x1, 0x3, 0x4, 0x5, 0x6)  # fmt: skip
+log = logging.getLogger(__name__)
 
 MAX_STREAMS = 256
 # Largest frame kiln accepts (it says so in its SETTINGS): a 400 KB batch arrives in one frame, not 25.
 MAX_FRAME = 1 << 20
-_DEFAULT_WINDOW, _DEFAULT_FRAME, _MAX_WINDOW = 65_535, 16_384, (1 << 31) - 1
 # The connection's receive window, topped up whenever less than half is left.
 _CONNECTION_WINDOW = 1 << 30
-_HEAD = struct.Struct(">IBI")  # length (24 bits) + type, flags, stream id
 _CACHED_BLOCKS = 256
-
-
-class ConnectionError_(Exception):
-    """The peer broke the protocol: the connection ends with GOAWAY(code)."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    return _HEAD.pack(len(payload) << 8 | kind, flags, stream_id) + payload
-
-
-def _integer(value: int, prefix_bits: int, first: int) -> bytes:
-    """An HPACK integer (RFC 7541 5.1) whose first byte carries `first` in the bits above the prefix."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([first | value])
-    out, value = bytearray([first | limit]), value - limit
-    while value >= 128:
-        out.append(value % 128 + 128)
-        value //= 128
-    out.append(value)
-    return bytes(out)
-
-
-def encode_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A header block of literals never added to the peer's table and not Huffman-coded: it needs no state,
-    so blocks can be built once and sent on every connection."""
-    out = bytearray()
-    for name, value in headers:
-        out += b"\x00" + _integer(len(name), 7, 0) + name + _integer(len(value), 7, 0) + value
-    return bytes(out)
-
-
-@dataclass
-class Request:
-    """A stream's request: its decoded headers and the whole body."""
-
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Reply:
-    """An answer: an encoded header block, a body, and a trailer block (None: the headers end the stream)."""
-
-    head: bytes
-    body: bytes = b""
-    trailers: bytes | None = None
-
-
-Handler = Callable[[Request], Awaitable[Reply]]
 
 
 @dataclass
@@ -114,21 +88,7 @@ class Settings:
     max_connections: int
 
 
-@dataclass(eq=False)
-class _Stream:
-    id: int
-    send_window: int
-    chunks: list[bytes] = field(default_factory=list)
-    size: int = 0
-    headers: dict[str, str] | None = None
-    task: "asyncio.Task[None] | None" = None
-    received: bool = False  # the client's END_STREAM came
-    # What waits for window: data (not yet sent) and the trailer block.
-    pending: memoryview | None = None
-    trailers: bytes | None = None
-
-
-class Connection(asyncio.Protocol):
+class Connection(asyncio.Protocol, Answers):
     """One client connection: frames in, streams handed to settings.handler, answers out."""
 
     def __init__(self, settings: Settings, registry: set["Connection"]) -> None:
@@ -138,16 +98,16 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.started = False  # the client's preface arrived
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[int, Stream] = {}
         self.last_stream = 0
         self.going_away = False
         self.decoder = hpack.Decoder(max_header_list_size=settings.max_header_bytes)
         self.blocks: dict[bytes, dict[str, str]] = {}
         self.continuing: tuple[int, bytearray, bool] | None = None  # stream, block so far, END_STREAM
-        self.recv_window = _DEFAULT_WINDOW + _CONNECTION_WINDOW
-        self.send_window = _DEFAULT_WINDOW
-        self.peer_window = _DEFAULT_WINDOW  # the client's SETTINGS_INITIAL_WINDOW_SIZE
-        self.peer_frame = _DEFAULT_FRAME
+        self.recv_window = DEFAULT_WINDOW + _CONNECTION_WINDOW
+        self.send_window = DEFAULT_WINDOW
+        self.peer_window = DEFAULT_WINDOW  # the client's SETTINGS_INITIAL_WINDOW_SIZE
+        self.peer_frame = DEFAULT_FRAME
         self.last_read = time.monotonic()
         self.idle_since: float | None = self.last_read
         self.timer: asyncio.TimerHandle | None = None
@@ -164,9 +124,9 @@ class Connection(asyncio.Protocol):
             return
         self.registry.add(self)
         # A stream's window holds one whole request, plus one byte that tells an oversized one apart.
-        window = min(_MAX_WINDOW, self.settings.max_body + 1)
-        ours = [(_MAX_CONCURRENT_STREAMS, MAX_STREAMS), (_INITIAL_WINDOW_SIZE, window), (_MAX_FRAME_SIZE, MAX_FRAME),
-                (_MAX_HEADER_LIST_SIZE, self.settings.max_header_bytes)]  # fmt: skip
+        window = min(MAX_WINDOW, self.settings.max_body + 1)
+        ours = [(MAX_CONCURRENT_STREAMS, MAX_STREAMS), (INITIAL_WINDOW_SIZE, window), (MAX_FRAME_SIZE, MAX_FRAME),
+                (MAX_HEADER_LIST_SIZE, self.settings.max_header_bytes)]  # fmt: skip
         payload = b"".join(struct.pack(">HI", key, value) for key, value in ours)
         update = frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", _CONNECTION_WINDOW))
         self.transport.write(frame(SETTINGS, 0, 0, payload) + update)  # type: ignore[union-attr]
@@ -236,7 +196,7 @@ class Connection(asyncio.Protocol):
         view = memoryview(buf)
         try:
             while size - pos >= 9:
-                kind_length, flags, stream_id = _HEAD.unpack_from(buf, pos)
+                kind_length, flags, stream_id = HEAD.unpack_from(buf, pos)
                 length, kind = kind_length >> 8, kind_length & 0xFF
                 if length > MAX_FRAME:
                     raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {length} bytes")
@@ -354,7 +314,7 @@ class Connection(asyncio.Protocol):
         if self.going_away or len(self.streams) >= MAX_STREAMS:
             self._reset(stream_id, REFUSED_STREAM)
             return
-        stream = _Stream(stream_id, self.peer_window, headers=headers)
+        stream = Stream(stream_id, self.peer_window, headers=headers)
         self.streams[stream_id] = stream
         self.idle_since = None
         if end:
@@ -383,7 +343,7 @@ class Connection(asyncio.Protocol):
         if flags & END_STREAM:
             self._received(stream)
 
-    def _received(self, stream: _Stream) -> None:
+    def _received(self, stream: Stream) -> None:
         """The request is whole: hand it to the handler."""
         stream.received = True
         assert stream.headers is not None
@@ -391,7 +351,7 @@ class Connection(asyncio.Protocol):
         stream.chunks = []
         stream.task = self.loop.create_task(self._serve(stream, Request(stream.headers, body)))
 
-    async def _serve(self, stream: _Stream, request: Request) -> None:
+    async def _serve(self, stream: Stream, request: Request) -> None:
         try:
             reply = await self.settings.handler(request)
         except asyncio.CancelledError:  # the stream was reset or the connection lost
@@ -402,99 +362,6 @@ class Connection(asyncio.Protocol):
             return
         if self.streams.get(stream.id) is stream:
             self._send(stream, reply)
-
-    def _settings(self, stream_id: int, payload: bytes) -> None:
-        if stream_id or len(payload) % 6:
-            raise ConnectionError_(PROTOCOL_ERROR, "malformed SETTINGS")
-        for key, value in struct.iter_unpack(">HI", payload):
-            if key == _INITIAL_WINDOW_SIZE:
-                if value > _MAX_WINDOW:
-                    raise ConnectionError_(FLOW_CONTROL_ERROR, "initial window over 2^31-1")
-                for stream in self.streams.values():
-                    stream.send_window += value - self.peer_window
-                self.peer_window = value
-            elif key == _MAX_FRAME_SIZE:
-                if not _DEFAULT_FRAME <= value <= (1 << 24) - 1:
-                    raise ConnectionError_(PROTOCOL_ERROR, f"max frame size {value}")
-                self.peer_frame = value
-        assert self.transport is not None
-        self.transport.write(frame(SETTINGS, ACK, 0))
-        self._flush()
-
-    def _window_update(self, stream_id: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise ConnectionError_(FRAME_SIZE_ERROR, "malformed WINDOW_UPDATE")
-        increment = struct.unpack(">I", payload)[0] & 0x7FFFFFFF
-        if stream_id == 0:
-            self.send_window += increment
-            if self.send_window > _MAX_WINDOW:
-                raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window over 2^31-1")
-        elif (stream := self.streams.get(stream_id)) is not None:
-            stream.send_window += increment
-        self._flush()
-
-    # -- frames out ------------------------------------------------------------------------------------------
-
-    def _reset(self, stream_id: int, code: int) -> None:
-        self.streams.pop(stream_id, None)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame(RST_STREAM, 0, stream_id, struct.pack(">I", code)))
-        self._maybe_idle()
-
-    def _send(self, stream: _Stream, reply: Reply) -> None:
-        """The answer's headers now, then as much of its body as the windows allow, then the trailers."""
-        if reply.trailers is None and not reply.body:
-            out = [frame(HEADERS, END_HEADERS | END_STREAM, stream.id, reply.head)]
-        else:
-            out = [frame(HEADERS, END_HEADERS, stream.id, reply.head)]
-            stream.pending, stream.trailers = memoryview(reply.body), reply.trailers
-            self._drain(stream, out)
-        assert self.transport is not None
-        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-        if stream.pending is None:
-            self._finish(stream)
-
-    def _drain(self, stream: _Stream, out: list[bytes]) -> None:
-        """Append the data frames the windows allow, and the trailers once no data is left."""
-        data = stream.pending
-        assert data is not None
-        while len(data) and stream.send_window > 0 and self.send_window > 0:
-            n = min(len(data), stream.send_window, self.send_window, self.peer_frame)
-            out.append(frame(DATA, 0, stream.id, bytes(data[:n])))
-            data = data[n:]
-            stream.send_window -= n
-            self.send_window -= n
-        if len(data):
-            stream.pending = data
-            return
-        stream.pending = None
-        out.append(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, stream.trailers or b"")
-                   if stream.trailers is not None else frame(DATA, END_STREAM, stream.id))  # fmt: skip
-
-    def _flush(self) -> None:
-        """Send what waited for window."""
-        for stream in list(self.streams.values()):
-            if stream.pending is not None and self.send_window > 0:
-                out: list[bytes] = []
-                self._drain(stream, out)
-                if out and self.transport is not None:
-                    self.transport.write(b"".join(out))
-                if stream.pending is None:
-                    self._finish(stream)
-
-    def _finish(self, stream: _Stream) -> None:
-        """The answer is out: forget the stream (and tell a client still sending a body to stop)."""
-        if not stream.received:
-            assert self.transport is not None
-            self.transport.write(frame(RST_STREAM, 0, stream.id, struct.pack(">I", NO_ERROR)))
-        self.streams.pop(stream.id, None)
-        self._maybe_idle()
-
-    def _maybe_idle(self) -> None:
-        if not self.streams:
-            self.idle_since = time.monotonic()
-            if self.going_away and self.transport is not None:
-                self.transport.close()
 
 
 class Server:

@@ -28,8 +28,10 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from kiln_cluster.controlplane import free_port
-from kiln_serving import Server
-from kiln_serving.http2 import CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PREFACE, SETTINGS, frame
+from kiln_serving import Server, http2_wire
+from kiln_serving.http2_wire import CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PREFACE, SETTINGS
+
+frame = http2_wire.frame
 
 # Generous: the strict server closes after 0.5 s; a loaded machine may take far longer to get there.
 PATIENCE = 60

@@ -1,0 +1,75 @@
+"""HTTP/2's wire format as kiln's gRPC transport uses it (RFC 9113 frames, RFC 7541 literal header blocks), and
+the request and reply a stream carries: what http2.py's connections and grpc_wire.py's messages share, with no
+connection state.
+"""
+
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
+END_STREAM = ACK = 0x1
+END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
+FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x6, 0x7, 0x8, 0x9, 0xB
+# SETTINGS identifiers.
+HEADER_TABLE_SIZE, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = (
+    0x1, 0x3, 0x4, 0x5, 0x6)  # fmt: skip
+
+DEFAULT_WINDOW, DEFAULT_FRAME, MAX_WINDOW = 65_535, 16_384, (1 << 31) - 1
+HEAD = struct.Struct(">IBI")  # length (24 bits) + type, flags, stream id
+
+
+class ConnectionError_(Exception):
+    """The peer broke the protocol: the connection ends with GOAWAY(code)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return HEAD.pack(len(payload) << 8 | kind, flags, stream_id) + payload
+
+
+def _integer(value: int, prefix_bits: int, first: int) -> bytes:
+    """An HPACK integer (RFC 7541 5.1) whose first byte carries `first` in the bits above the prefix."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([first | value])
+    out, value = bytearray([first | limit]), value - limit
+    while value >= 128:
+        out.append(value % 128 + 128)
+        value //= 128
+    out.append(value)
+    return bytes(out)
+
+
+def encode_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A header block of literals never added to the peer's table and not Huffman-coded: it needs no state,
+    so blocks can be built once and sent on every connection."""
+    out = bytearray()
+    for name, value in headers:
+        out += b"\x00" + _integer(len(name), 7, 0) + name + _integer(len(value), 7, 0) + value
+    return bytes(out)
+
+
+@dataclass
+class Request:
+    """A stream's request: its decoded headers and the whole body."""
+
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Reply:
+    """An answer: an encoded header block, a body, and a trailer block (None: the headers end the stream)."""
+
+    head: bytes
+    body: bytes = b""
+    trailers: bytes | None = None
+
+
+Handler = Callable[[Request], Awaitable[Reply]]
