@@ -196,5 +196,12 @@ class Kube:
     def get_trainingjob(self, namespace: str, name: str) -> Manifest | None:
         return self.get(constants.API_VERSION, constants.KIND, namespace, name)
 
-    def patch_trainingjob_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Manifest:
-        return self.patch(constants.API_VERSION, constants.KIND, namespace, name, {"status": status}, "status")
+    def patch_trainingjob_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None = None
+    ) -> Manifest:
+        """Merge-patch the status; with `resource_version`, only if the TrainingJob is still at that version (else
+        409 Conflict)."""
+        body: Manifest = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return self.patch(constants.API_VERSION, constants.KIND, namespace, name, body, "status")

@@ -215,13 +215,18 @@ def publish_conditions(body: Body, desired: Mapping[str, Any] | None = None) -> 
 def write_status(
     client: kube.Kube, body: Body, desired: Mapping[str, Any], latest_failure: str = ""
 ) -> api.Phase | None:
-    """Patch what changed; count, announce and time phase transitions. Returns the phase (None: deleted)."""
+    """Patch what changed; count, announce and time phase transitions. Returns the phase (None: deleted).
+
+    The patch carries the resourceVersion `body` was read at: if anyone wrote the TrainingJob since (another
+    operator replica around a leader change, the trainer), it fails with 409 and the caller retries from a fresh
+    read. So a transition is announced once, by the writer that moved the phase, never from a stale `old` phase.
+    """
     meta, current = body["metadata"], body.get("status") or {}
     namespace, name = meta["namespace"], meta["name"]
     patch = status.status_patch(current, desired)
     if patch:
         try:
-            client.patch_trainingjob_status(namespace, name, patch)
+            client.patch_trainingjob_status(namespace, name, patch, meta.get("resourceVersion"))
         except Exception as err:
             if kube.is_not_found(err):  # deleted while this run was reading
                 return None

@@ -5,7 +5,8 @@ the trainer owns progress, lastCheckpoint, metrics, warnings and model. `status_
 patch of the operator's fields only, and only of those that changed, so the trainer's writes are never
 clobbered and an unchanged observation writes nothing.
 
-Phases: Pending (no trainer pod running yet, or the Job is being re-created) -> Running -> Exporting (the
+Phases: Pending (no trainer pod has run yet, or the Job is missing) -> Running (kept while no worker is seen
+running for a while: a retried or re-created worker, a pod's status lagging behind it) -> Exporting (the
 Job is complete; waiting for status.model, then for the first serving replica) -> Serving (the model is
 served; an outage later is Ready=False with a reason, the phase stays) or Succeeded (serving disabled, or
 serving.replicas is 0). Failed when the Job failed (a specific reason), the model was not reported within
@@ -149,7 +150,8 @@ def _suspended(job: Body) -> Training:
 
 
 def assess_training(job: Body | None, pods: Sequence[Body], status: Body, ttl_after_finished: bool = False) -> Training:
-    """Training's state from the Job's conditions (never by their order) and its pods."""
+    """Training's state from the Job's conditions (never by their order) and its pods; the stored `status` says
+    whether a worker already ran."""
     if job is None:
         return _training_without_job(status, ttl_after_finished)
     conditions = _true_conditions(job)
@@ -172,6 +174,15 @@ def assess_training(job: Body | None, pods: Sequence[Body], status: Body, ttl_af
             done = max(len(finished), job_status.get("succeeded") or 0)
             return Training("Running", "TrainerFinishing", f"{done} of {workers} worker(s) finished")
         return Training("Running", "TrainerRunning", f"{count} of {workers} worker(s) running")
+    # The stored phase is the authority on whether training started: Running is written only from a read in
+    # which a worker ran, and every reconcile (a new leader's first included) reads it live. Pods and Job
+    # counts can show no worker for a while after that (a replacement pod, a pod being deleted, Job.status
+    # lagging its pods), and that is a retry, not a job that never started: Running, never back to Pending.
+    if status.get("phase") == "Running":
+        waiting = pod_status.waiting_message(pods)
+        return Training(
+            "Running", "TrainerRestarting", waiting or f"0 of {workers} worker(s) running; the Job starts them again"
+        )
     return Training(
         "Pending", "TrainerPending", pod_status.waiting_message(pods) or "waiting for trainer pods to start"
     )

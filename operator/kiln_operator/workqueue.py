@@ -3,9 +3,7 @@
 Watch events of a TrainingJob's children (its Job, pods, Deployment, helpers) do not reconcile in kopf's
 handler threads: they add the TrainingJob's key here and return. A key is run once `delay` seconds after it
 was first added, by one of a fixed number of worker threads, however many events named it meanwhile (a new
-Job's ADDED and the Job controller's first MODIFIED cost one reconcile, not two). A key is never run by two
-workers at once: one added while it runs is held and run again after that run ends, so two reconciles of one
-TrainingJob never read the same status and both announce (or write back) the same transition. So, when many
+Job's ADDED and the Job controller's first MODIFIED cost one reconcile, not two). So, when many
 TrainingJobs are applied at once, kopf's threads stay free to create their Jobs first, and the status
 reads and writes follow with bounded concurrency instead of competing with them for the API server.
 """
@@ -38,7 +36,6 @@ class WorkQueue:
         self._last_context = contextvars.copy_context()
         self._lock = threading.Condition()
         self._pending: dict[Key, bool] = {}  # key -> repair, while queued
-        self._running: set[Key] = set()  # keys a worker runs now; one added meanwhile waits in _pending
         self._due: list[tuple[float, int, Key]] = []  # heap of (due time, sequence, key)
         self._sequence = 0
         self._stopped = False
@@ -56,20 +53,9 @@ class WorkQueue:
                 return
             self._pending[key] = repair
             self._contexts[key] = context if from_handler else self._last_context
-            if key not in self._running:  # else _finished schedules it
-                self._schedule(key)
-
-    def _schedule(self, key: Key) -> None:
-        """Make a pending key due after the delay (the lock held)."""
-        self._sequence += 1
-        heapq.heappush(self._due, (time.monotonic() + self._delay, self._sequence, key))
-        self._lock.notify()
-
-    def _finished(self, key: Key) -> None:
-        with self._lock:
-            self._running.discard(key)
-            if key in self._pending:
-                self._schedule(key)
+            self._sequence += 1
+            heapq.heappush(self._due, (time.monotonic() + self._delay, self._sequence, key))
+            self._lock.notify()
 
     def __len__(self) -> int:
         with self._lock:
@@ -94,7 +80,6 @@ class WorkQueue:
                     wait = self._due[0][0] - time.monotonic()
                     if wait <= 0:
                         _, _, key = heapq.heappop(self._due)
-                        self._running.add(key)
                         return key, self._pending.pop(key), self._contexts.pop(key)
                     self._lock.wait(wait)
                 else:
@@ -108,5 +93,3 @@ class WorkQueue:
                 context.copy().run(self._work, key, repair)  # a copy: one context may serve several runs
             except Exception as err:  # one job's trouble must not stop the others; the resync retries it
                 log.warning("reconcile of %s/%s failed: %s", *key, err)
-            finally:
-                self._finished(key)

@@ -1,5 +1,4 @@
-"""The reconcile work queue: keys coalesce while queued, repair sticks, runs are bounded, one key never runs twice
-at once, context travels."""
+"""The reconcile work queue: keys coalesce while queued, repair sticks, runs are bounded, context travels."""
 
 import contextvars
 import threading
@@ -66,29 +65,6 @@ def test_no_more_runs_at_once_than_workers_however_many_keys() -> None:
         release.set()
         wait_for(lambda: len(work.runs) == 20)
         assert work.peak == 3
-    finally:
-        queue.stop()
-
-
-def test_a_key_added_while_it_runs_waits_for_that_run_then_runs_once_more() -> None:
-    """Two workers reconciling one TrainingJob at once would both read the same status and both announce the
-    same phase transition (an Event recorded twice), or write back a stale phase."""
-    release = threading.Event()
-    work = Recorder(hold=release)
-    queue = workqueue.WorkQueue(work, workers=2, delay=0.0)
-    queue.start()
-    try:
-        queue.add(("team", "a"))
-        wait_for(lambda: work.running == 1)
-        for repair in (False, True):  # events while the first run is under way: one more run, repair kept
-            queue.add(("team", "a"), repair)
-        time.sleep(0.3)  # a free worker is there to take it: it must not
-        assert (work.running, work.peak, len(queue)) == (1, 1, 1)
-        release.set()
-        wait_for(lambda: len(work.runs) == 2)
-        time.sleep(0.2)  # nothing else comes
-        assert [run[:2] for run in work.runs] == [(("team", "a"), False), (("team", "a"), True)]
-        assert work.peak == 1 and len(queue) == 0
     finally:
         queue.stop()
 
