@@ -1,11 +1,11 @@
 """The Open Inference Protocol over gRPC: KServe v2's / Triton's `inference.GRPCInferenceService`.
 
-Runs on the HTTP server's event loop (over kiln's own HTTP/2 connections: http2.py, grpc_wire.py) and shares
-its data plane, so gRPC requests batch with HTTP ones and land in the same metrics. The message classes are the
-ones tritonclient ships (generated from Triton's grpc_service.proto, a superset of KServe's), so tritonclient.grpc
-and KServe's InferenceGRPCClient work unchanged. Tensors come as raw_input_contents or typed contents and always
-go back as raw_output_contents. The service's other RPCs (ModelConfig, RepositoryIndex, shared memory, ...)
-answer UNIMPLEMENTED, naming the ones that are served.
+Runs on the HTTP server's event loop (over kiln's own HTTP/2 connections: http2.py, with http2_answers.py and
+http2_wire.py under it, then grpc_wire.py) and shares its data plane, so gRPC requests batch with HTTP ones and land
+in the same metrics. The message classes are the ones tritonclient ships (generated from Triton's
+grpc_service.proto, a superset of KServe's), so tritonclient.grpc and KServe's InferenceGRPCClient work unchanged.
+Tensors come as raw_input_contents or typed contents and always go back as raw_output_contents. The service's
+other RPCs (ModelConfig, RepositoryIndex, shared memory, ...) answer UNIMPLEMENTED, naming the ones that are served.
 """
 
 import asyncio

@@ -8,6 +8,9 @@ headers, data and trailers. A connection parses frames from one buffer, decodes 
 and sends each answer as one write: headers, data frames and trailers together whenever the peer's flow-control
 windows allow, else the rest as window updates arrive.
 
+This module holds the connection's lifecycle, its limits and frames in; the sending half (streams, the client's
+windows, answers out) is http2_answers.Answers, which Connection inherits, and both spell frames with http2_wire.
+
 Limits (the same settings as the HTTP/1.1 server's): a header block over max_header_bytes ends the connection
 (ENHANCE_YOUR_CALM); a body over max_body bytes gets the handler's `oversize` answer; the preface must arrive
 within header_timeout, a connection with a half-received request must make progress every body_timeout, and one
@@ -24,46 +27,7 @@ from dataclasses import dataclass
 
 import hpack
 
-from kiln_serving.http2_answers import Answers, Stream
-from kiln_serving.http2_wire import (
-    ACK,
-    CANCEL,
-    COMPRESSION_ERROR,
-    CONTINUATION,
-    DATA,
-    DEFAULT_FRAME,
-    DEFAULT_WINDOW,
-    END_HEADERS,
-    END_STREAM,
-    ENHANCE_YOUR_CALM,
-    FLOW_CONTROL_ERROR,
-    FRAME_SIZE_ERROR,
-    GOAWAY,
-    HEAD,
-    HEADERS,
-    INITIAL_WINDOW_SIZE,
-    INTERNAL_ERROR,
-    MAX_CONCURRENT_STREAMS,
-    MAX_FRAME_SIZE,
-    MAX_HEADER_LIST_SIZE,
-    MAX_WINDOW,
-    NO_ERROR,
-    PADDED,
-    PING,
-    PREFACE,
-    PRIORITY_FLAG,
-    PROTOCOL_ERROR,
-    PUSH_PROMISE,
-    REFUSED_STREAM,
-    RST_STREAM,
-    SETTINGS,
-    WINDOW_UPDATE,
-    ConnectionError_,
-    Handler,
-    Reply,
-    Request,
-    frame,
-)
+from kiln_serving import http2_answers, http2_wire
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +41,9 @@ _CACHED_BLOCKS = 256
 
 @dataclass
 class Settings:
-    handler: Handler
+    handler: http2_wire.Handler
     # The answer to a request whose body is over max_body bytes (sent before the rest of it arrives).
-    oversize: Reply
+    oversize: http2_wire.Reply
     max_body: int
     max_header_bytes: int
     header_timeout: float
@@ -88,28 +52,22 @@ class Settings:
     max_connections: int
 
 
-class Connection(asyncio.Protocol, Answers):
-    """One client connection: frames in, streams handed to settings.handler, answers out."""
+class Connection(http2_answers.Answers, asyncio.Protocol):
+    """One client connection: frames in, streams handed to settings.handler, answers out (the inherited half)."""
 
     def __init__(self, settings: Settings, registry: set["Connection"]) -> None:
+        super().__init__()
         self.settings = settings
         self.registry = registry
         self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.started = False  # the client's preface arrived
-        self.streams: dict[int, Stream] = {}
         self.last_stream = 0
-        self.going_away = False
         self.decoder = hpack.Decoder(max_header_list_size=settings.max_header_bytes)
         self.blocks: dict[bytes, dict[str, str]] = {}
         self.continuing: tuple[int, bytearray, bool] | None = None  # stream, block so far, END_STREAM
-        self.recv_window = DEFAULT_WINDOW + _CONNECTION_WINDOW
-        self.send_window = DEFAULT_WINDOW
-        self.peer_window = DEFAULT_WINDOW  # the client's SETTINGS_INITIAL_WINDOW_SIZE
-        self.peer_frame = DEFAULT_FRAME
+        self.recv_window = http2_wire.DEFAULT_WINDOW + _CONNECTION_WINDOW
         self.last_read = time.monotonic()
-        self.idle_since: float | None = self.last_read
         self.timer: asyncio.TimerHandle | None = None
 
     # -- connection ------------------------------------------------------------------------------------------
@@ -124,12 +82,14 @@ class Connection(asyncio.Protocol, Answers):
             return
         self.registry.add(self)
         # A stream's window holds one whole request, plus one byte that tells an oversized one apart.
-        window = min(MAX_WINDOW, self.settings.max_body + 1)
-        ours = [(MAX_CONCURRENT_STREAMS, MAX_STREAMS), (INITIAL_WINDOW_SIZE, window), (MAX_FRAME_SIZE, MAX_FRAME),
-                (MAX_HEADER_LIST_SIZE, self.settings.max_header_bytes)]  # fmt: skip
+        window = min(http2_wire.MAX_WINDOW, self.settings.max_body + 1)
+        ours = [(http2_wire.SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS),
+                (http2_wire.SETTINGS_INITIAL_WINDOW_SIZE, window),
+                (http2_wire.SETTINGS_MAX_FRAME_SIZE, MAX_FRAME),
+                (http2_wire.SETTINGS_MAX_HEADER_LIST_SIZE, self.settings.max_header_bytes)]  # fmt: skip
         payload = b"".join(struct.pack(">HI", key, value) for key, value in ours)
-        update = frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", _CONNECTION_WINDOW))
-        self.transport.write(frame(SETTINGS, 0, 0, payload) + update)  # type: ignore[union-attr]
+        update = http2_wire.frame(http2_wire.WINDOW_UPDATE, 0, 0, struct.pack(">I", _CONNECTION_WINDOW))
+        self.transport.write(http2_wire.frame(http2_wire.SETTINGS, 0, 0, payload) + update)  # type: ignore[union-attr]
         self.timer = self.loop.call_later(self.settings.header_timeout, self._check)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -145,26 +105,28 @@ class Connection(asyncio.Protocol, Answers):
         """The connection's one timer: preface, body progress and idle time."""
         now, s = time.monotonic(), self.settings
         if not self.started:
-            return self.close(PROTOCOL_ERROR, "no HTTP/2 preface within the header timeout")
+            return self.close(http2_wire.PROTOCOL_ERROR, "no HTTP/2 preface within the header timeout")
         waiting = self.buffer or self.continuing or any(not st.received for st in self.streams.values())
         if waiting and now - self.last_read >= s.body_timeout:
-            return self.close(CANCEL, "request not received within the body timeout")
+            return self.close(http2_wire.CANCEL, "request not received within the body timeout")
         if self.idle_since is not None and now - self.idle_since >= s.keep_alive_timeout:
-            return self.close(NO_ERROR, "idle")
+            return self.close(http2_wire.NO_ERROR, "idle")
         self.timer = self.loop.call_later(min(s.body_timeout, s.keep_alive_timeout), self._check)
 
     def close(self, code: int, message: str) -> None:
         """GOAWAY with `code`, then close (streams still running are cancelled)."""
         if self.transport is None or self.transport.is_closing():
             return
-        self.transport.write(frame(GOAWAY, 0, 0, struct.pack(">II", self.last_stream, code) + message.encode()))
+        goaway = struct.pack(">II", self.last_stream, code) + message.encode()
+        self.transport.write(http2_wire.frame(http2_wire.GOAWAY, 0, 0, goaway))
         self.transport.close()
 
     def shut_down(self) -> None:
         """Graceful: no new streams (GOAWAY NO_ERROR naming the last one taken); close once the last answer is out."""
         self.going_away = True
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame(GOAWAY, 0, 0, struct.pack(">II", self.last_stream, NO_ERROR)))
+            goaway = struct.pack(">II", self.last_stream, http2_wire.NO_ERROR)
+            self.transport.write(http2_wire.frame(http2_wire.GOAWAY, 0, 0, goaway))
             if not self.streams:
                 self.transport.close()
 
@@ -177,29 +139,29 @@ class Connection(asyncio.Protocol, Answers):
         self.buffer += data
         try:
             self._frames()
-        except ConnectionError_ as err:
+        except http2_wire.ConnectionError_ as err:
             log.info("closing a gRPC connection: %s", err)
             self.close(err.code, str(err))
 
     def _frames(self) -> None:
         buf = self.buffer
         if not self.started:
-            if len(buf) < len(PREFACE):
-                if not PREFACE.startswith(bytes(buf)):
-                    raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+            if len(buf) < len(http2_wire.PREFACE):
+                if not http2_wire.PREFACE.startswith(bytes(buf)):
+                    raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
                 return
-            if buf[: len(PREFACE)] != PREFACE:
-                raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-            del buf[: len(PREFACE)]
+            if buf[: len(http2_wire.PREFACE)] != http2_wire.PREFACE:
+                raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+            del buf[: len(http2_wire.PREFACE)]
             self.started = True
         pos, size = 0, len(buf)
         view = memoryview(buf)
         try:
             while size - pos >= 9:
-                kind_length, flags, stream_id = HEAD.unpack_from(buf, pos)
+                kind_length, flags, stream_id = http2_wire.HEAD.unpack_from(buf, pos)
                 length, kind = kind_length >> 8, kind_length & 0xFF
                 if length > MAX_FRAME:
-                    raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                    raise http2_wire.ConnectionError_(http2_wire.FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 end = pos + 9 + length
                 if end > size:
                     break
@@ -213,77 +175,81 @@ class Connection(asyncio.Protocol, Answers):
             del buf[:pos]
 
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
-        if self.continuing is not None and kind != CONTINUATION:
-            raise ConnectionError_(PROTOCOL_ERROR, "header block interrupted")
-        if kind == DATA:
+        if self.continuing is not None and kind != http2_wire.CONTINUATION:
+            raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "header block interrupted")
+        if kind == http2_wire.DATA:
             self._data(flags, stream_id, payload)
-        elif kind == HEADERS:
+        elif kind == http2_wire.HEADERS:
             self._headers(flags, stream_id, payload)
-        elif kind == CONTINUATION:
+        elif kind == http2_wire.CONTINUATION:
             # continuing[0] is -stream_id while a trailer block continues (see _headers).
             if self.continuing is None or abs(self.continuing[0]) != stream_id:
-                raise ConnectionError_(PROTOCOL_ERROR, "CONTINUATION without HEADERS")
+                raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
             block = self.continuing[1]
             block += payload
-            if len(block) > self.settings.max_header_bytes:
-                raise ConnectionError_(ENHANCE_YOUR_CALM, f"header block over {self.settings.max_header_bytes} bytes")
-            if flags & END_HEADERS:
+            self._within_limit(block)
+            if flags & http2_wire.END_HEADERS:
                 sid, _, end = self.continuing
                 self.continuing = None
                 self._open(sid, bytes(block), end)
-        elif kind == SETTINGS:
-            if not flags & ACK:
+        elif kind == http2_wire.SETTINGS:
+            if not flags & http2_wire.ACK:
                 self._settings(stream_id, payload)
-        elif kind == WINDOW_UPDATE:
+        elif kind == http2_wire.WINDOW_UPDATE:
             self._window_update(stream_id, payload)
-        elif kind == PING:
+        elif kind == http2_wire.PING:
             if len(payload) != 8 or stream_id:
-                raise ConnectionError_(FRAME_SIZE_ERROR, "malformed PING")
-            if not flags & ACK and self.transport is not None:
-                self.transport.write(frame(PING, ACK, 0, payload))
-        elif kind == RST_STREAM:
+                raise http2_wire.ConnectionError_(http2_wire.FRAME_SIZE_ERROR, "malformed PING")
+            if not flags & http2_wire.ACK and self.transport is not None:
+                self.transport.write(http2_wire.frame(http2_wire.PING, http2_wire.ACK, 0, payload))
+        elif kind == http2_wire.RST_STREAM:
             stream = self.streams.pop(stream_id, None)
             if stream is not None and stream.task is not None:
                 stream.task.cancel()
             self._maybe_idle()
-        elif kind == GOAWAY:
+        elif kind == http2_wire.GOAWAY:
             self.going_away = True
             if not self.streams and self.transport is not None:
                 self.transport.close()
-        elif kind == PUSH_PROMISE:
-            raise ConnectionError_(PROTOCOL_ERROR, "a client cannot push")
+        elif kind == http2_wire.PUSH_PROMISE:
+            raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "a client cannot push")
         # PRIORITY and unknown frame types are ignored, as RFC 9113 says.
 
     @staticmethod
     def _unpad(flags: int, payload: bytes) -> bytes:
-        if flags & PADDED:
+        if flags & http2_wire.PADDED:
             if not payload or payload[0] >= len(payload):
-                raise ConnectionError_(PROTOCOL_ERROR, "padding longer than the frame")
+                raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "padding longer than the frame")
             return payload[1 : len(payload) - payload[0]]
         return payload
 
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         block = self._unpad(flags, payload)
-        if flags & PRIORITY_FLAG:
+        if flags & http2_wire.PRIORITY_FLAG:
             block = block[5:]
         if stream_id in self.streams:  # trailers after a body: they only end the stream
             if self.streams[stream_id].received:
-                raise ConnectionError_(PROTOCOL_ERROR, f"HEADERS after the end of stream {stream_id}")
-            if not flags & END_STREAM:
-                raise ConnectionError_(PROTOCOL_ERROR, "HEADERS in the middle of a request")
-            if flags & END_HEADERS:
+                message = f"HEADERS after the end of stream {stream_id}"
+                raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, message)
+            if not flags & http2_wire.END_STREAM:
+                raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "HEADERS in the middle of a request")
+            if flags & http2_wire.END_HEADERS:
                 self._decode(block)
                 self._received(self.streams[stream_id])
             else:
                 self.continuing = (-stream_id, bytearray(block), True)  # decoded and dropped at its end
             return
         if stream_id % 2 == 0 or stream_id <= self.last_stream:
-            raise ConnectionError_(PROTOCOL_ERROR, f"stream {stream_id} cannot be opened")
+            raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, f"stream {stream_id} cannot be opened")
         self.last_stream = stream_id
-        if flags & END_HEADERS:
-            self._open(stream_id, block, bool(flags & END_STREAM))
+        if flags & http2_wire.END_HEADERS:
+            self._open(stream_id, block, bool(flags & http2_wire.END_STREAM))
         else:
-            self.continuing = (stream_id, bytearray(block), bool(flags & END_STREAM))
+            self.continuing = (stream_id, bytearray(block), bool(flags & http2_wire.END_STREAM))
+
+    def _within_limit(self, block: bytes | bytearray) -> None:
+        if len(block) > (limit := self.settings.max_header_bytes):
+            raise http2_wire.ConnectionError_(http2_wire.ENHANCE_YOUR_CALM, f"header block over {limit} bytes")
 
     def _decode(self, block: bytes) -> dict[str, str]:
         """The block's headers; a block decoded before under the same dynamic table is looked up."""
@@ -295,7 +261,7 @@ class Connection(asyncio.Protocol, Answers):
         try:
             headers: dict[str, str] = dict(self.decoder.decode(block))  # type: ignore[arg-type]
         except hpack.HPACKError as err:
-            raise ConnectionError_(COMPRESSION_ERROR, f"header block: {err}") from err
+            raise http2_wire.ConnectionError_(http2_wire.COMPRESSION_ERROR, f"header block: {err}") from err
         if (table.maxsize, tuple(table.dynamic_entries)) != before:
             self.blocks.clear()  # the table changed: what blocks mean changed
         elif len(self.blocks) < _CACHED_BLOCKS:
@@ -308,13 +274,12 @@ class Connection(asyncio.Protocol, Answers):
             if (stream := self.streams.get(-stream_id)) is not None:
                 self._received(stream)
             return
-        if len(block) > self.settings.max_header_bytes:
-            raise ConnectionError_(ENHANCE_YOUR_CALM, f"header block over {self.settings.max_header_bytes} bytes")
+        self._within_limit(block)
         headers = self._decode(block)
         if self.going_away or len(self.streams) >= MAX_STREAMS:
-            self._reset(stream_id, REFUSED_STREAM)
+            self._reset(stream_id, http2_wire.REFUSED_STREAM)
             return
-        stream = Stream(stream_id, self.peer_window, headers=headers)
+        stream = http2_answers.Stream(stream_id, self.peer_window, headers=headers)
         self.streams[stream_id] = stream
         self.idle_since = None
         if end:
@@ -323,42 +288,43 @@ class Connection(asyncio.Protocol, Answers):
     def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
         self.recv_window -= len(payload)
         if self.recv_window < 0:
-            raise ConnectionError_(FLOW_CONTROL_ERROR, "data beyond the connection window")
+            raise http2_wire.ConnectionError_(http2_wire.FLOW_CONTROL_ERROR, "data beyond the connection window")
         if self.recv_window < _CONNECTION_WINDOW // 2 and self.transport is not None:
-            self.transport.write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", _CONNECTION_WINDOW - self.recv_window)))
+            increment = struct.pack(">I", _CONNECTION_WINDOW - self.recv_window)
+            self.transport.write(http2_wire.frame(http2_wire.WINDOW_UPDATE, 0, 0, increment))
             self.recv_window = _CONNECTION_WINDOW
         stream = self.streams.get(stream_id)
         if stream is None:
             if stream_id > self.last_stream or stream_id == 0:
-                raise ConnectionError_(PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
+                raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
             return  # a stream already answered or reset: its late data is dropped
         if stream.received:
-            raise ConnectionError_(PROTOCOL_ERROR, f"DATA after the end of stream {stream_id}")
+            raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, f"DATA after the end of stream {stream_id}")
         body = self._unpad(flags, payload)
         stream.size += len(body)
         if stream.size > self.settings.max_body:  # answered now; _finish tells the client to stop sending
             self._send(stream, self.settings.oversize)
             return
         stream.chunks.append(body)
-        if flags & END_STREAM:
+        if flags & http2_wire.END_STREAM:
             self._received(stream)
 
-    def _received(self, stream: Stream) -> None:
+    def _received(self, stream: http2_answers.Stream) -> None:
         """The request is whole: hand it to the handler."""
         stream.received = True
         assert stream.headers is not None
         body = stream.chunks[0] if len(stream.chunks) == 1 else b"".join(stream.chunks)
         stream.chunks = []
-        stream.task = self.loop.create_task(self._serve(stream, Request(stream.headers, body)))
+        stream.task = self.loop.create_task(self._serve(stream, http2_wire.Request(stream.headers, body)))
 
-    async def _serve(self, stream: Stream, request: Request) -> None:
+    async def _serve(self, stream: http2_answers.Stream, request: http2_wire.Request) -> None:
         try:
             reply = await self.settings.handler(request)
         except asyncio.CancelledError:  # the stream was reset or the connection lost
             return
         except Exception:
             log.exception("unexpected error answering a gRPC stream")
-            self._reset(stream.id, INTERNAL_ERROR)
+            self._reset(stream.id, http2_wire.INTERNAL_ERROR)
             return
         if self.streams.get(stream.id) is stream:
             self._send(stream, reply)

@@ -1,6 +1,11 @@
-"""The sending half of kiln's HTTP/2 connections (http2.py) and the flow control that paces it: each answer's
-headers, data and trailers go out in one write when the client's windows allow, the rest as its WINDOW_UPDATEs
-come in; a stream is forgotten once its answer is out, and a connection going away closes after its last answer.
+"""The sending half of kiln's HTTP/2 connections (http2.py): stream state, the client's flow-control windows, and
+answers out.
+
+Why a module of its own: what paces answers is a concern apart from reading frames. Each answer's headers, data
+and trailers go out in one write when the client's windows allow; what does not fit waits on its stream and is
+drained as the client's WINDOW_UPDATEs (or a larger SETTINGS_INITIAL_WINDOW_SIZE) come in. A stream is forgotten
+once its answer is out, and a connection going away closes after its last answer. http2.Connection inherits this
+half and adds frames in; both work on the one stream table and transport kept here.
 """
 
 import asyncio
@@ -8,26 +13,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from kiln_serving.http2_wire import (
-    ACK,
-    DATA,
-    DEFAULT_FRAME,
-    END_HEADERS,
-    END_STREAM,
-    FLOW_CONTROL_ERROR,
-    FRAME_SIZE_ERROR,
-    HEADERS,
-    INITIAL_WINDOW_SIZE,
-    MAX_FRAME_SIZE,
-    MAX_WINDOW,
-    NO_ERROR,
-    PROTOCOL_ERROR,
-    RST_STREAM,
-    SETTINGS,
-    ConnectionError_,
-    Reply,
-    frame,
-)
+from kiln_serving import http2_wire
 
 
 @dataclass(eq=False)
@@ -47,44 +33,45 @@ class Stream:
 
 
 class Answers:
-    """Frames out, for a connection that owns this state (http2.Connection sets it and reads frames in)."""
+    """Answers out on one connection, within the windows the client grants."""
 
-    transport: asyncio.Transport | None
-    streams: dict[int, Stream]
-    send_window: int  # the connection's, as the client granted it
-    peer_frame: int  # the client's SETTINGS_MAX_FRAME_SIZE
-    peer_window: int  # the client's SETTINGS_INITIAL_WINDOW_SIZE
-    going_away: bool
-    idle_since: float | None
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, Stream] = {}
+        self.going_away = False
+        self.idle_since: float | None = time.monotonic()  # None while a stream is open
+        self.send_window = http2_wire.DEFAULT_WINDOW  # the connection's, as the client granted it
+        self.peer_window = http2_wire.DEFAULT_WINDOW  # the client's SETTINGS_INITIAL_WINDOW_SIZE
+        self.peer_frame = http2_wire.DEFAULT_FRAME  # the client's SETTINGS_MAX_FRAME_SIZE
 
     # -- flow control: the client's SETTINGS and WINDOW_UPDATE ------------------------------------------------
 
     def _settings(self, stream_id: int, payload: bytes) -> None:
         if stream_id or len(payload) % 6:
-            raise ConnectionError_(PROTOCOL_ERROR, "malformed SETTINGS")
+            raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "malformed SETTINGS")
         for key, value in struct.iter_unpack(">HI", payload):
-            if key == INITIAL_WINDOW_SIZE:
-                if value > MAX_WINDOW:
-                    raise ConnectionError_(FLOW_CONTROL_ERROR, "initial window over 2^31-1")
+            if key == http2_wire.SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > http2_wire.MAX_WINDOW:
+                    raise http2_wire.ConnectionError_(http2_wire.FLOW_CONTROL_ERROR, "initial window over 2^31-1")
                 for stream in self.streams.values():
                     stream.send_window += value - self.peer_window
                 self.peer_window = value
-            elif key == MAX_FRAME_SIZE:
-                if not DEFAULT_FRAME <= value <= (1 << 24) - 1:
-                    raise ConnectionError_(PROTOCOL_ERROR, f"max frame size {value}")
+            elif key == http2_wire.SETTINGS_MAX_FRAME_SIZE:
+                if not http2_wire.DEFAULT_FRAME <= value <= (1 << 24) - 1:
+                    raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, f"max frame size {value}")
                 self.peer_frame = value
         assert self.transport is not None
-        self.transport.write(frame(SETTINGS, ACK, 0))
+        self.transport.write(http2_wire.frame(http2_wire.SETTINGS, http2_wire.ACK, 0))
         self._flush()
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
-            raise ConnectionError_(FRAME_SIZE_ERROR, "malformed WINDOW_UPDATE")
+            raise http2_wire.ConnectionError_(http2_wire.FRAME_SIZE_ERROR, "malformed WINDOW_UPDATE")
         increment = struct.unpack(">I", payload)[0] & 0x7FFFFFFF
         if stream_id == 0:
             self.send_window += increment
-            if self.send_window > MAX_WINDOW:
-                raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window over 2^31-1")
+            if self.send_window > http2_wire.MAX_WINDOW:
+                raise http2_wire.ConnectionError_(http2_wire.FLOW_CONTROL_ERROR, "connection window over 2^31-1")
         elif (stream := self.streams.get(stream_id)) is not None:
             stream.send_window += increment
         self._flush()
@@ -94,15 +81,16 @@ class Answers:
     def _reset(self, stream_id: int, code: int) -> None:
         self.streams.pop(stream_id, None)
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame(RST_STREAM, 0, stream_id, struct.pack(">I", code)))
+            self.transport.write(http2_wire.frame(http2_wire.RST_STREAM, 0, stream_id, struct.pack(">I", code)))
         self._maybe_idle()
 
-    def _send(self, stream: Stream, reply: Reply) -> None:
+    def _send(self, stream: Stream, reply: http2_wire.Reply) -> None:
         """The answer's headers now, then as much of its body as the windows allow, then the trailers."""
+        end_headers, end_stream = http2_wire.END_HEADERS, http2_wire.END_STREAM
         if reply.trailers is None and not reply.body:
-            out = [frame(HEADERS, END_HEADERS | END_STREAM, stream.id, reply.head)]
+            out = [http2_wire.frame(http2_wire.HEADERS, end_headers | end_stream, stream.id, reply.head)]
         else:
-            out = [frame(HEADERS, END_HEADERS, stream.id, reply.head)]
+            out = [http2_wire.frame(http2_wire.HEADERS, end_headers, stream.id, reply.head)]
             stream.pending, stream.trailers = memoryview(reply.body), reply.trailers
             self._drain(stream, out)
         assert self.transport is not None
@@ -116,7 +104,7 @@ class Answers:
         assert data is not None
         while len(data) and stream.send_window > 0 and self.send_window > 0:
             n = min(len(data), stream.send_window, self.send_window, self.peer_frame)
-            out.append(frame(DATA, 0, stream.id, bytes(data[:n])))
+            out.append(http2_wire.frame(http2_wire.DATA, 0, stream.id, bytes(data[:n])))
             data = data[n:]
             stream.send_window -= n
             self.send_window -= n
@@ -124,8 +112,11 @@ class Answers:
             stream.pending = data
             return
         stream.pending = None
-        out.append(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, stream.trailers or b"")
-                   if stream.trailers is not None else frame(DATA, END_STREAM, stream.id))  # fmt: skip
+        if stream.trailers is not None:
+            end = http2_wire.END_HEADERS | http2_wire.END_STREAM
+            out.append(http2_wire.frame(http2_wire.HEADERS, end, stream.id, stream.trailers))
+        else:
+            out.append(http2_wire.frame(http2_wire.DATA, http2_wire.END_STREAM, stream.id))
 
     def _flush(self) -> None:
         """Send what waited for window."""
@@ -142,7 +133,8 @@ class Answers:
         """The answer is out: forget the stream (and tell a client still sending a body to stop)."""
         if not stream.received:
             assert self.transport is not None
-            self.transport.write(frame(RST_STREAM, 0, stream.id, struct.pack(">I", NO_ERROR)))
+            no_error = struct.pack(">I", http2_wire.NO_ERROR)
+            self.transport.write(http2_wire.frame(http2_wire.RST_STREAM, 0, stream.id, no_error))
         self.streams.pop(stream.id, None)
         self._maybe_idle()
 

@@ -1,6 +1,9 @@
-"""HTTP/2's wire format as kiln's gRPC transport uses it (RFC 9113 frames, RFC 7541 literal header blocks), and
-the request and reply a stream carries: what http2.py's connections and grpc_wire.py's messages share, with no
-connection state.
+"""HTTP/2's wire format as kiln's gRPC transport uses it (RFC 9113 frames, RFC 7541 literal header blocks), and the
+request and reply a stream carries.
+
+Why a module of its own: both halves of a connection spell frames the same way (http2.py reads them in,
+http2_answers.py writes answers out), and grpc_wire.py builds replies without needing a connection at all. What
+they share holds no state, so it sits below all three and each fact here has this one owner.
 """
 
 import struct
@@ -14,11 +17,12 @@ END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
 FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x6, 0x7, 0x8, 0x9, 0xB
 # SETTINGS identifiers.
-HEADER_TABLE_SIZE, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = (
-    0x1, 0x3, 0x4, 0x5, 0x6)  # fmt: skip
+(SETTINGS_HEADER_TABLE_SIZE, SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE,
+ SETTINGS_MAX_HEADER_LIST_SIZE) = (0x1, 0x3, 0x4, 0x5, 0x6)  # fmt: skip
 
+# Every window and the largest frame a peer takes until its SETTINGS say otherwise, and the largest window.
 DEFAULT_WINDOW, DEFAULT_FRAME, MAX_WINDOW = 65_535, 16_384, (1 << 31) - 1
-HEAD = struct.Struct(">IBI")  # length (24 bits) + type, flags, stream id
+HEAD = struct.Struct(">IBI")  # a frame's 9 bytes before its payload: length (24 bits) + type, flags, stream id
 
 
 class ConnectionError_(Exception):
