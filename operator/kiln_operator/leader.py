@@ -124,22 +124,29 @@ class LeaderElector:
             time.sleep(RENEW_SECONDS)
 
     def keep(self, on_lost: Callable[[], None]) -> threading.Thread:
-        """Renew in the background; call `on_lost` when the Lease could not be renewed before it expired."""
+        """Renew in the background; call `on_lost` once the Lease went unrenewed so long that another replica may
+        take it over. A watcher keeps that deadline on its own clock: a renew call hanging on an unresponsive API
+        server (up to kube.REQUEST_TIMEOUT) must not keep a lapsed leader acting beside the new one."""
+        renewed = [time.monotonic()]
+        lost = threading.Event()
 
         def renew() -> None:
-            last = time.monotonic()
-            while True:
-                time.sleep(RENEW_SECONDS)
+            while not lost.wait(RENEW_SECONDS):
+                started = time.monotonic()  # the Lease's renewTime is stamped before the write, not after it
                 if self._attempt():
-                    last = time.monotonic()
-                elif time.monotonic() - last >= LEASE_SECONDS - RENEW_SECONDS:
-                    log.error("lost the Lease %s/%s; stopping", self.namespace, LEASE_NAME)
-                    on_lost()
-                    return
+                    renewed[0] = started
 
-        thread = threading.Thread(target=renew, name="kiln-leader", daemon=True)
-        thread.start()
-        return thread
+        def watch() -> None:
+            while (left := renewed[0] + LEASE_SECONDS - RENEW_SECONDS - time.monotonic()) > 0:
+                time.sleep(left)
+            lost.set()
+            log.error("lost the Lease %s/%s; stopping", self.namespace, LEASE_NAME)
+            on_lost()
+
+        threading.Thread(target=renew, name="kiln-leader", daemon=True).start()
+        watcher = threading.Thread(target=watch, name="kiln-leader-deadline", daemon=True)
+        watcher.start()
+        return watcher
 
     def _attempt(self) -> bool:
         try:
