@@ -1,13 +1,9 @@
 """Status logic over Job, Pod and Deployment objects shaped as the API server reports them."""
 
-import copy
 from typing import Any
 
-import pytest
-from kubernetes.client.exceptions import ApiException
-
 from kiln import api
-from kiln_operator import kube, objects, reconciler, status
+from kiln_operator import objects, reconciler, status
 
 T0, T1, T2, NOW = "2026-11-28T10:00:00Z", "2026-11-28T10:05:00Z", "2026-11-28T10:09:00Z", "2026-11-28T10:10:00Z"
 MODEL = {"variant": "int8-static", "uri": "/artifacts/team-a/digits/models/int8-static/model.onnx",
@@ -184,52 +180,6 @@ def test_a_job_that_ran_stays_running_while_no_worker_is_seen_and_never_goes_bac
     held = job(suspend=True)
     held["metadata"]["annotations"] = {objects.SUSPENDED_BY_USER_ANNOTATION: "true"}
     assert status.assess(observe(ran, job=held), NOW)["phase"] == "Suspended"
-
-
-class TrainingJobs:
-    """The API server's side of a TrainingJob's status writes: a merge patch that carries a resourceVersion
-    applies only at that version (409 otherwise), as the real one does."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.body = body
-
-    def get_trainingjob(self, namespace: str, name: str) -> dict[str, Any]:
-        return copy.deepcopy(self.body)
-
-    def patch_trainingjob_status(self, namespace: str, name: str, patch: dict[str, Any],
-                                 resource_version: str | None = None) -> dict[str, Any]:  # fmt: skip
-        if resource_version is not None and resource_version != self.body["metadata"]["resourceVersion"]:
-            raise ApiException(status=409, reason="Conflict")
-        self.body["status"] = {**self.body["status"], **patch}
-        self.body["metadata"]["resourceVersion"] = str(int(self.body["metadata"]["resourceVersion"]) + 1)
-        return self.get_trainingjob(namespace, name)
-
-
-def test_two_operators_that_read_the_same_status_announce_a_phase_transition_once(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Around a leader change the old leader (terminating, or past its Lease) and the new one can both read phase
-    # Pending and both see the pod running: only the write made at the version read lands and is announced; the
-    # other is retried from a fresh read, which has nothing left to announce.
-    announced: list[str] = []
-    monkeypatch.setattr(reconciler, "_announce", lambda body, kind, reason, message: announced.append(reason))
-    pending = status.assess(observe(job=job(active=1), trainer_pods=[pod("digits-trainer-0-x", "Pending")]), T1)
-    meta = {"name": "digits", "namespace": "team-a", "uid": "u-1", "resourceVersion": "7"}
-    server = TrainingJobs({"metadata": meta, "status": pending})
-    pods = [pod("digits-trainer-0-x", "Running", running())]
-
-    def write(body: dict[str, Any]) -> api.Phase | None:
-        desired = status.assess(observe(body["status"], job=job(active=1, ready=1), trainer_pods=pods), NOW)
-        return reconciler.write_status(server, body, desired)  # type: ignore[arg-type]
-
-    old_leader, new_leader = server.get_trainingjob("team-a", "digits"), server.get_trainingjob("team-a", "digits")
-    assert write(old_leader) == "Running"
-    with pytest.raises(ApiException) as lost:
-        write(new_leader)
-    assert kube.is_conflict(lost.value) and kube.is_transient(lost.value)  # reconcile retries from a fresh read
-    assert write(server.get_trainingjob("team-a", "digits")) == "Running"
-    assert announced == ["Running"]
-    assert server.body["status"]["phase"] == "Running"
 
 
 def test_four_workers_succeed_only_when_the_job_is_complete_then_wait_for_the_model() -> None:
