@@ -9,7 +9,7 @@ import pytest
 import trainingjobs as tj
 
 from kiln_cluster.controlplane import ControlPlane
-from kiln_operator import kube, reconciler, status
+from kiln_operator import kube, metrics, reconciler, status
 
 
 def test_two_operators_that_read_the_same_status_write_and_announce_a_transition_once(
@@ -28,15 +28,18 @@ def test_two_operators_that_read_the_same_status_write_and_announce_a_transition
         current = body.get("status") or {}
         return status.assess_invalid(current, body["metadata"]["generation"], "refused", status.now_rfc3339())
 
-    old, new = operator.get_trainingjob(namespace, "raced"), operator.get_trainingjob(namespace, "raced")
-    assert old is not None and new is not None
-    caplog.set_level(logging.INFO, logger=reconciler.__name__)
-    assert reconciler.write_status(operator, old, decide(old)) == "Failed"
-    with pytest.raises(Exception) as lost:
-        reconciler.write_status(operator, new, decide(new))
-    assert kube.is_conflict(lost.value) and kube.is_transient(lost.value)  # reconcile retries from a fresh read
-    fresh = operator.get_trainingjob(namespace, "raced")
-    assert fresh is not None and fresh["status"]["phase"] == "Failed"
-    assert reconciler.write_status(operator, fresh, decide(fresh)) == "Failed"
-    announced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Failed: ")]
-    assert announced == ["Failed: New -> Failed: refused"], announced
+    try:
+        old, new = operator.get_trainingjob(namespace, "raced"), operator.get_trainingjob(namespace, "raced")
+        assert old is not None and new is not None
+        caplog.set_level(logging.INFO, logger=reconciler.__name__)
+        assert reconciler.write_status(operator, old, decide(old)) == "Failed"
+        with pytest.raises(Exception) as lost:
+            reconciler.write_status(operator, new, decide(new))
+        assert kube.is_conflict(lost.value) and kube.is_transient(lost.value)  # reconcile retries from a fresh read
+        fresh = operator.get_trainingjob(namespace, "raced")
+        assert fresh is not None and fresh["status"]["phase"] == "Failed"
+        assert reconciler.write_status(operator, fresh, decide(fresh)) == "Failed"
+        announced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Failed: ")]
+        assert announced == ["Failed: New -> Failed: refused"], announced
+    finally:  # this process's operator metrics: the job is gone with the namespace
+        metrics.forget_job(namespace, "raced")
