@@ -9,6 +9,7 @@
   at once and closed, so the server stays reachable for probes as soon as any connection ends.
 Idle keep-alive connections are closed by uvicorn after keep_alive_timeout_seconds.
 - A response's head and body leave in one send (_HeadWithBody).
+- A binary inference request skips ASGI: its cycle is a direct.DirectCycle (see direct.py).
 - Each request's scope carries, under extensions[HANG_UP], a future of its connection that is done once the
   connection is lost, so the app learns of a client hanging up without a watcher task per request.
 """
@@ -17,10 +18,13 @@ import asyncio
 import logging
 import resource
 import socket
+import urllib.parse
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from kiln_serving import direct
 from kiln_serving.config import ServingConfig
 
 log = logging.getLogger(__name__)
@@ -36,10 +40,6 @@ def _response(status: int, reason: str) -> bytes:
     body = f'{{"error":"{reason}"}}'.encode()
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             "connection: close\r\n\r\n").encode() + body  # fmt: skip
-
-
-# A body smaller than this is joined to its head (a cheap copy); a larger one leaves beside it (writev).
-_JOIN_BELOW = 64 * 1024
 
 
 class _HeadWithBody:
@@ -59,10 +59,7 @@ class _HeadWithBody:
             self._loop.call_soon(self.flush)
         elif self._head is not None:
             head, self._head = self._head, None
-            if len(data) < _JOIN_BELOW:
-                self._transport.write(head + data)
-            else:
-                self._transport.writelines((head, data))
+            direct.send(self._transport, head, data)
         else:
             self._transport.write(data)
 
@@ -100,8 +97,8 @@ def connection_cap(configured: int) -> int:
     return max(1, min(configured, soft - _SPARE_FDS))
 
 
-def protocol(config: ServingConfig) -> type[HttpToolsProtocol]:
-    """The protocol class for uvicorn.Config(http=...), with config's limits."""
+def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[HttpToolsProtocol]:
+    """The protocol class for uvicorn.Config(http=...), with config's limits; requests `route` wants skip ASGI."""
     cap = connection_cap(config.max_connections)
 
     class GuardedHttp(HttpToolsProtocol):
@@ -174,13 +171,52 @@ def protocol(config: ServingConfig) -> type[HttpToolsProtocol]:
         def on_headers_complete(self) -> None:
             self._in_head = False
             previous = self.cycle
-            super().on_headers_complete()
-            if self.cycle is not None and self.cycle is not previous:
-                self.cycle.transport = _HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
+            if not self._direct():
+                super().on_headers_complete()
+                if self.cycle is not None and self.cycle is not previous:
+                    self.cycle.transport = _HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
             if self.cycle is not None and self.cycle.more_body and not self.parser.should_upgrade():
                 self._arm(config.body_timeout_seconds)
             else:
                 self._disarm()
+
+        def _direct(self) -> bool:
+            """Start a DirectCycle for this request if `route` wants it, as uvicorn starts its ASGI cycle."""
+            if route is None or self.limit_concurrency is not None or self.parser.should_upgrade():
+                return False
+            parsed = httptools.parse_url(self.url)
+            path = parsed.path.decode("ascii")
+            if "%" in path:
+                path = urllib.parse.unquote(path)
+            wanted = route.wanted(self.parser.get_method(), path, self.headers)
+            if wanted is None:
+                return False
+            params, length, header_length = wanted
+            http_version = self.parser.get_http_version()
+            scope = self.scope
+            scope["method"], scope["http_version"] = "POST", http_version
+            scope["path"], scope["raw_path"] = self.root_path + path, self.root_path.encode("ascii") + parsed.path
+            scope["query_string"] = parsed.query or b""
+            existing, self.cycle = self.cycle, direct.DirectCycle(
+                scope=self.scope, transport=self.transport, flow=self.flow, logger=self.logger,
+                access_logger=self.access_logger, access_log=self.access_log,
+                default_headers=self.server_state.default_headers, message_event=asyncio.Event(),
+                expect_100_continue=False, keep_alive=http_version != "1.0" and self.parser.should_keep_alive(),
+                on_response=self.on_response_complete, route=route, params=params, length=length,
+                header_length=header_length, hang_up=self._hang_up,
+            )  # fmt: skip
+            if existing is None or existing.response_complete:
+                self._start_asgi_task(self.cycle, self.app)
+            else:  # pipelined behind a request still being answered, as uvicorn queues them
+                self.flow.pause_reading()
+                self.pipeline.appendleft((self.cycle, self.app))
+            return True
+
+        def on_body(self, body: bytes) -> None:
+            if isinstance(self.cycle, direct.DirectCycle):
+                self.cycle.feed(body)
+            else:
+                super().on_body(body)
 
         def on_message_complete(self) -> None:
             self._disarm()

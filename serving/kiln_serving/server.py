@@ -5,6 +5,7 @@ requests finish (up to graceful_shutdown_seconds), then the app's lifespan drain
 """
 
 import ctypes
+import gc
 import logging
 import platform
 import signal
@@ -14,10 +15,9 @@ from dataclasses import dataclass, field
 
 import uvicorn
 from prometheus_client import CollectorRegistry
-from starlette.applications import Starlette
 
 from kiln_serving import connections
-from kiln_serving.app import build_app
+from kiln_serving.app import App, build_app
 from kiln_serving.config import ServingConfig
 from kiln_serving.dataplane import DataPlane
 from kiln_serving.model import Model
@@ -25,7 +25,7 @@ from kiln_serving.model import Model
 log = logging.getLogger(__name__)
 
 
-def _uvicorn(app: Starlette, config: ServingConfig) -> uvicorn.Server:
+def _uvicorn(app: App, config: ServingConfig) -> uvicorn.Server:
     return uvicorn.Server(
         uvicorn.Config(
             app,
@@ -34,7 +34,7 @@ def _uvicorn(app: Starlette, config: ServingConfig) -> uvicorn.Server:
             access_log=config.access_log,
             proxy_headers=False,  # nothing in front of the server forwards client addresses kiln would use
             timeout_graceful_shutdown=int(config.graceful_shutdown_seconds),
-            http=connections.protocol(config),
+            http=connections.protocol(config, app.direct),
             timeout_keep_alive=config.keep_alive_timeout_seconds,  # type: ignore[arg-type]
         )
     )
@@ -63,12 +63,24 @@ def keep_large_blocks() -> None:
         log.debug("mallopt not available: %s", err)
 
 
+def freeze_startup_objects() -> None:
+    """Move every object alive now (modules, classes, the app) out of the cyclic collector's sight.
+
+    A full collection walks all tracked objects with the interpreter lock held; after the imports a serving
+    process holds ~60,000 of them, ~40 ms a walk here: most of a health probe's 50 ms, at any moment. They live
+    as long as the process, so walking them finds nothing; frozen, a full walk only sees what requests made."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(config: ServingConfig, model: Model | None = None) -> int:
     """Serve until SIGINT/SIGTERM, then shut down gracefully; returns the exit status.
 
-    Owns the process, so it also tunes the allocator for request-sized buffers (keep_large_blocks)."""
+    Owns the process, so it also tunes the allocator for request-sized buffers (keep_large_blocks) and the
+    collector for a long-lived heap (freeze_startup_objects)."""
     keep_large_blocks()
     app = build_app(config, model)
+    freeze_startup_objects()
     sock = connections.bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     log.info(
@@ -91,7 +103,7 @@ class Server:
     """The server running in a thread of this process (`kiln run --serve`, tests, benchmarks): HTTP on
     `port`, gRPC on `grpc_port` (None when off)."""
 
-    app: Starlette
+    app: App
     sock: socket.socket
     uvicorn_server: uvicorn.Server
     thread: threading.Thread = field(init=False)

@@ -4,6 +4,7 @@ this process or as a child process."""
 import contextlib
 import functools
 import io
+import json
 import os
 import re
 import shutil
@@ -215,6 +216,24 @@ def png(size: tuple[int, int] = (20, 12), seed: int = 0) -> bytes:
 
 def images_batch(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def binary_body(x: np.ndarray, name: str = "input", output: str = "logits") -> tuple[bytes, int]:
+    """An infer body with the binary tensor extension as tritonclient sends it (the output asked for as binary
+    too), and its Inference-Header-Content-Length."""
+    raw = x.astype("<f4").tobytes()
+    header = json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "outputs": [{"name": output, "parameters": {"binary_data": True}}]}).encode()  # fmt: skip
+    return header + raw, len(header)
+
+
+def binary_output(body: bytes, header_length: int) -> np.ndarray:
+    """The one FP32 output of a binary answer, in its shape."""
+    header = json.loads(body[:header_length])
+    (output,) = header["outputs"]
+    assert output["datatype"] == "FP32" and output["parameters"]["binary_data_size"] == len(body) - header_length
+    return np.frombuffer(body[header_length:], dtype="<f4").reshape(output["shape"])
 
 
 # -- metrics and a model that waits ---------------------------------------------------------------------------

@@ -10,9 +10,19 @@ from pathlib import Path
 import gevent
 import httpx
 import numpy as np
+import pytest
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
-from serving_support import classifier, config, images_batch, reference, serving, trained_folder
+from serving_support import (
+    binary_body,
+    binary_output,
+    classifier,
+    config,
+    images_batch,
+    reference,
+    serving,
+    trained_folder,
+)
 
 from kiln_serving import Server, ServingConfig, codec
 from kiln_serving.model import OnnxModel
@@ -59,6 +69,13 @@ def wait_until(
 def json_infer(server: Server, x: np.ndarray) -> httpx.Response:
     body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
     return httpx.post(f"{server.url}/v2/models/tiny/infer", json=body, timeout=120)
+
+
+def binary_infer(server: Server, x: np.ndarray) -> httpx.Response:
+    """Like json_infer with the binary extension, which kiln answers without ASGI (direct.py)."""
+    body, header_length = binary_body(x)
+    return httpx.post(f"{server.url}/v2/models/tiny/infer", content=body, timeout=120,
+                      headers={"Inference-Header-Content-Length": str(header_length)})  # fmt: skip
 
 
 def test_200_concurrent_requests_all_succeed_match_unbatched_results_and_are_batched(tmp_path: Path) -> None:
@@ -128,13 +145,16 @@ def test_a_full_queue_answers_503_with_retry_after_and_the_server_recovers(tmp_p
         assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
 
 
-def test_shutdown_stops_accepting_but_finishes_the_request_in_flight(tmp_path: Path) -> None:
+@pytest.mark.parametrize("infer", [json_infer, binary_infer], ids=["json", "binary"])
+def test_shutdown_stops_accepting_but_finishes_the_request_in_flight(
+    tmp_path: Path, infer: Callable[[Server, np.ndarray], httpx.Response]
+) -> None:
     folder = trained_folder(tmp_path / "tiny")
     cfg = config(folder)
     model = GatedModel(cfg)
     x = images_batch(1, seed=7)
     with serving(cfg, model) as server, ThreadPoolExecutor(2) as pool:
-        in_flight = pool.submit(json_infer, server, x)
+        in_flight = pool.submit(infer, server, x)
         wait_until(model.entered.is_set, "request reaches the model")
         server.uvicorn_server.should_exit = True  # what SIGTERM does
 
@@ -149,5 +169,9 @@ def test_shutdown_stops_accepting_but_finishes_the_request_in_flight(tmp_path: P
         model.gate.set()
         answer = in_flight.result()
         assert answer.status_code == 200
-        got = np.asarray(answer.json()["outputs"][0]["data"]).reshape(1, -1)
+        header_length = answer.headers.get("Inference-Header-Content-Length")
+        if header_length is None:
+            got = np.asarray(answer.json()["outputs"][0]["data"]).reshape(1, -1)
+        else:
+            got = binary_output(answer.content, int(header_length))
         assert np.abs(got - reference(folder / "models" / "model.onnx", {"input": x})["logits"]).max() <= 1e-5

@@ -1,0 +1,157 @@
+"""Binary inference requests skip ASGI (kiln_serving/direct.py) yet behave exactly as through it: the same
+answer byte for byte, pipelining and keep-alive, connection close, timeouts, the access log; over raw sockets on
+loopback against a real server and real onnxruntime. Hang-ups and graceful shutdown on both paths are tested
+with the heavy and batching tests."""
+
+import logging
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serving_support import (
+    binary_body,
+    binary_output,
+    config,
+    images_batch,
+    reference,
+    serving,
+    statuses,
+)
+from serving_support import trained_folder as make_trained_folder
+
+from kiln_serving import Server
+
+PATIENCE = 30
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_trained_folder(tmp_path_factory.mktemp("direct") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path) -> Iterator[Server]:
+    with serving(config(folder, body_timeout_seconds=0.5, access_log=True)) as running:
+        yield running
+
+
+def request(x: np.ndarray, model: str = "tiny", extra: str = "", version: str = "1.1") -> bytes:
+    body, header_length = binary_body(x)
+    return (f"POST /v2/models/{model}/infer HTTP/{version}\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: {header_length}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+            ).encode() + body  # fmt: skip
+
+
+class Answers:
+    """HTTP/1.1 answers read off one connection, one at a time, each framed by its Content-Length."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.data = sock, b""
+
+    def next(self) -> tuple[bytes, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.data:
+            self.data += self._recv()
+        head, _, self.data = self.data.partition(b"\r\n\r\n")
+        status, *lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+        length = int(headers["content-length"])
+        while len(self.data) < length:
+            self.data += self._recv()
+        body, self.data = self.data[:length], self.data[length:]
+        return status.encode(), headers, body
+
+    def closed(self) -> bool:
+        """Whether the server closes the connection next (after what was already read)."""
+        return self.data == b"" and self.sock.recv(1) == b""
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(1 << 16)
+        assert chunk, "the server closed the connection"
+        return chunk
+
+
+def connect(server: Server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=PATIENCE)
+
+
+def cycles(server: Server) -> list[str]:
+    """The kind of the last request cycle of each connection the server holds open."""
+    connections = server.uvicorn_server.server_state.connections
+    return [type(c.cycle).__name__ for c in connections if getattr(c, "cycle", None) is not None]  # type: ignore[attr-defined]
+
+
+def logits(folder: Path, x: np.ndarray) -> np.ndarray:
+    return reference(folder / "models" / "model.onnx", {"input": x})["logits"]
+
+
+def test_a_binary_answer_is_the_same_bytes_and_headers_as_through_asgi(server: Server, folder: Path) -> None:
+    x = images_batch(3, seed=1)
+    with connect(server) as sock:
+        answers = Answers(sock)
+        sock.sendall(request(x))
+        direct = answers.next()
+        assert cycles(server) == ["DirectCycle"]
+        sock.sendall(request(x, extra="Content-Encoding: identity\r\n"))  # any Content-Encoding goes through ASGI
+        through_asgi = answers.next()
+        assert cycles(server) == ["RequestResponseCycle"]
+    assert direct[0] == through_asgi[0] == b"HTTP/1.1 200 OK"
+    del direct[1]["date"], through_asgi[1]["date"]
+    assert direct[1] == through_asgi[1]
+    assert set(direct[1]) == {"server", "content-type", "content-length", "inference-header-content-length"}
+    assert direct[2] == through_asgi[2]
+    got = binary_output(direct[2], int(direct[1]["inference-header-content-length"]))
+    assert np.abs(got - logits(folder, x)).max() <= 1e-5
+
+
+def test_pipelined_requests_are_answered_in_order_and_an_unread_body_does_not_break_the_connection(
+    server: Server, folder: Path
+) -> None:
+    xs = [images_batch(n, seed=n) for n in (1, 2, 5)]
+    with connect(server) as sock:
+        answers = Answers(sock)
+        # The unknown model is refused before its body is read; the parser still frames it by its length.
+        sock.sendall(request(xs[0], model="resnet") + request(xs[0]) + request(xs[1]) + request(xs[2]))
+        status, _, body = answers.next()
+        assert status.startswith(b"HTTP/1.1 404") and b"model 'resnet' not found" in body
+        for x in xs:
+            status, headers, body = answers.next()
+            assert status == b"HTTP/1.1 200 OK"
+            got = binary_output(body, int(headers["inference-header-content-length"]))
+            assert got.shape == (len(x), 5) and np.abs(got - logits(folder, x)).max() <= 1e-5
+        sock.sendall(request(xs[0]))  # and the connection is still good for more
+        assert answers.next()[0] == b"HTTP/1.1 200 OK"
+
+
+@pytest.mark.parametrize(("version", "extra"), [("1.1", "Connection: close\r\n"), ("1.0", "")])
+def test_a_request_that_does_not_keep_the_connection_alive_is_answered_then_closed(
+    server: Server, version: str, extra: str
+) -> None:
+    with connect(server) as sock:
+        answers = Answers(sock)
+        sock.sendall(request(images_batch(1), extra=extra, version=version))
+        status, headers, _ = answers.next()
+        assert status.endswith(b" 200 OK") and headers["connection"] == "close"
+        assert answers.closed()
+
+
+def test_a_binary_body_that_stops_halfway_is_answered_408_and_closed(server: Server) -> None:
+    whole = request(images_batch(4))
+    with connect(server) as sock:
+        sock.sendall(whole[: len(whole) // 2])
+        answers = Answers(sock)
+        assert answers.next()[0].startswith(b"HTTP/1.1 408")
+        assert answers.closed()
+
+
+def test_a_direct_request_is_in_the_access_log_and_the_request_metrics(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = statuses(server).get("200", 0)
+    with caplog.at_level(logging.INFO, logger="uvicorn.access"), connect(server) as sock:
+        sock.sendall(request(images_batch(1), model="tiny/versions/1"))
+        assert Answers(sock).next()[0] == b"HTTP/1.1 200 OK"
+    assert statuses(server)["200"] == before + 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+    assert any('"POST /v2/models/tiny/versions/1/infer HTTP/1.1" 200' in line for line in lines), lines
