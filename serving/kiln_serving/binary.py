@@ -13,6 +13,8 @@ import numpy as np
 from kiln_serving import errors, jsontext
 
 HEADER = "Inference-Header-Content-Length"
+# Longer numbers are past any body limit (and int() refuses over 4300 digits).
+MAX_DIGITS = 18
 
 # Binary tensors in a request body start on this boundary (a cache line; numpy and SIMD kernels need less).
 _ALIGNMENT = 64
@@ -31,8 +33,9 @@ def header_length(value: str | None) -> int | None:
     """The header's value as a byte count; only ASCII digits count (int() would also take '٣' or ' 3')."""
     if value is None:
         return None
-    if not (value.isascii() and value.isdigit()):
-        raise errors.InvalidInput(f"{HEADER} must be a non-negative integer, got {value!r}")
+    if not (value.isascii() and value.isdigit()) or len(value) > MAX_DIGITS:
+        raise errors.InvalidInput(f"{HEADER} must be a non-negative integer of at most {MAX_DIGITS} digits, "
+                                  f"got {value[:40]!r}")  # fmt: skip
     return int(value)
 
 

@@ -93,7 +93,7 @@ class Route:
 
 
 def _digits(value: bytes) -> int | None:
-    return int(value) if value.isdigit() else None  # bytes.isdigit() is ASCII only
+    return int(value) if value.isdigit() and len(value) <= binary.MAX_DIGITS else None  # bytes: ASCII digits only
 
 
 class DirectCycle(RequestResponseCycle):

@@ -22,6 +22,7 @@ from tritonclient.grpc import service_pb2 as pb
 from kiln_serving import codec, connections, errors, grpc_wire, http2, metrics, protocol
 from kiln_serving.config import ServingConfig
 from kiln_serving.dataplane import DataPlane, weight
+from kiln_serving.http_body import ENCODINGS, inflate
 from kiln_serving.model import Model
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,11 @@ class Service:
         served = ", ".join(sorted(rpc.name for rpc in _SERVICE.methods if hasattr(self, rpc.name)))
         name = path.rsplit("/", 1)[-1] if path.startswith(f"/{_SERVICE.full_name}/") else path
         return grpc_wire.Abort("UNIMPLEMENTED", f"kiln does not serve {name}; it serves {served}")
+
+    async def inflate(self, message: memoryview, encoding: str) -> bytes:
+        """A compressed request message, decompressed within max_body_bytes (on a codec thread when large)."""
+        limit = self.dataplane.config.max_body_bytes
+        return await self._call(lambda: self.dataplane.offload(len(message) * 8, inflate, message, encoding, limit))
 
     async def _call(self, work: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -204,8 +210,8 @@ def settings(dataplane: DataPlane) -> http2.Settings:
     service = Service(dataplane)
     too_large = f"request over the {config.max_body_bytes}-byte limit (max_body_bytes)"
     return http2.Settings(
-        handler=grpc_wire.Dispatcher(service.methods(), service.unknown),
-        oversize=grpc_wire.error("RESOURCE_EXHAUSTED", too_large),
+        handler=grpc_wire.Dispatcher(service.methods(), service.unknown, ENCODINGS, service.inflate),
+        oversize=grpc_wire.error("RESOURCE_EXHAUSTED", too_large, ENCODINGS),
         max_body=config.max_body_bytes + _ENVELOPE_BYTES,
         max_header_bytes=config.max_header_bytes,
         header_timeout=config.header_timeout_seconds,

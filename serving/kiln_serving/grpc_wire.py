@@ -1,12 +1,12 @@
 """gRPC over HTTP/2 (gRPC's PROTOCOL-HTTP2 document) for unary calls: a path names the method, the body is one
 length-prefixed protobuf message, the answer is that message plus a grpc-status trailer, and an error is a
-Trailers-Only answer. Deadlines (grpc-timeout) are kept; compressed messages are refused (kiln advertises only
-identity, so clients do not compress).
+Trailers-Only answer. Deadlines (grpc-timeout) are kept. A request message may be compressed with what the
+Dispatcher's `inflate` takes (named by grpc-encoding, advertised in grpc-accept-encoding); answers are not.
 """
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +26,6 @@ CODES = {
 _UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 # grpc-message is percent-encoded past this length's worth of text it keeps (one frame holds the block).
 _MESSAGE_CHARS = 4096
-_HEAD = [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-accept-encoding", b"identity")]
-_OK_HEAD = http2_wire.encode_headers(_HEAD)
 _OK_TRAILERS = http2_wire.encode_headers([(b"grpc-status", b"0")])
 
 
@@ -39,8 +37,10 @@ class Abort(Exception):
         self.code = code
 
 
-def ok(message: bytes) -> http2_wire.Reply:
-    return http2_wire.Reply(_OK_HEAD, b"\x00" + len(message).to_bytes(4, "big") + message, _OK_TRAILERS)
+def _head(encodings: Sequence[str]) -> list[tuple[bytes, bytes]]:
+    """An answer's headers; grpc-accept-encoding names the compressions a request message may use."""
+    accepted = ",".join(("identity", *encodings)).encode()
+    return [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-accept-encoding", accepted)]
 
 
 def _percent(text: str) -> bytes:
@@ -49,10 +49,10 @@ def _percent(text: str) -> bytes:
     return b"".join(bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
 
 
-def error(code: str, message: str) -> http2_wire.Reply:
+def error(code: str, message: str, encodings: Sequence[str] = ()) -> http2_wire.Reply:
     """A Trailers-Only answer: the status travels in the only header block."""
     status = [(b"grpc-status", str(CODES[code]).encode()), (b"grpc-message", _percent(message))]
-    return http2_wire.Reply(http2_wire.encode_headers(_HEAD + status))
+    return http2_wire.Reply(http2_wire.encode_headers(_head(encodings) + status))
 
 
 def not_grpc(status: int, message: str) -> http2_wire.Reply:
@@ -69,32 +69,58 @@ def timeout_seconds(value: str) -> float:
     return int(digits) * _UNITS[unit]
 
 
-def message(body: bytes) -> memoryview:
-    """The one message of a unary request body."""
+def message(body: bytes) -> tuple[bool, memoryview]:
+    """The one message of a unary request body, and whether it is compressed."""
     if len(body) < 5:
         raise Abort("INTERNAL", "the request carries no message")
-    if body[0] != 0:
-        raise Abort("UNIMPLEMENTED", "compressed messages are not supported: send with grpc-encoding identity")
+    if body[0] not in (0, 1):
+        raise Abort("INTERNAL", f"unknown message flags {body[0]:#04x}")
     length = int.from_bytes(body[1:5], "big")
     if len(body) != 5 + length:
         raise Abort("INTERNAL", "a unary request carries exactly one whole message")
-    return memoryview(body)[5:]
+    return body[0] == 1, memoryview(body)[5:]
 
 
 @dataclass(frozen=True)
 class Method:
     """One RPC: how to parse its request message, and the coroutine answering it."""
 
-    parse: Callable[[memoryview], Any]
+    parse: Callable[[bytes | memoryview], Any]
     call: Callable[[Any], Awaitable[Any]]
 
 
 class Dispatcher:
-    """The http2 handler: checks the call, finds the method by path, runs it within the deadline."""
+    """The http2 handler: checks the call, finds the method by path, inflates and parses its message, runs it
+    within the deadline. `inflate(message, encoding)` decompresses a message compressed with one of `encodings`
+    (raising Abort when it cannot)."""
 
-    def __init__(self, methods: Mapping[str, Method], unknown: Callable[[str], Abort]) -> None:
+    def __init__(
+        self,
+        methods: Mapping[str, Method],
+        unknown: Callable[[str], Abort],
+        encodings: Sequence[str] = (),
+        inflate: Callable[[memoryview, str], Awaitable[bytes | memoryview]] | None = None,
+    ) -> None:
         self.methods = methods
         self.unknown = unknown
+        self.encodings = tuple(encodings) if inflate is not None else ()
+        self.inflate = inflate
+        self._ok_head = http2_wire.encode_headers(_head(self.encodings))
+
+    def ok(self, message: bytes) -> http2_wire.Reply:
+        return http2_wire.Reply(self._ok_head, b"\x00" + len(message).to_bytes(4, "big") + message, _OK_TRAILERS)
+
+    async def _message(self, body: bytes, encoding: str) -> bytes | memoryview:
+        compressed, payload = message(body)
+        if not compressed:
+            return payload
+        if encoding == "identity":
+            raise Abort("INTERNAL", "the message is flagged compressed but grpc-encoding names no compression")
+        if encoding not in self.encodings or self.inflate is None:
+            accepted = ", ".join(("identity", *self.encodings))
+            raise Abort("UNIMPLEMENTED", f"message compressed with {encoding!r}, which kiln does not take "
+                                         f"(grpc-accept-encoding: {accepted})")  # fmt: skip
+        return await self.inflate(payload, encoding)
 
     async def __call__(self, request: http2_wire.Request) -> http2_wire.Reply:
         headers = request.headers
@@ -107,8 +133,9 @@ class Dispatcher:
             method = self.methods.get(path)
             if method is None:
                 raise self.unknown(path)
+            payload = await self._message(request.body, headers.get("grpc-encoding", "identity"))
             try:
-                parsed = method.parse(message(request.body))
+                parsed = method.parse(payload)
             except DecodeError as err:
                 raise Abort("INTERNAL", f"cannot parse the request message: {err}") from err
             deadline = headers.get("grpc-timeout")
@@ -121,5 +148,5 @@ class Dispatcher:
                 except TimeoutError:
                     raise Abort("DEADLINE_EXCEEDED", "deadline exceeded") from None
         except Abort as err:
-            return error(err.code, str(err))
-        return ok(answer.SerializeToString())
+            return error(err.code, str(err), self.encodings)
+        return self.ok(answer.SerializeToString())

@@ -24,8 +24,13 @@ def plain_number(value: str | bytes | None) -> int | None:
     return int(value) if value is not None and value.isascii() and value.isdigit() else None
 
 
-def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
-    """tritonclient's request_compression_algorithm; decompress no further than the limit (zip bombs)."""
+# The compressions a request may come in (HTTP Content-Encoding, gRPC grpc-encoding): gzip, and zlib's deflate.
+ENCODINGS = ("gzip", "deflate")
+
+
+def inflate(body: bytes | memoryview, encoding: str, limit: int) -> bytes:
+    """tritonclient's request_compression_algorithm (HTTP) and compression_algorithm (gRPC), one of ENCODINGS;
+    decompress no further than the limit (zip bombs)."""
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
         body = inflater.decompress(body, limit + 1)
@@ -33,6 +38,8 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
         raise errors.InvalidInput(f"body is not valid {encoding} data: {err}") from None
     if len(body) > limit:
         raise errors.PayloadTooLarge(f"decompressed request body is over the limit of {limit} bytes")
+    if not inflater.eof:
+        raise errors.InvalidInput(f"body is not valid {encoding} data: it ends before the compressed stream does")
     return body
 
 
@@ -56,8 +63,8 @@ async def read_body(request: Request, dataplane: DataPlane) -> bytes:
     body = b"".join(chunks)
     del chunks
     encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding in ("gzip", "deflate"):
-        body = await dataplane.offload(len(body) * 8, _inflate, body, encoding, limit)
+    if encoding in ENCODINGS:
+        body = await dataplane.offload(len(body) * 8, inflate, body, encoding, limit)
     elif encoding != "identity":
         raise errors.InvalidInput(f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or none)")
     return body
