@@ -1,14 +1,13 @@
 """Binary inference requests answered straight from the HTTP protocol, without ASGI.
 
 Nearly every request to a busy server is a POST to .../infer with the binary tensor extension. Through ASGI each
-one pays for a scope, message dicts both ways, Starlette's Request and Response and uvicorn's send() checks:
-about half of the event loop's work per batch-1 request, and the loop's CPU is what batching at batch 1 and
-the HTTP overhead at batch 32 are bound by. A request that qualifies (`wanted`: the binary extension, a plain
-Content-Length within the limit, no Content-Encoding, Transfer-Encoding or Expect) gets a `DirectCycle` instead
-of uvicorn's ASGI cycle: its body is copied as it arrives into the aligned buffer the tensors are used from, and
-the routes' handler returns an `Answer` that is written as one send. Everything else about the connection (keep-
-alive, pipelining, flow control, timeouts, graceful shutdown, the access log) stays uvicorn's and
-connections.py's, and every other request takes the ASGI way.
+one pays for a scope, message dicts both ways, Starlette's Request and Response and uvicorn's send() checks, and
+the loop's CPU is what batching at batch 1 and the HTTP overhead at batch 32 are bound by. A request that
+qualifies (`wanted`: the binary extension, a plain Content-Length within the limit, no Content-Encoding,
+Transfer-Encoding or Expect) gets a `DirectCycle` instead of uvicorn's ASGI cycle: once admitted, its body goes
+into the aligned buffer the tensors are used from, and the routes' handler returns an `Answer` that is written
+as one send. Everything else about the connection (keep-alive, pipelining, flow control, timeouts, graceful
+shutdown, the access log) stays uvicorn's and connections.py's, and every other request takes the ASGI way.
 """
 
 import asyncio
@@ -17,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
@@ -104,20 +104,36 @@ class DirectCycle(RequestResponseCycle):
         hang_up: asyncio.Future[None], **kwargs: Any,
     ) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
-        self.buffer = binary.aligned_buffer(length, header_length)
+        self.length, self.header_length = length, header_length
+        self.buffer: memoryview | None = None  # allocated once the handler asks for the body (see feed)
         self.filled = 0
         self.call = InferCall(self.scope["path"], params["name"], params.get("version"), length, header_length,
                               self._body, hang_up)  # fmt: skip
         self.handler = route.handler
 
     def feed(self, chunk: bytes) -> None:
-        """A piece of the body from the parser, which frames it by Content-Length: it never runs past the end."""
-        if not self.response_complete:
-            end = self.filled + len(chunk)
-            self.buffer[self.filled : end] = chunk
-            self.filled = end
+        """A piece of the body from the parser, which frames it by Content-Length: it never runs past the end.
+
+        Until the handler asks for the body (after it admitted the request: DataPlane.admit bounds how many large
+        bodies are read at once) the pieces wait as uvicorn keeps them, reading paused past HIGH_WATER_LIMIT; so
+        a crowd of clients declaring large bodies costs no more memory than it would through ASGI."""
+        if self.response_complete:
+            return
+        if self.buffer is None:
+            self.body += chunk
+            if len(self.body) > HIGH_WATER_LIMIT:
+                self.flow.pause_reading()
+            return
+        end = self.filled + len(chunk)
+        self.buffer[self.filled : end] = chunk
+        self.filled = end
 
     async def _body(self) -> memoryview:
+        self.buffer = binary.aligned_buffer(self.length, self.header_length)
+        self.filled = len(self.body)
+        self.buffer[: self.filled] = self.body
+        self.body = bytearray()
+        self.flow.resume_reading()
         while self.more_body and not self.disconnected:
             await self.message_event.wait()
             self.message_event.clear()

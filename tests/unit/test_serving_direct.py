@@ -3,10 +3,13 @@ answer byte for byte, pipelining and keep-alive, connection close, timeouts, the
 loopback against a real server and real onnxruntime. Hang-ups and graceful shutdown on both paths are tested
 with the heavy and batching tests."""
 
+import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,10 +23,13 @@ from serving_support import (
     statuses,
 )
 from serving_support import trained_folder as make_trained_folder
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 
 from kiln_serving import Server
 
 PATIENCE = 30
+# The most one read of the event loop hands over at once (uvloop reads into a 256 KiB buffer).
+READ_BYTES = 256 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +82,21 @@ def connect(server: Server) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=PATIENCE)
 
 
+def open_cycles(server: Server) -> list[Any]:
+    """The last request cycle of each connection the server holds open."""
+    connections = list(server.uvicorn_server.server_state.connections)
+    return [c.cycle for c in connections if getattr(c, "cycle", None) is not None]  # type: ignore[attr-defined]
+
+
 def cycles(server: Server) -> list[str]:
-    """The kind of the last request cycle of each connection the server holds open."""
-    connections = server.uvicorn_server.server_state.connections
-    return [type(c.cycle).__name__ for c in connections if getattr(c, "cycle", None) is not None]  # type: ignore[attr-defined]
+    return [type(c).__name__ for c in open_cycles(server)]
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.02)
 
 
 def logits(folder: Path, x: np.ndarray) -> np.ndarray:
@@ -155,3 +172,29 @@ def test_a_direct_request_is_in_the_access_log_and_the_request_metrics(
     assert statuses(server)["200"] == before + 1
     lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
     assert any('"POST /v2/models/tiny/versions/1/infer HTTP/1.1" 200' in line for line in lines), lines
+
+
+def test_bodies_waiting_to_be_admitted_are_held_no_further_than_through_asgi(folder: Path) -> None:
+    """Past max_concurrent_large_requests a large body waits as uvicorn holds one for an app not reading yet
+    (reading paused past HIGH_WATER_LIMIT), and no buffer of its declared size exists until it is admitted."""
+    whole = request(images_batch(2000))  # 1.5 MB of body
+    cfg = config(folder, max_concurrent_large_requests=1, header_timeout_seconds=PATIENCE,
+                 body_timeout_seconds=PATIENCE)  # fmt: skip
+    with serving(cfg) as server, connect(server) as admitted:
+        admitted.sendall(whole[: len(whole) // 2])
+        wait_for(lambda: [c.buffer is not None for c in open_cycles(server)] == [True], "the first body admitted")
+        waiting = [connect(server) for _ in range(6)]
+        try:
+            for sock in waiting:
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    sock.send(whole[:1_000_000])  # as much as the kernel takes, far past what the server holds
+            held = lambda: [len(c.body) for c in open_cycles(server) if c.buffer is None]  # noqa: E731
+            wait_for(lambda: len(held()) == 6 and min(held()) > HIGH_WATER_LIMIT, "six bodies held, reading paused")
+            assert max(held()) <= HIGH_WATER_LIMIT + READ_BYTES, held()
+            admitted.sendall(whole[len(whole) // 2 :])
+            assert Answers(admitted).next()[0] == b"HTTP/1.1 200 OK"
+        finally:
+            for sock in waiting:
+                sock.close()
+        wait_for(lambda: statuses(server).get("499", 0) == 6, "the six that left counted as 499")
