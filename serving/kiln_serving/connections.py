@@ -19,9 +19,11 @@ import logging
 import resource
 import socket
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import httptools
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from kiln_serving import direct
@@ -76,6 +78,24 @@ class _HeadWithBody:
         return getattr(self._transport, name)
 
 
+class _Flow(FlowControl):
+    """uvicorn's flow control, telling the connection when the server pauses and resumes reading it."""
+
+    def __init__(self, transport: asyncio.Transport, reading_paused: Callable[[bool], None]) -> None:
+        super().__init__(transport)
+        self._reading_paused = reading_paused
+
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            super().pause_reading()
+            self._reading_paused(True)
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            super().resume_reading()
+            self._reading_paused(False)
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket; port 0 picks a free one, which the caller reads back from the socket."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -118,6 +138,17 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 self._timer.cancel()
                 self._timer = None
 
+        def _reading_paused(self, paused: bool) -> None:
+            """While the server keeps a request waiting (a body held until the request is admitted, a pipelined
+            request behind another), its client is not slow: the head and body timeouts stop, and restart when
+            reading does."""
+            if paused:
+                self._disarm()
+            elif not self._in_head and self.cycle is not None and self.cycle.more_body:
+                self._arm(config.body_timeout_seconds)
+            elif self._in_head and self._head_bytes:
+                self._arm(config.header_timeout_seconds)
+
         def _expire(self) -> None:
             self._timer = None
             self._refuse(408, "Request Timeout")
@@ -132,6 +163,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.flow = _Flow(transport, self._reading_paused)
             if len(self.connections) > cap:
                 log.warning("refusing a connection: %d open, the limit is %d", len(self.connections) - 1, cap)
                 self._refuse(503, "Service Unavailable")
@@ -175,7 +207,8 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 super().on_headers_complete()
                 if self.cycle is not None and self.cycle is not previous:
                     self.cycle.transport = _HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
-            if self.cycle is not None and self.cycle.more_body and not self.parser.should_upgrade():
+            waits_for_body = self.cycle is not None and self.cycle.more_body and not self.parser.should_upgrade()
+            if waits_for_body and not self.flow.read_paused:  # paused: held back by the server (_reading_paused)
                 self._arm(config.body_timeout_seconds)
             else:
                 self._disarm()

@@ -230,3 +230,34 @@ def test_a_queued_request_whose_client_hangs_up_gives_its_place_in_the_queue_bac
         assert read_response(running).startswith(b"HTTP/1.1 200")
         assert read_response(waiting).startswith(b"HTTP/1.1 200")
         assert statuses(server, "gated").get("499") == 1
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_a_large_body_the_server_holds_back_for_admission_is_not_timed_out(tmp_path: Path, binary: bool) -> None:
+    """max_concurrent_large_requests=1 and one large request at the model: the next one's body is read no
+    further than 64 KiB until its turn, and waiting for its turn, far past the body timeout, is not its
+    client's slowness: no 408, and it is answered once the first is done."""
+    model = GatedModel()
+    x = np.arange(80_000, dtype=np.float32).reshape(-1, 2)  # 320 KB binary, over 256 KB (a large request)
+    if binary:
+        body, header_length = binary_body(x, name="x", output="y")
+    else:
+        body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                       "data": x.reshape(-1).tolist()}]}).encode()  # fmt: skip
+        header_length = None
+    cfg = config(tmp_path, max_concurrent_large_requests=1, body_timeout_seconds=0.3, max_queue_delay_microseconds=0)
+    with serving(cfg, model) as server:
+        first = raw_post(server.port, "/v2/models/gated/infer", body, header_length=header_length)
+        deadline = time.monotonic() + PATIENCE
+        while server.dataplane.batcher.incoming or queue_depth(server) or gauge(server, "requests_in_flight") < 1:
+            assert time.monotonic() < deadline, "the first request never reached the model"
+            time.sleep(0.02)
+        held = raw_post(server.port, "/v2/models/gated/infer", body, header_length=header_length)
+        while gauge(server, "requests_in_flight") < 2:  # the second is in, waiting for its turn
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(1.0)  # more than three body timeouts
+        model.gate.set()
+        for sock in (first, held):
+            assert read_response(sock).startswith(b"HTTP/1.1 200"), "a request waiting for its turn timed out"
+            sock.close()
