@@ -35,13 +35,12 @@ from kiln_serving.model import Model
 log = logging.getLogger(__name__)
 
 
-def _json(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    body = jsontext.dumps(content)
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
-
-
 def _answer(content: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Answer:
     return Answer(status, jsontext.dumps(content), headers=headers)
+
+
+def _json(content: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return respond(_answer(content, status, headers))
 
 
 def respond(answer: Answer) -> Response:
@@ -126,37 +125,38 @@ class Routes:
         return _json({"name": p["name"], "ready": False, "error": self.dataplane.not_ready_reason()}, 503)
 
     async def infer(self, request: Request) -> Response:
-        async def handle() -> Answer:
-            p = request.path_params
-            self.dataplane.require_ready(p["name"], p.get("version"))
+        async def read() -> tuple[bytes | memoryview, int | None]:
             header_length = binary.header_length(request.headers.get(binary.HEADER))
+            if header_length is not None:  # binary tensors follow the JSON header (or, for 0, are all of it)
+                return await read_tensor_body(request, self.dataplane, header_length), header_length
+            return await read_body(request, self.dataplane), None
 
-            async def read() -> bytes | memoryview:
-                if header_length is not None:  # binary tensors follow the JSON header (or, for 0, are all of it)
-                    return await read_tensor_body(request, self.dataplane, header_length)
-                return await read_body(request, self.dataplane)
-
-            return await self._infer(p["name"], p.get("version"), header_length, read,
-                                     lambda work: unless_disconnected(request, work))  # fmt: skip
+        def handle() -> Awaitable[Answer]:
+            p = request.path_params
+            return self._infer(p["name"], p.get("version"), read, lambda work: unless_disconnected(request, work))
 
         return await self._instrumented(request, handle)
 
     async def infer_direct(self, call: direct.InferCall) -> Answer:
         """An inference request that skipped ASGI (direct.py): the same work, the same answers."""
 
+        async def read() -> tuple[memoryview, int]:
+            return await call.body(), call.header_length
+
         def handle() -> Awaitable[Answer]:
-            return self._infer(call.name, call.version, call.header_length, call.body,
-                               lambda work: unless_gone(call.hang_up, work))  # fmt: skip
+            return self._infer(call.name, call.version, read, lambda work: unless_gone(call.hang_up, work))
 
         return await self.instrumented(call.path, call.name, call.version, call.length, handle)
 
     async def _infer(
-        self, name: str, version: str | None, header_length: int | None,
-        read: Callable[[], Awaitable[bytes | memoryview]],
+        self, name: str, version: str | None,
+        read: Callable[[], Awaitable[tuple[bytes | memoryview, int | None]]],
         unless_gone: Callable[[Coroutine[Any, Any, InferResponse]], Awaitable[InferResponse]],
     ) -> Answer:  # fmt: skip
+        """Refuse before reading the body when the model is not there; `read` gives the body and its
+        Inference-Header-Content-Length."""
         self.dataplane.require_ready(name, version)
-        body = await read()
+        body, header_length = await read()
         result = await unless_gone(self.dataplane.infer(name, version, body, header_length))
         if result.header_length is None:
             return Answer(200, result.body)

@@ -33,10 +33,17 @@ def header_length(value: str | None) -> int | None:
     """The header's value as a byte count; only ASCII digits count (int() would also take '٣' or ' 3')."""
     if value is None:
         return None
-    if not (value.isascii() and value.isdigit()) or len(value) > MAX_DIGITS:
+    number = digits(value)
+    if number is None:
         raise errors.InvalidInput(f"{HEADER} must be a non-negative integer of at most {MAX_DIGITS} digits, "
                                   f"got {value[:40]!r}")  # fmt: skip
-    return int(value)
+    return number
+
+
+def digits(value: str | bytes) -> int | None:
+    """A header value that is only ASCII digits, at most MAX_DIGITS of them, as an int; else None (int() would
+    also take '٣' or ' 3', and refuses over 4300 digits)."""
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= MAX_DIGITS else None
 
 
 def split(body: bytes | memoryview, length: int | None) -> tuple[dict[str, Any], memoryview]:

@@ -78,9 +78,9 @@ class Route:
         length = header_length = None
         for name, value in headers:
             if name == b"content-length":
-                length = _digits(value)
+                length = binary.digits(value)
             elif name == _INFERENCE_HEADER:
-                header_length = _digits(value)
+                header_length = binary.digits(value)
             elif name in (b"content-encoding", b"transfer-encoding", b"expect"):
                 return None
         if length is None or header_length is None or length > self.max_body_bytes:
@@ -90,10 +90,6 @@ class Route:
             if match is not None:
                 return match.groupdict(), length, header_length
         return None
-
-
-def _digits(value: bytes) -> int | None:
-    return int(value) if value.isdigit() and len(value) <= binary.MAX_DIGITS else None  # bytes: ASCII digits only
 
 
 class DirectCycle(RequestResponseCycle):

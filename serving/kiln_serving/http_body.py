@@ -16,12 +16,8 @@ T = TypeVar("T")
 
 def declared_length(request: Request) -> int | None:
     """The Content-Length, if it is a plain number."""
-    return plain_number(request.headers.get("content-length"))
-
-
-def plain_number(value: str | bytes | None) -> int | None:
-    """A header value that is only ASCII digits, as an int (int() would also take '٣' or ' 3')."""
-    return int(value) if value is not None and value.isascii() and value.isdigit() else None
+    declared = request.headers.get("content-length")
+    return None if declared is None else binary.digits(declared)
 
 
 # The compressions a request may come in (HTTP Content-Encoding, gRPC grpc-encoding): gzip, and zlib's deflate.
