@@ -4,6 +4,7 @@ Routes only: the data plane does the protocol work. Domain errors become HTTP st
 the one place that knows the mapping, and every error body is the protocol's {"error": "..."}.
 """
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -25,6 +26,7 @@ from kiln_serving.direct import Answer
 from kiln_serving.http_body import (
     check_declared,
     declared_length,
+    hang_up_of,
     read_body,
     read_tensor_body,
     unless_disconnected,
@@ -64,9 +66,12 @@ class Routes:
         self.model_metrics = dataplane.model_metrics
 
     async def instrumented(
-        self, path: str, name: str, version: str | None, declared: int | None, handle: Callable[[], Awaitable[Answer]]
-    ) -> Answer:
-        """Count, time and gauge one inference request, and turn errors into answers."""
+        self, path: str, name: str, version: str | None, declared: int | None,
+        handle: Callable[[], Awaitable[Answer]], hang_up: asyncio.Future[int | None] | None,
+    ) -> Answer:  # fmt: skip
+        """Count, time and gauge one inference request, and turn errors into answers. `hang_up` is the
+        connection's (connections.py), whose result is the status the server answered if it, not the client, ended
+        the request (a body timeout's 408)."""
         known = name == self.model.name and (version or self.model.version) == self.model.version
         started = time.perf_counter()
         self.model_metrics.in_flight.inc()
@@ -76,7 +81,8 @@ class Routes:
                     answer = await handle()
         except (errors.ClientClosed, ClientDisconnect):
             # Nobody to answer; the status is recorded so that error-rate alerts do not count it.
-            answer = Answer(metrics.CLIENT_CLOSED, b"")
+            ended_by = hang_up.result() if hang_up is not None and hang_up.done() else None
+            answer = Answer(ended_by or metrics.CLIENT_CLOSED, b"")
         except errors.ServingError as err:
             answer = _error_answer(err)
         except Exception as err:
@@ -90,7 +96,7 @@ class Routes:
     async def _instrumented(self, request: Request, handle: Callable[[], Awaitable[Answer]]) -> Response:
         p = request.path_params
         return respond(await self.instrumented(request.url.path, p.get("name", ""), p.get("version"),
-                                               declared_length(request), handle))  # fmt: skip
+                                               declared_length(request), handle, hang_up_of(request)))  # fmt: skip
 
     # -- routes ---------------------------------------------------------------------------------------------
 
@@ -126,7 +132,7 @@ class Routes:
 
     async def infer(self, request: Request) -> Response:
         async def read() -> tuple[bytes | memoryview, int | None]:
-            header_length = binary.header_length(request.headers.get(binary.HEADER))
+            header_length = binary.header_length(request.headers.getlist(binary.HEADER))
             if header_length is not None:  # binary tensors follow the JSON header (or, for 0, are all of it)
                 return await read_tensor_body(request, self.dataplane, header_length), header_length
             return await read_body(request, self.dataplane), None
@@ -146,7 +152,7 @@ class Routes:
         def handle() -> Awaitable[Answer]:
             return self._infer(call.name, call.version, read, lambda work: unless_gone(call.hang_up, work))
 
-        return await self.instrumented(call.path, call.name, call.version, call.length, handle)
+        return await self.instrumented(call.path, call.name, call.version, call.length, handle, call.hang_up)
 
     async def _infer(
         self, name: str, version: str | None,

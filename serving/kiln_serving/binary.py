@@ -29,10 +29,14 @@ def aligned_buffer(length: int, header_length: int) -> memoryview:
     return storage.data[pad : pad + length]
 
 
-def header_length(value: str | None) -> int | None:
-    """The header's value as a byte count; only ASCII digits count (int() would also take '٣' or ' 3')."""
-    if value is None:
+def header_length(values: Sequence[str]) -> int | None:
+    """The header's value (all its values as received) as a byte count; only ASCII digits count (int() would also
+    take '٣' or ' 3'), and only once (two values leave which one is meant unknown)."""
+    if not values:
         return None
+    if len(values) > 1:
+        raise errors.InvalidInput(f"{HEADER} is given {len(values)} times; send it once")
+    value = values[0]
     number = digits(value)
     if number is None:
         raise errors.InvalidInput(f"{HEADER} must be a non-negative integer of at most {MAX_DIGITS} digits, "

@@ -8,13 +8,20 @@
 - Past max_connections (capped below the process's file-descriptor limit) a new connection is answered 503
   at once and closed, so the server stays reachable for probes as soon as any connection ends.
 Idle keep-alive connections are closed by uvicorn after keep_alive_timeout_seconds.
-- A response's head and body leave in one send (_HeadWithBody).
+- A response's head and body leave in one send (_HeadWithBody). A request sent with `Expect: 100-continue` waits
+  for its body with no timeout until the server asks for it (100 Continue); answered without asking, it closes
+  the connection (its client may never send the body, so the next request's start is unknown).
+- Each request is answered at most once: a timeout after the answer closes the connection without a second one,
+  and when the connection is lost every request on it, the one being answered and those pipelined behind it,
+  sees the hang-up. A transfer coding other than chunked gets 501, an HTTP/1.1 Upgrade (kiln upgrades to
+  nothing; gRPC has its own port) 400, each with the connection closed.
 - A binary inference request skips ASGI: its cycle is a direct.DirectCycle (see direct.py).
 - Each request's scope carries, under extensions[HANG_UP], a future of its connection that is done once the
   connection is lost, so the app learns of a client hanging up without a watcher task per request.
 """
 
 import asyncio
+import json
 import logging
 import resource
 import socket
@@ -24,7 +31,7 @@ from typing import Any
 
 import httptools
 from uvicorn.protocols.http.flow_control import FlowControl
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from kiln_serving import direct
 from kiln_serving.config import ServingConfig
@@ -38,24 +45,47 @@ HANG_UP = "kiln.hang_up"
 _SPARE_FDS = 64
 
 
-def _response(status: int, reason: str) -> bytes:
-    body = f'{{"error":"{reason}"}}'.encode()
+def _response(status: int, reason: str, message: str | None = None) -> bytes:
+    body = json.dumps({"error": message or reason}).encode()
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             "connection: close\r\n\r\n").encode() + body  # fmt: skip
+
+
+# What uvicorn writes when an ASGI app first asks for the body of a request that expects 100-continue.
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _HeadWithBody:
     """A response's view of the transport: its head (uvicorn's first write: status line and headers) is held
     until the body's first write and both leave in one send, so a small answer is one TCP segment and one
-    wake-up of the client rather than two. A head with no body by the end of this loop turn (HEAD) goes alone."""
+    wake-up of the client rather than two. A head with no body by the end of this loop turn (HEAD) goes alone.
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    A 100 Continue goes out at once and starts the body's timeout (`continued`); a final answer to a request
+    that expected it, sent before it and before the body, says `connection: close` and closes the connection."""
+
+    def __init__(
+        self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, cycle: RequestResponseCycle,
+        continued: Callable[[], None] | None,
+    ) -> None:  # fmt: skip
         self._transport = transport
         self._loop = loop
         self._head: bytes | None = None
         self._first = True
+        self._cycle = cycle
+        self._continued = continued  # None: no 100 Continue expected, or already sent
 
     def write(self, data: bytes) -> None:
+        if self._continued is not None:
+            if data == _CONTINUE:
+                continued: Callable[[], None] = self._continued
+                self._continued = None
+                self._transport.write(data)
+                continued()
+                return
+            self._continued = None
+            if self._cycle.more_body and self._cycle.keep_alive:  # the head of an answer sent without asking
+                self._cycle.keep_alive = False  # uvicorn closes the connection after the body
+                data = data[:-2] + b"connection: close\r\n\r\n"
         if self._first:
             self._first, self._head = False, data
             self._loop.call_soon(self.flush)
@@ -127,7 +157,10 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             self._head_bytes = 0
             self._in_head = True  # between requests the next bytes start a head
             self._timer: asyncio.TimerHandle | None = None
-            self._hang_up: asyncio.Future[None] = self.loop.create_future()  # done once the connection is lost
+            # Done once the connection is lost: None when its client left, else the status the server answered
+            # when it closed the connection (a timeout's 408), which the request metrics then record.
+            self._hang_up: asyncio.Future[int | None] = self.loop.create_future()
+            self._answering: RequestResponseCycle | None = None  # the cycle whose task runs (self.cycle: the newest)
 
         def _arm(self, seconds: float) -> None:
             self._disarm()
@@ -145,21 +178,42 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             if paused:
                 self._disarm()
             elif not self._in_head and self.cycle is not None and self.cycle.more_body:
-                self._arm(config.body_timeout_seconds)
+                if not self.cycle.waiting_for_100_continue:  # else: the body's clock starts with the 100
+                    self._arm(config.body_timeout_seconds)
             elif self._in_head and self._head_bytes:
                 self._arm(config.header_timeout_seconds)
 
         def _expire(self) -> None:
             self._timer = None
+            if not self._hang_up.done() and self.cycle is not None and not self.cycle.response_started:
+                self._hang_up.set_result(408)  # the request the app may be reading is recorded as timed out
             self._refuse(408, "Request Timeout")
 
-        def _refuse(self, status: int, reason: str) -> None:
-            if self.cycle is not None and not self.cycle.response_complete:
-                self.cycle.disconnected = True  # the app, if it already runs, sees a disconnect
-                self.cycle.message_event.set()
+        def _refuse(self, status: int, reason: str, message: str | None = None) -> None:
+            """Answer `status` and close the connection; a request already answered gets no second answer."""
+            answered = self.cycle is not None and self.cycle.response_started
+            if not self._hang_up.done():
+                self._hang_up.set_result(None)
+            self._hang_up_cycles()  # the app, if it already runs, sees a disconnect
             if not self.transport.is_closing():
-                self.transport.write(_response(status, reason))
+                if not answered:
+                    self.transport.write(_response(status, reason, message))
                 self.transport.close()
+
+        def _hang_up_cycles(self) -> None:
+            """Every request on this connection that is not yet answered sees it gone: uvicorn tells only the
+            newest, and the one being answered (pipelining) would write to a closed transport."""
+            for cycle in (self._answering, self.cycle, *(cycle for cycle, _ in self.pipeline)):
+                if cycle is not None and not cycle.response_complete:
+                    cycle.disconnected = True
+                    cycle.message_event.set()
+
+        def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+            self._answering = cycle
+            super()._start_asgi_task(cycle, app)
+
+        def _unsupported_upgrade_warning(self) -> None:
+            """Refused in on_headers_complete, where the client is told why; nothing to warn the operator of."""
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -174,6 +228,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             self._disarm()
             if not self._hang_up.done():
                 self._hang_up.set_result(None)
+            self._hang_up_cycles()
             super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
@@ -202,16 +257,42 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            if self.transport.is_closing():  # pipelined behind a refused request: nobody reads its answer
+                return
+            refusal = self._refusal()
+            if refusal is not None:
+                self._refuse(*refusal)
+                return
             previous = self.cycle
             if not self._direct():
                 super().on_headers_complete()
-                if self.cycle is not None and self.cycle is not previous:
-                    self.cycle.transport = _HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
-            waits_for_body = self.cycle is not None and self.cycle.more_body and not self.parser.should_upgrade()
-            if waits_for_body and not self.flow.read_paused:  # paused: held back by the server (_reading_paused)
+                cycle = self.cycle
+                if cycle is not None and cycle is not previous:
+                    continued = self._body_timeout if self.expect_100_continue else None
+                    cycle.transport = _HeadWithBody(self.transport, self.loop, cycle, continued)  # type: ignore[assignment]
+            if self.expect_100_continue:
+                self._disarm()  # the client waits for 100 Continue, which the server sends when it wants the body
+            else:
+                self._body_timeout()
+
+        def _body_timeout(self) -> None:
+            """Time the body from now, unless none is coming or the server itself holds it back (read_paused)."""
+            if self.cycle is not None and self.cycle.more_body and not self.flow.read_paused:
                 self._arm(config.body_timeout_seconds)
             else:
                 self._disarm()
+
+        def _refusal(self) -> tuple[int, str, str] | None:
+            """What a request head kiln cannot serve gets instead, before any of its body is parsed."""
+            if self.parser.should_upgrade():  # llhttp stops at an upgrade: the body would never be parsed
+                return 400, "Bad Request", "this server does not upgrade HTTP/1.1 connections: send it without Upgrade"
+            for name, value in self.headers:
+                if name == b"transfer-encoding":
+                    codings = [coding.strip().lower() for coding in value.split(b",")]
+                    if any(coding != b"chunked" for coding in codings):
+                        coding = value.decode("latin-1")[:40]
+                        return 501, "Not Implemented", f"transfer coding {coding!r} is not supported (only chunked)"
+            return None
 
         def _direct(self) -> bool:
             """Start a DirectCycle for this request if `route` wants it, as uvicorn starts its ASGI cycle."""
@@ -246,6 +327,8 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             return True
 
         def on_body(self, body: bytes) -> None:
+            if self.transport.is_closing():  # refused, or timed out: nobody reads the rest
+                return
             if isinstance(self.cycle, direct.DirectCycle):
                 self.cycle.feed(body)
             else:
@@ -253,7 +336,8 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def on_message_complete(self) -> None:
             self._disarm()
-            super().on_message_complete()
+            if not self.transport.is_closing():
+                super().on_message_complete()
             self._in_head, self._head_bytes = True, 0
 
     return GuardedHttp

@@ -58,7 +58,7 @@ class InferCall:
     length: int  # Content-Length
     header_length: int  # Inference-Header-Content-Length
     body: Callable[[], Awaitable[memoryview]]  # the whole body, once it has arrived
-    hang_up: asyncio.Future[None]  # done once the client's connection is lost
+    hang_up: asyncio.Future[int | None]  # done once the connection is lost (see connections.py)
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,8 @@ class Route:
             if name == b"content-length":
                 length = binary.digits(value)
             elif name == _INFERENCE_HEADER:
+                if header_length is not None:
+                    return None  # given twice: the ASGI path refuses it
                 header_length = binary.digits(value)
             elif name in (b"content-encoding", b"transfer-encoding", b"expect"):
                 return None
@@ -97,7 +99,7 @@ class DirectCycle(RequestResponseCycle):
 
     def __init__(
         self, *args: Any, route: Route, params: dict[str, Any], length: int, header_length: int,
-        hang_up: asyncio.Future[None], **kwargs: Any,
+        hang_up: asyncio.Future[int | None], **kwargs: Any,
     ) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
         self.length, self.header_length = length, header_length
@@ -152,7 +154,7 @@ class DirectCycle(RequestResponseCycle):
     async def _respond(self, answer: Answer) -> None:
         if self.flow.write_paused and not self.disconnected:
             await self.flow.drain()
-        if self.disconnected:
+        if self.disconnected or self.transport.is_closing():
             return
         self.response_started = True
         if self.access_log:

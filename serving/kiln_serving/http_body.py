@@ -88,16 +88,22 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
+def hang_up_of(request: Request) -> asyncio.Future[int | None] | None:
+    """The hang-up future of the request's connection under kiln's own HTTP protocol (connections.HANG_UP)."""
+    hang_up: asyncio.Future[int | None] | None = request.scope.get("extensions", {}).get(connections.HANG_UP)
+    return hang_up
+
+
 async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
     """unless_gone for a route: under kiln's own HTTP protocol the request's scope carries its connection's
     hang-up future (connections.HANG_UP); other ASGI servers get a task watching receive() instead."""
-    hang_up: asyncio.Future[None] | None = request.scope.get("extensions", {}).get(connections.HANG_UP)
+    hang_up = hang_up_of(request)
     if hang_up is None:
         return await _watched(request, work)
     return await unless_gone(hang_up, work)
 
 
-async def unless_gone(hang_up: asyncio.Future[None], work: Coroutine[Any, Any, T]) -> T:
+async def unless_gone(hang_up: asyncio.Future[int | None], work: Coroutine[Any, Any, T]) -> T:
     """Await `work` (the body already read), cancelling it when `hang_up` (done once the client's connection is
     lost) completes meanwhile: a request still queued leaves the batcher's queue (its place freed) and is counted
     as ClientClosed. The task is cancelled from the future's callback: no watcher task per request."""

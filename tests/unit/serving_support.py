@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -226,6 +227,42 @@ def binary_body(x: np.ndarray, name: str = "input", output: str = "logits") -> t
                                      "parameters": {"binary_data_size": len(raw)}}],
                          "outputs": [{"name": output, "parameters": {"binary_data": True}}]}).encode()  # fmt: skip
     return header + raw, len(header)
+
+
+def binary_request(x: np.ndarray, model: str = "tiny", extra: str = "", version: str = "1.1") -> bytes:
+    """A binary-extension inference request for the tiny model's input."""
+    body, header_length = binary_body(x)
+    return (f"POST /v2/models/{model}/infer HTTP/{version}\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: {header_length}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+            ).encode() + body  # fmt: skip
+
+
+class Answers:
+    """HTTP/1.1 answers read off one connection, one at a time, each framed by its Content-Length."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.data = sock, b""
+
+    def next(self) -> tuple[bytes, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.data:
+            self.data += self._recv()
+        head, _, self.data = self.data.partition(b"\r\n\r\n")
+        status, *lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+        length = int(headers.get("content-length", 0))  # none: an interim answer (100 Continue)
+        while len(self.data) < length:
+            self.data += self._recv()
+        body, self.data = self.data[:length], self.data[length:]
+        return status.encode(), headers, body
+
+    def closed(self) -> bool:
+        """Whether the server closes the connection next (after what was already read)."""
+        return self.data == b"" and self.sock.recv(1) == b""
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(1 << 16)
+        assert chunk, "the server closed the connection"
+        return chunk
 
 
 def binary_output(body: bytes, header_length: int) -> np.ndarray:

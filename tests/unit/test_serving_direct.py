@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 from serving_support import (
-    binary_body,
+    Answers,
     binary_output,
+    binary_request,
     config,
     images_batch,
     reference,
@@ -41,41 +42,6 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(folder: Path) -> Iterator[Server]:
     with serving(config(folder, body_timeout_seconds=0.5, access_log=True)) as running:
         yield running
-
-
-def request(x: np.ndarray, model: str = "tiny", extra: str = "", version: str = "1.1") -> bytes:
-    body, header_length = binary_body(x)
-    return (f"POST /v2/models/{model}/infer HTTP/{version}\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
-            f"Inference-Header-Content-Length: {header_length}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
-            ).encode() + body  # fmt: skip
-
-
-class Answers:
-    """HTTP/1.1 answers read off one connection, one at a time, each framed by its Content-Length."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock, self.data = sock, b""
-
-    def next(self) -> tuple[bytes, dict[str, str], bytes]:
-        while b"\r\n\r\n" not in self.data:
-            self.data += self._recv()
-        head, _, self.data = self.data.partition(b"\r\n\r\n")
-        status, *lines = head.decode().split("\r\n")
-        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
-        length = int(headers["content-length"])
-        while len(self.data) < length:
-            self.data += self._recv()
-        body, self.data = self.data[:length], self.data[length:]
-        return status.encode(), headers, body
-
-    def closed(self) -> bool:
-        """Whether the server closes the connection next (after what was already read)."""
-        return self.data == b"" and self.sock.recv(1) == b""
-
-    def _recv(self) -> bytes:
-        chunk = self.sock.recv(1 << 16)
-        assert chunk, "the server closed the connection"
-        return chunk
 
 
 def connect(server: Server) -> socket.socket:
@@ -107,10 +73,11 @@ def test_a_binary_answer_is_the_same_bytes_and_headers_as_through_asgi(server: S
     x = images_batch(3, seed=1)
     with connect(server) as sock:
         answers = Answers(sock)
-        sock.sendall(request(x))
+        sock.sendall(binary_request(x))
         direct = answers.next()
         assert cycles(server) == ["DirectCycle"]
-        sock.sendall(request(x, extra="Content-Encoding: identity\r\n"))  # any Content-Encoding goes through ASGI
+        # Any Content-Encoding goes through ASGI.
+        sock.sendall(binary_request(x, extra="Content-Encoding: identity\r\n"))
         through_asgi = answers.next()
         assert cycles(server) == ["RequestResponseCycle"]
     assert direct[0] == through_asgi[0] == b"HTTP/1.1 200 OK"
@@ -129,7 +96,7 @@ def test_pipelined_requests_are_answered_in_order_and_an_unread_body_does_not_br
     with connect(server) as sock:
         answers = Answers(sock)
         # The unknown model is refused before its body is read; the parser still frames it by its length.
-        sock.sendall(request(xs[0], model="resnet") + request(xs[0]) + request(xs[1]) + request(xs[2]))
+        sock.sendall(b"".join([binary_request(xs[0], model="resnet"), *map(binary_request, xs)]))
         status, _, body = answers.next()
         assert status.startswith(b"HTTP/1.1 404") and b"model 'resnet' not found" in body
         for x in xs:
@@ -137,7 +104,7 @@ def test_pipelined_requests_are_answered_in_order_and_an_unread_body_does_not_br
             assert status == b"HTTP/1.1 200 OK"
             got = binary_output(body, int(headers["inference-header-content-length"]))
             assert got.shape == (len(x), 5) and np.abs(got - logits(folder, x)).max() <= 1e-5
-        sock.sendall(request(xs[0]))  # and the connection is still good for more
+        sock.sendall(binary_request(xs[0]))  # and the connection is still good for more
         assert answers.next()[0] == b"HTTP/1.1 200 OK"
 
 
@@ -147,14 +114,14 @@ def test_a_request_that_does_not_keep_the_connection_alive_is_answered_then_clos
 ) -> None:
     with connect(server) as sock:
         answers = Answers(sock)
-        sock.sendall(request(images_batch(1), extra=extra, version=version))
+        sock.sendall(binary_request(images_batch(1), extra=extra, version=version))
         status, headers, _ = answers.next()
         assert status.endswith(b" 200 OK") and headers["connection"] == "close"
         assert answers.closed()
 
 
 def test_a_binary_body_that_stops_halfway_is_answered_408_and_closed(server: Server) -> None:
-    whole = request(images_batch(4))
+    whole = binary_request(images_batch(4))
     with connect(server) as sock:
         sock.sendall(whole[: len(whole) // 2])
         answers = Answers(sock)
@@ -167,7 +134,7 @@ def test_a_direct_request_is_in_the_access_log_and_the_request_metrics(
 ) -> None:
     before = statuses(server).get("200", 0)
     with caplog.at_level(logging.INFO, logger="uvicorn.access"), connect(server) as sock:
-        sock.sendall(request(images_batch(1), model="tiny/versions/1"))
+        sock.sendall(binary_request(images_batch(1), model="tiny/versions/1"))
         assert Answers(sock).next()[0] == b"HTTP/1.1 200 OK"
     assert statuses(server)["200"] == before + 1
     lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
@@ -177,7 +144,7 @@ def test_a_direct_request_is_in_the_access_log_and_the_request_metrics(
 def test_bodies_waiting_to_be_admitted_are_held_no_further_than_through_asgi(folder: Path) -> None:
     """Past max_concurrent_large_requests a large body waits as uvicorn holds one for an app not reading yet
     (reading paused past HIGH_WATER_LIMIT), and no buffer of its declared size exists until it is admitted."""
-    whole = request(images_batch(2000))  # 1.5 MB of body
+    whole = binary_request(images_batch(2000))  # 1.5 MB of body
     cfg = config(folder, max_concurrent_large_requests=1, header_timeout_seconds=PATIENCE,
                  body_timeout_seconds=PATIENCE)  # fmt: skip
     with serving(cfg) as server, connect(server) as admitted:

@@ -1,0 +1,199 @@
+"""HTTP/1.1 at its edges, as an outside probe of `kiln serve` found them: each request answered once and counted
+as what happened to it (a client that pipelines and hangs up, a body the server timed out, an answer sent before
+the body), `Expect: 100-continue` waiting for admission, and heads kiln cannot serve (a header given twice, a
+transfer coding other than chunked, an Upgrade) refused clearly. Raw sockets on loopback against a real server
+and real onnxruntime, on both the direct (binary) and the ASGI path."""
+
+import gc
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serving_support import Answers, binary_request, config, gauge, images_batch, serving, statuses
+from serving_support import trained_folder as make_trained_folder
+
+from kiln_serving import Server
+from kiln_serving.dataplane import LARGE_BYTES
+
+PATIENCE = 30
+BODY_TIMEOUT = 0.5
+# Over LARGE_BYTES as a binary body (768 bytes an image): admitted one at a time below.
+LARGE = LARGE_BYTES // 768 + 50
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_trained_folder(tmp_path_factory.mktemp("edges") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path) -> Iterator[Server]:
+    cfg = config(folder, body_timeout_seconds=BODY_TIMEOUT, max_concurrent_large_requests=1)
+    with serving(cfg) as running:
+        yield running
+
+
+def connect(server: Server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=PATIENCE)
+
+
+def json_request(x: np.ndarray, model: str = "tiny", extra: str = "") -> bytes:
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                   "data": x.ravel().tolist()}]}).encode()  # fmt: skip
+    return (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body  # fmt: skip
+
+
+def head_and_body(raw: bytes) -> tuple[bytes, bytes]:
+    head, body = raw.split(b"\r\n\r\n", 1)
+    return head + b"\r\n\r\n", body
+
+
+def eventually(what: str, condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.05)
+
+
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+@pytest.mark.parametrize("kind", ["binary", "json"])
+def test_a_client_that_pipelines_and_hangs_up_is_counted_499_and_logs_no_error(
+    server: Server, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # uvicorn tells only the newest request of a connection that it is gone; the one being answered wrote to the
+    # closed transport (an ERROR with a traceback per client, "Task exception was never retrieved" on the direct
+    # path). Every request on the connection must see the hang-up.
+    make = binary_request if kind == "binary" else json_request
+    before = statuses(server)
+    with caplog.at_level(logging.WARNING):
+        for seed in range(5):
+            with connect(server) as sock:
+                sock.sendall(make(images_batch(8, seed=seed)) * 4)
+                assert Answers(sock).next()[0] == b"HTTP/1.1 200 OK"
+            eventually("its requests handled", lambda: gauge(server, "requests_in_flight") == 0)
+        gc.collect()  # an exception nobody retrieved from a task is logged when the task is collected
+    counted = delta(before, statuses(server))
+    # Each client's first request answered; those behind it cancelled (499) or never begun (not counted).
+    assert set(counted) <= {"200", "499"} and counted["200"] >= 5, counted
+    problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert problems == []
+
+
+@pytest.mark.parametrize("kind", ["binary", "json"])
+def test_an_expect_100_continue_request_waiting_for_admission_gets_100_then_its_answer(
+    server: Server, kind: str
+) -> None:
+    # The server, not the client, withholds the 100 while another large body holds the only admission place:
+    # the body's clock must not run (it answered 408 after body_timeout_seconds).
+    holder_head, holder_body = head_and_body(binary_request(images_batch(LARGE, seed=1)))
+    make = binary_request if kind == "binary" else json_request
+    head, body = head_and_body(make(images_batch(LARGE, seed=2), extra="Expect: 100-continue\r\n"))
+    with connect(server) as holder, connect(server) as waiting:
+        holder.sendall(holder_head)
+        pieces = np.array_split(np.frombuffer(holder_body, np.uint8), 8)
+
+        def hold() -> None:  # keeps the admission place ~4 body timeouts, each piece within the timeout
+            for piece in pieces:
+                holder.sendall(piece.tobytes())
+                time.sleep(BODY_TIMEOUT / 2)
+
+        sender = threading.Thread(target=hold)
+        sender.start()
+        time.sleep(BODY_TIMEOUT / 2)
+        waiting.sendall(head)
+        started = time.monotonic()
+        answers = Answers(waiting)
+        status, _, _ = answers.next()
+        waited = time.monotonic() - started
+        sender.join()
+        assert status == b"HTTP/1.1 100 Continue", status
+        assert waited > BODY_TIMEOUT  # it really waited for the holder's place
+        waiting.sendall(body)
+        assert answers.next()[0] == b"HTTP/1.1 200 OK"
+        assert Answers(holder).next()[0] == b"HTTP/1.1 200 OK"
+
+
+def test_an_expect_100_continue_request_answered_without_its_body_closes_the_connection(server: Server) -> None:
+    # Its client need not send the body after a final answer (RFC 9110 §10.1.1), so where the next request would
+    # start is unknown: the answer says connection: close, and the connection closes.
+    head, _ = head_and_body(binary_request(images_batch(2), model="resnet", extra="Expect: 100-continue\r\n"))
+    with connect(server) as sock:
+        sock.sendall(head)
+        answers = Answers(sock)
+        status, headers, body = answers.next()
+        assert status.startswith(b"HTTP/1.1 404") and b"model 'resnet' not found" in body
+        assert headers["connection"] == "close"
+        assert answers.closed()
+
+
+def test_a_request_answered_before_its_body_gets_no_second_answer(server: Server) -> None:
+    # The early 404 stands; if the body never comes, the connection closes without an unasked-for 408.
+    head, _ = head_and_body(binary_request(images_batch(2), model="resnet"))
+    with connect(server) as sock:
+        sock.sendall(head)
+        answers = Answers(sock)
+        assert answers.next()[0].startswith(b"HTTP/1.1 404")
+        assert answers.closed()  # after the body timeout, and with nothing more written
+
+
+@pytest.mark.parametrize("kind", ["binary", "json"])
+def test_a_body_the_server_times_out_is_counted_408_not_as_a_client_hang_up(server: Server, kind: str) -> None:
+    make = binary_request if kind == "binary" else json_request
+    head, body = head_and_body(make(images_batch(4)))
+    before = statuses(server)
+    with connect(server) as sock:
+        sock.sendall(head + body[: len(body) // 2])
+        answers = Answers(sock)
+        assert answers.next()[0].startswith(b"HTTP/1.1 408")
+        assert answers.closed()
+    eventually("the request counted", lambda: delta(before, statuses(server)) != {})
+    assert delta(before, statuses(server)) == {"408": 1}
+
+
+@pytest.mark.parametrize("encoding", ["", "Content-Encoding: identity\r\n"])  # the direct path, then ASGI
+def test_an_inference_header_content_length_given_twice_is_refused_on_both_paths(server: Server, encoding: str) -> None:
+    raw = binary_request(images_batch(1), extra=encoding)
+    head, body = head_and_body(raw)
+    for twice in (b"Inference-Header-Content-Length: 1\r\n\r\n", b"Inference-Header-Content-Length: 999\r\n\r\n"):
+        with connect(server) as sock:
+            sock.sendall(head[:-2] + twice + body)  # a second value before the head's end
+            status, _, answer = Answers(sock).next()
+            assert status.startswith(b"HTTP/1.1 400"), status
+            assert json.loads(answer) == {"error": "Inference-Header-Content-Length is given 2 times; send it once"}
+
+
+def test_a_transfer_coding_other_than_chunked_gets_501_and_the_connection_closes(server: Server) -> None:
+    # The body would reach the model still gzipped behind the chunked framing.
+    body = json.dumps({"inputs": []}).encode()
+    raw = (b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Transfer-Encoding: gzip, chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))  # fmt: skip
+    with connect(server) as sock:
+        sock.sendall(raw + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = Answers(sock)
+        status, _, answer = answers.next()
+        assert status.startswith(b"HTTP/1.1 501")
+        assert "transfer coding 'gzip, chunked' is not supported" in json.loads(answer)["error"]
+        assert answers.closed()
+
+
+def test_an_upgrade_request_gets_400_and_the_connection_closes(server: Server) -> None:
+    # The HTTP parser stops at an upgrade, so the body would never be read (and the connection never answer
+    # again); kiln upgrades to nothing (gRPC has its own port).
+    upgrade = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+    with connect(server) as sock:
+        sock.sendall(binary_request(images_batch(1), extra=upgrade))
+        answers = Answers(sock)
+        status, headers, answer = answers.next()
+        assert status.startswith(b"HTTP/1.1 400") and headers["connection"] == "close"
+        assert "does not upgrade HTTP/1.1 connections" in json.loads(answer)["error"]
+        assert answers.closed()
