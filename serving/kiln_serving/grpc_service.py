@@ -9,9 +9,12 @@ other RPCs (ModelConfig, RepositoryIndex, shared memory, ...) answer UNIMPLEMENT
 """
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -19,9 +22,9 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 
-from kiln_serving import codec, connections, errors, grpc_wire, http2, metrics, protocol
+from kiln_serving import codec, connections, errors, grpc_wire, http2, http2_wire, metrics, protocol
 from kiln_serving.config import ServingConfig
-from kiln_serving.dataplane import DataPlane, weight
+from kiln_serving.dataplane import LARGE_BYTES, DataPlane, weight
 from kiln_serving.http_body import ENCODINGS, inflate
 from kiln_serving.model import Model
 
@@ -40,6 +43,13 @@ _CONTENTS = {
 }  # fmt: skip
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+# The most top-level fields (inputs, outputs, parameters, raw contents, ...) a ModelInferRequest may have: past it
+# the message is refused unparsed. protobuf's parser holds the GIL (a thread does not keep the loop free), and
+# an empty entry costs 2 bytes on the wire but ~100 in memory: 60 MB of them took 2.9 GB and stalled the server.
+MAX_INFER_FIELDS = 4096
+# Set while a call holds its admission: the transport admits a call by its length prefix before reading its body,
+# and the Dispatcher admits by the (inflated) message's size; one call takes one place, never two.
+_ADMITTED: ContextVar[bool] = ContextVar("kiln_grpc_admitted", default=False)
 
 
 def _parameters(params: Any) -> dict[str, object]:
@@ -49,6 +59,37 @@ def _parameters(params: Any) -> dict[str, object]:
         choice = value.WhichOneof("parameter_choice")
         out[key] = getattr(value, choice) if choice else None
     return out
+
+
+def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(data):
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+    return value, len(data) + 1  # cut short: past the end, so counting stops
+
+
+def top_level_fields(message: bytes | memoryview, limit: int) -> int:
+    """How many fields a protobuf message has at its top level, counted no further than limit + 1 (each is
+    skipped by its length, so this costs what the count costs, not what the message weighs)."""
+    data, pos, count = memoryview(message), 0, 0
+    while pos < len(data) and count <= limit:
+        tag, pos = _varint(data, pos)
+        wire = tag & 7
+        if wire == 0:
+            pos = _varint(data, pos)[1]
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            pos += length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            break  # not a field this message can hold: the parser says what is wrong
+        count += 1
+    return count
 
 
 def decode(model: Model, request: Any, raw: list[bytes], allow_non_finite: bool) -> protocol.Request:
@@ -101,9 +142,42 @@ class Service:
         for rpc in _SERVICE.methods:
             call = getattr(self, rpc.name, None)
             if call is not None:
-                parse = getattr(pb, rpc.input_type.name).FromString
+                parse = self._parser(getattr(pb, rpc.input_type.name).FromString, rpc.name == "ModelInfer")
                 served[f"/{_SERVICE.full_name}/{rpc.name}"] = grpc_wire.Method(parse, call)
         return served
+
+    def _parser(
+        self, parse: Callable[[bytes | memoryview], Any], bounded: bool
+    ) -> Callable[[bytes | memoryview], Awaitable[Any]]:
+        """A message parsed on a codec thread when large (as HTTP bodies are decoded), here when small; `bounded`:
+        a large one of more than MAX_INFER_FIELDS top-level fields is refused before it is parsed (a small one
+        parses within milliseconds whatever it holds, and the common call is not walked twice)."""
+
+        async def parsed(message: bytes | memoryview) -> Any:
+            if len(message) < LARGE_BYTES:
+                return parse(message)
+            if bounded and top_level_fields(message, MAX_INFER_FIELDS) > MAX_INFER_FIELDS:
+                raise grpc_wire.Abort("INVALID_ARGUMENT", f"a ModelInferRequest of more than {MAX_INFER_FIELDS} "
+                                      "top-level fields (inputs, outputs, parameters) is refused unparsed")  # fmt: skip
+            return await self.dataplane.offload(len(message), parse, message)
+
+        return parsed
+
+    def admit(self, size: int) -> AbstractAsyncContextManager[None]:
+        """DataPlane.admit for a call of `size` bytes, unless the call already holds its admission or is small
+        (nothing to wait for: the common call pays for no context managers)."""
+        if size < LARGE_BYTES or _ADMITTED.get():
+            return contextlib.nullcontext()
+        return self._admitted(size)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, size: int) -> AsyncIterator[None]:
+        async with self.dataplane.admit(size):
+            token = _ADMITTED.set(True)
+            try:
+                yield
+            finally:
+                _ADMITTED.reset(token)
 
     def unknown(self, path: str) -> grpc_wire.Abort:
         """UNIMPLEMENTED for a path kiln does not serve, naming the RPCs it does."""
@@ -167,15 +241,14 @@ class Service:
         started = time.perf_counter()
         status = 200
         model_metrics.in_flight.inc()
-        try:
-            async with dataplane.admit(size):
-                with dataplane.batcher.arriving():
-                    model = dataplane.require_ready(request.model_name, request.model_version or None)
-                    heavy, allow = weight(size - raw_bytes, raw_bytes), dataplane.config.allow_non_finite
-                    decoded = await dataplane.offload(heavy, decode, model, request, raw, allow)
-                    outputs = await dataplane.run(decoded)
-                    out_bytes = sum(a.nbytes for a in outputs.values())  # raw_output_contents: only copied
-                    return await dataplane.offload(weight(0, out_bytes), encode, model, decoded, outputs)
+        try:  # admitted by its size already (Service.admit, by the transport or the Dispatcher)
+            with dataplane.batcher.arriving():
+                model = dataplane.require_ready(request.model_name, request.model_version or None)
+                heavy, allow = weight(size - raw_bytes, raw_bytes), dataplane.config.allow_non_finite
+                decoded = await dataplane.offload(heavy, decode, model, request, raw, allow)
+                outputs = await dataplane.run(decoded)
+                out_bytes = sum(a.nbytes for a in outputs.values())  # raw_output_contents: only copied
+                return await dataplane.offload(weight(0, out_bytes), encode, model, decoded, outputs)
         except errors.ServingError as err:
             status, code = errors.status(err)
             raise grpc_wire.Abort(code, str(err)) from None
@@ -204,15 +277,17 @@ class Running:
         await self.server.stop(grace_seconds)
 
 
-def settings(dataplane: DataPlane) -> http2.Settings:
+def settings(dataplane: DataPlane) -> http2_wire.Settings:
     """The HTTP/2 connections' handler and limits, from the same settings as the HTTP/1.1 server's."""
     config: ServingConfig = dataplane.config
     service = Service(dataplane)
     too_large = f"request over the {config.max_body_bytes}-byte limit (max_body_bytes)"
-    return http2.Settings(
-        handler=grpc_wire.Dispatcher(service.methods(), service.unknown, ENCODINGS, service.inflate),
+    return http2_wire.Settings(
+        handler=grpc_wire.Dispatcher(service.methods(), service.unknown, ENCODINGS, service.inflate, service.admit),
         oversize=grpc_wire.error("RESOURCE_EXHAUSTED", too_large, ENCODINGS),
         max_body=config.max_body_bytes + _ENVELOPE_BYTES,
+        body_size=grpc_wire.body_size,
+        admit=service.admit,
         max_header_bytes=config.max_header_bytes,
         header_timeout=config.header_timeout_seconds,
         body_timeout=config.body_timeout_seconds,

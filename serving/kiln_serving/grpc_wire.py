@@ -1,12 +1,16 @@
 """gRPC over HTTP/2 (gRPC's PROTOCOL-HTTP2 document) for unary calls: a path names the method, the body is one
 length-prefixed protobuf message, the answer is that message plus a grpc-status trailer, and an error is a
 Trailers-Only answer. Deadlines (grpc-timeout) are kept. A request message may be compressed with what the
-Dispatcher's `inflate` takes (named by grpc-encoding, advertised in grpc-accept-encoding); answers are not.
+Dispatcher's `inflate` takes (named by grpc-encoding, advertised in grpc-accept-encoding); answers are not. A
+message is parsed and answered within the Dispatcher's `admit` for its size (the transport may have admitted the
+call already by the length prefix, body_size, before reading its body).
 """
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +28,10 @@ CODES = {
     "UNAUTHENTICATED": 16,
 }  # fmt: skip
 _UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
-# grpc-message is percent-encoded past this length's worth of text it keeps (one frame holds the block).
-_MESSAGE_CHARS = 4096
+# The most bytes of grpc-message once percent-encoded: an error's text may come from a client (a model name).
+_MESSAGE_BYTES = 4096
+# A message's 5-byte prefix: flags, then its length.
+_PREFIX = 5
 _OK_TRAILERS = http2_wire.encode_headers([(b"grpc-status", b"0")])
 
 
@@ -44,9 +50,19 @@ def _head(encodings: Sequence[str]) -> list[tuple[bytes, bytes]]:
 
 
 def _percent(text: str) -> bytes:
-    """grpc-message's encoding: bytes outside printable ASCII, and '%', as %XX."""
-    raw = text[:_MESSAGE_CHARS].encode()
-    return b"".join(bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
+    """grpc-message's encoding: bytes outside printable ASCII, and '%', as %XX; cut at a whole character once
+    _MESSAGE_BYTES are used (a character takes up to 12 bytes)."""
+    out, size = [], 0
+    for char in text[:_MESSAGE_BYTES]:
+        raw = char.encode(errors="replace")
+        piece = (
+            raw if len(raw) == 1 and 0x20 <= raw[0] <= 0x7E and raw != b"%" else b"".join(b"%%%02X" % b for b in raw)
+        )
+        size += len(piece)
+        if size > _MESSAGE_BYTES:
+            break
+        out.append(piece)
+    return b"".join(out)
 
 
 def error(code: str, message: str, encodings: Sequence[str] = ()) -> http2_wire.Reply:
@@ -69,30 +85,39 @@ def timeout_seconds(value: str) -> float:
     return int(digits) * _UNITS[unit]
 
 
+def body_size(first: bytes) -> int | None:
+    """A unary request body's whole size from its first bytes (the message's length prefix); None before 5."""
+    return None if len(first) < _PREFIX else _PREFIX + int.from_bytes(first[1:_PREFIX], "big")
+
+
 def message(body: bytes) -> tuple[bool, memoryview]:
     """The one message of a unary request body, and whether it is compressed."""
-    if len(body) < 5:
+    if len(body) < _PREFIX:
         raise Abort("INTERNAL", "the request carries no message")
     if body[0] not in (0, 1):
         raise Abort("INTERNAL", f"unknown message flags {body[0]:#04x}")
-    length = int.from_bytes(body[1:5], "big")
-    if len(body) != 5 + length:
+    if len(body) != body_size(body):
         raise Abort("INTERNAL", "a unary request carries exactly one whole message")
-    return body[0] == 1, memoryview(body)[5:]
+    return body[0] == 1, memoryview(body)[_PREFIX:]
 
 
 @dataclass(frozen=True)
 class Method:
-    """One RPC: how to parse its request message, and the coroutine answering it."""
+    """One RPC: how to parse its request message (a coroutine: a large one may be parsed off the event loop), and
+    the coroutine answering it."""
 
-    parse: Callable[[bytes | memoryview], Any]
+    parse: Callable[[bytes | memoryview], Awaitable[Any]]
     call: Callable[[Any], Awaitable[Any]]
 
 
+def _anyway(size: int) -> AbstractAsyncContextManager[None]:
+    return contextlib.nullcontext()
+
+
 class Dispatcher:
-    """The http2 handler: checks the call, finds the method by path, inflates and parses its message, runs it
-    within the deadline. `inflate(message, encoding)` decompresses a message compressed with one of `encodings`
-    (raising Abort when it cannot)."""
+    """The http2 handler: checks the call, finds the method by path, inflates its message, and parses and runs it
+    within `admit(size)` and the deadline. `inflate(message, encoding)` decompresses a message compressed with one
+    of `encodings` (raising Abort when it cannot)."""
 
     def __init__(
         self,
@@ -100,11 +125,13 @@ class Dispatcher:
         unknown: Callable[[str], Abort],
         encodings: Sequence[str] = (),
         inflate: Callable[[memoryview, str], Awaitable[bytes | memoryview]] | None = None,
+        admit: Callable[[int], AbstractAsyncContextManager[None]] = _anyway,
     ) -> None:
         self.methods = methods
         self.unknown = unknown
         self.encodings = tuple(encodings) if inflate is not None else ()
         self.inflate = inflate
+        self.admit = admit
         self._ok_head = http2_wire.encode_headers(_head(self.encodings))
 
     def ok(self, message: bytes) -> http2_wire.Reply:
@@ -134,19 +161,22 @@ class Dispatcher:
             if method is None:
                 raise self.unknown(path)
             payload = await self._message(request.body, headers.get("grpc-encoding", "identity"))
-            try:
-                parsed = method.parse(payload)
-            except DecodeError as err:
-                raise Abort("INTERNAL", f"cannot parse the request message: {err}") from err
-            deadline = headers.get("grpc-timeout")
-            if deadline is None:
-                answer = await method.call(parsed)
-            else:
-                try:
-                    async with asyncio.timeout(timeout_seconds(deadline)):
-                        answer = await method.call(parsed)
-                except TimeoutError:
-                    raise Abort("DEADLINE_EXCEEDED", "deadline exceeded") from None
+            async with self.admit(len(payload)):
+                answer = await self._answer(method, payload, headers.get("grpc-timeout"))
         except Abort as err:
             return error(err.code, str(err), self.encodings)
         return self.ok(answer.SerializeToString())
+
+    @staticmethod
+    async def _answer(method: Method, payload: bytes | memoryview, deadline: str | None) -> Any:
+        try:
+            parsed = await method.parse(payload)
+        except DecodeError as err:
+            raise Abort("INTERNAL", f"cannot parse the request message: {err}") from err
+        if deadline is None:
+            return await method.call(parsed)
+        try:
+            async with asyncio.timeout(timeout_seconds(deadline)):
+                return await method.call(parsed)
+        except TimeoutError:
+            raise Abort("DEADLINE_EXCEEDED", "deadline exceeded") from None

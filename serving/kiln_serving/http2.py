@@ -8,14 +8,18 @@ headers, data and trailers. A connection parses frames from one buffer, decodes 
 and sends each answer as one write: headers, data frames and trailers together whenever the peer's flow-control
 windows allow, else the rest as window updates arrive.
 
-This module holds the connection's lifecycle, its limits and frames in; the sending half (streams, the client's
-windows, answers out) is http2_answers.Answers, which Connection inherits, and both spell frames with http2_wire.
+This module holds the connection's lifecycle, its limits and frames in. Under it: request bodies in (the windows
+kiln grants, admission, requests handed to the handler) are http2_bodies.Bodies, and the sending half (streams,
+the client's windows, answers out) is http2_answers.Answers; Connection inherits both, and all spell frames with
+http2_wire.
 
 Limits (the same settings as the HTTP/1.1 server's): a header block over max_header_bytes ends the connection
-(ENHANCE_YOUR_CALM); a body over max_body bytes gets the handler's `oversize` answer; the preface must arrive
-within header_timeout, a connection with a half-received request must make progress every body_timeout, and one
-with no stream open for keep_alive_timeout is sent GOAWAY and closed; past max_connections a new connection is
-closed at once; at most MAX_STREAMS streams are open on a connection (more are refused: the client retries).
+(ENHANCE_YOUR_CALM), trailers included; a body over max_body bytes gets the handler's `oversize` answer; the
+preface, and every header block once begun, must arrive within header_timeout, each stream's body must make
+progress every body_timeout (other frames do not count), and a connection with no stream open for
+keep_alive_timeout is sent GOAWAY and closed; past max_connections a new connection is closed at once; at most
+http2_wire.MAX_STREAMS streams are open on a connection (more are refused: the client retries). A client that does
+not read what it is sent is not read either (pause_writing): its PINGs and SETTINGS cannot pile up replies.
 """
 
 import asyncio
@@ -23,50 +27,32 @@ import logging
 import socket
 import struct
 import time
-from dataclasses import dataclass
 
 import hpack
 
-from kiln_serving import http2_answers, http2_wire
+from kiln_serving import http2_answers, http2_bodies, http2_wire
 
 log = logging.getLogger(__name__)
 
-MAX_STREAMS = 256
 # Largest frame kiln accepts (it says so in its SETTINGS): a 400 KB batch arrives in one frame, not 25.
 MAX_FRAME = 1 << 20
-# The connection's receive window, topped up whenever less than half is left.
-_CONNECTION_WINDOW = 1 << 30
 _CACHED_BLOCKS = 256
 
 
-@dataclass
-class Settings:
-    handler: http2_wire.Handler
-    # The answer to a request whose body is over max_body bytes (sent before the rest of it arrives).
-    oversize: http2_wire.Reply
-    max_body: int
-    max_header_bytes: int
-    header_timeout: float
-    body_timeout: float
-    keep_alive_timeout: float
-    max_connections: int
+class Connection(http2_bodies.Bodies, asyncio.Protocol):
+    """One client connection: frames in, bodies and streams handed to settings.handler, answers out (the inherited
+    halves)."""
 
-
-class Connection(http2_answers.Answers, asyncio.Protocol):
-    """One client connection: frames in, streams handed to settings.handler, answers out (the inherited half)."""
-
-    def __init__(self, settings: Settings, registry: set["Connection"]) -> None:
-        super().__init__()
-        self.settings = settings
+    def __init__(self, settings: http2_wire.Settings, registry: set["Connection"]) -> None:
+        super().__init__(settings, asyncio.get_running_loop())
         self.registry = registry
-        self.loop = asyncio.get_running_loop()
         self.buffer = bytearray()
         self.started = False  # the client's preface arrived
-        self.last_stream = 0
         self.decoder = hpack.Decoder(max_header_list_size=settings.max_header_bytes)
         self.blocks: dict[bytes, dict[str, str]] = {}
         self.continuing: tuple[int, bytearray, bool] | None = None  # stream, block so far, END_STREAM
-        self.recv_window = http2_wire.DEFAULT_WINDOW + _CONNECTION_WINDOW
+        self.block_since = 0.0  # when the header block in `continuing` began
+        self.writing_paused = False  # the client does not read: frames in wait, so replies cannot pile up
         self.last_read = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
 
@@ -81,15 +67,13 @@ class Connection(http2_answers.Answers, asyncio.Protocol):
             transport.close()
             return
         self.registry.add(self)
-        # A stream's window holds one whole request, plus one byte that tells an oversized one apart.
-        window = min(http2_wire.MAX_WINDOW, self.settings.max_body + 1)
-        ours = [(http2_wire.SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS),
-                (http2_wire.SETTINGS_INITIAL_WINDOW_SIZE, window),
+        # Streams keep HTTP/2's default first window (http2_bodies says why); the connection's opens to the budget.
+        ours = [(http2_wire.SETTINGS_MAX_CONCURRENT_STREAMS, http2_wire.MAX_STREAMS),
                 (http2_wire.SETTINGS_MAX_FRAME_SIZE, MAX_FRAME),
                 (http2_wire.SETTINGS_MAX_HEADER_LIST_SIZE, self.settings.max_header_bytes)]  # fmt: skip
         payload = b"".join(struct.pack(">HI", key, value) for key, value in ours)
-        update = http2_wire.frame(http2_wire.WINDOW_UPDATE, 0, 0, struct.pack(">I", _CONNECTION_WINDOW))
-        self.transport.write(http2_wire.frame(http2_wire.SETTINGS, 0, 0, payload) + update)  # type: ignore[union-attr]
+        settings = http2_wire.frame(http2_wire.SETTINGS, 0, 0, payload)
+        self.transport.write(settings + self.open_budget())  # type: ignore[union-attr]
         self.timer = self.loop.call_later(self.settings.header_timeout, self._check)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -101,17 +85,35 @@ class Connection(http2_answers.Answers, asyncio.Protocol):
                 stream.task.cancel()
         self.streams.clear()
 
+    def pause_writing(self) -> None:
+        """The client is not reading: stop reading it too (frames already in wait in the buffer)."""
+        self.writing_paused = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        # Held back by the server, frames and bodies were not late: their clocks restart with reading.
+        self.last_read = now = time.monotonic()
+        for stream in self.streams.values():
+            stream.progress = now
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+            self.loop.call_soon(self.data_received, b"")  # the frames that waited
+
     def _check(self) -> None:
-        """The connection's one timer: preface, body progress and idle time."""
+        """The connection's one timer: preface, header blocks, each body's progress and idle time."""
         now, s = time.monotonic(), self.settings
         if not self.started:
             return self.close(http2_wire.PROTOCOL_ERROR, "no HTTP/2 preface within the header timeout")
-        waiting = self.buffer or self.continuing or any(not st.received for st in self.streams.values())
-        if waiting and now - self.last_read >= s.body_timeout:
+        if self.continuing is not None and now - self.block_since >= s.header_timeout:
+            return self.close(http2_wire.CANCEL, "header block not received within the header timeout")
+        late = self.buffer and now - self.last_read >= s.body_timeout
+        if not self.writing_paused and (late or self._stalled(now)):
             return self.close(http2_wire.CANCEL, "request not received within the body timeout")
         if self.idle_since is not None and now - self.idle_since >= s.keep_alive_timeout:
             return self.close(http2_wire.NO_ERROR, "idle")
-        self.timer = self.loop.call_later(min(s.body_timeout, s.keep_alive_timeout), self._check)
+        self.timer = self.loop.call_later(min(s.header_timeout, s.body_timeout, s.keep_alive_timeout), self._check)
 
     def close(self, code: int, message: str) -> None:
         """GOAWAY with `code`, then close (streams still running are cancelled)."""
@@ -135,8 +137,9 @@ class Connection(http2_answers.Answers, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        self.last_read = time.monotonic()
-        self.buffer += data
+        if data:
+            self.last_read = time.monotonic()
+            self.buffer += data
         try:
             self._frames()
         except http2_wire.ConnectionError_ as err:
@@ -168,7 +171,7 @@ class Connection(http2_answers.Answers, asyncio.Protocol):
                 payload = bytes(view[pos + 9 : end])
                 pos = end
                 self._frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
-                if self.transport is None or self.transport.is_closing():
+                if self.writing_paused or self.transport is None or self.transport.is_closing():
                     break
         finally:
             view.release()
@@ -188,6 +191,8 @@ class Connection(http2_answers.Answers, asyncio.Protocol):
             block = self.continuing[1]
             block += payload
             self._within_limit(block)
+            if not payload and not flags & http2_wire.END_HEADERS:
+                self._count_empty()
             if flags & http2_wire.END_HEADERS:
                 sid, _, end = self.continuing
                 self.continuing = None
@@ -203,7 +208,7 @@ class Connection(http2_answers.Answers, asyncio.Protocol):
             if not flags & http2_wire.ACK and self.transport is not None:
                 self.transport.write(http2_wire.frame(http2_wire.PING, http2_wire.ACK, 0, payload))
         elif kind == http2_wire.RST_STREAM:
-            stream = self.streams.pop(stream_id, None)
+            stream = self._forget(stream_id, reset=False)
             if stream is not None and stream.task is not None:
                 stream.task.cancel()
             self._maybe_idle()
@@ -215,14 +220,6 @@ class Connection(http2_answers.Answers, asyncio.Protocol):
             raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "a client cannot push")
         # PRIORITY and unknown frame types are ignored, as RFC 9113 says.
 
-    @staticmethod
-    def _unpad(flags: int, payload: bytes) -> bytes:
-        if flags & http2_wire.PADDED:
-            if not payload or payload[0] >= len(payload):
-                raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "padding longer than the frame")
-            return payload[1 : len(payload) - payload[0]]
-        return payload
-
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         block = self._unpad(flags, payload)
         if flags & http2_wire.PRIORITY_FLAG:
@@ -233,11 +230,10 @@ class Connection(http2_answers.Answers, asyncio.Protocol):
                 raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, message)
             if not flags & http2_wire.END_STREAM:
                 raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "HEADERS in the middle of a request")
-            if flags & http2_wire.END_HEADERS:
-                self._decode(block)
-                self._received(self.streams[stream_id])
-            else:
-                self.continuing = (-stream_id, bytearray(block), True)  # decoded and dropped at its end
+            self._trailers(flags, stream_id, block)
+            return
+        if stream_id in self.reset_streams:  # trailers already on the way when kiln reset it: ignored (RFC 9113 5.1)
+            self._trailers(flags, stream_id, block)
             return
         if stream_id % 2 == 0 or stream_id <= self.last_stream:
             raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, f"stream {stream_id} cannot be opened")
@@ -245,7 +241,19 @@ class Connection(http2_answers.Answers, asyncio.Protocol):
         if flags & http2_wire.END_HEADERS:
             self._open(stream_id, block, bool(flags & http2_wire.END_STREAM))
         else:
-            self.continuing = (stream_id, bytearray(block), bool(flags & http2_wire.END_STREAM))
+            self._continue(stream_id, block, bool(flags & http2_wire.END_STREAM))
+
+    def _trailers(self, flags: int, stream_id: int, block: bytes) -> None:
+        """A trailer block: checked and decoded like any (HPACK's table must follow it), then dropped."""
+        if flags & http2_wire.END_HEADERS:
+            self._open(-stream_id, block, True)
+        else:
+            self._continue(-stream_id, block, True)  # continuing[0] is -stream_id while a trailer block continues
+
+    def _continue(self, stream_id: int, block: bytes, end: bool) -> None:
+        self._within_limit(block)
+        self.continuing = (stream_id, bytearray(block), end)
+        self.block_since = time.monotonic()
 
     def _within_limit(self, block: bytes | bytearray) -> None:
         if len(block) > (limit := self.settings.max_header_bytes):
@@ -269,14 +277,14 @@ class Connection(http2_answers.Answers, asyncio.Protocol):
         return headers
 
     def _open(self, stream_id: int, block: bytes, end: bool) -> None:
+        self._within_limit(block)
         if stream_id < 0:  # trailers of -stream_id
             self._decode(block)
             if (stream := self.streams.get(-stream_id)) is not None:
                 self._received(stream)
             return
-        self._within_limit(block)
         headers = self._decode(block)
-        if self.going_away or len(self.streams) >= MAX_STREAMS:
+        if self.going_away or len(self.streams) >= http2_wire.MAX_STREAMS:
             self._reset(stream_id, http2_wire.REFUSED_STREAM)
             return
         stream = http2_answers.Stream(stream_id, self.peer_window, headers=headers)
@@ -285,55 +293,11 @@ class Connection(http2_answers.Answers, asyncio.Protocol):
         if end:
             self._received(stream)
 
-    def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
-        self.recv_window -= len(payload)
-        if self.recv_window < 0:
-            raise http2_wire.ConnectionError_(http2_wire.FLOW_CONTROL_ERROR, "data beyond the connection window")
-        if self.recv_window < _CONNECTION_WINDOW // 2 and self.transport is not None:
-            increment = struct.pack(">I", _CONNECTION_WINDOW - self.recv_window)
-            self.transport.write(http2_wire.frame(http2_wire.WINDOW_UPDATE, 0, 0, increment))
-            self.recv_window = _CONNECTION_WINDOW
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            if stream_id > self.last_stream or stream_id == 0:
-                raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
-            return  # a stream already answered or reset: its late data is dropped
-        if stream.received:
-            raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, f"DATA after the end of stream {stream_id}")
-        body = self._unpad(flags, payload)
-        stream.size += len(body)
-        if stream.size > self.settings.max_body:  # answered now; _finish tells the client to stop sending
-            self._send(stream, self.settings.oversize)
-            return
-        stream.chunks.append(body)
-        if flags & http2_wire.END_STREAM:
-            self._received(stream)
-
-    def _received(self, stream: http2_answers.Stream) -> None:
-        """The request is whole: hand it to the handler."""
-        stream.received = True
-        assert stream.headers is not None
-        body = stream.chunks[0] if len(stream.chunks) == 1 else b"".join(stream.chunks)
-        stream.chunks = []
-        stream.task = self.loop.create_task(self._serve(stream, http2_wire.Request(stream.headers, body)))
-
-    async def _serve(self, stream: http2_answers.Stream, request: http2_wire.Request) -> None:
-        try:
-            reply = await self.settings.handler(request)
-        except asyncio.CancelledError:  # the stream was reset or the connection lost
-            return
-        except Exception:
-            log.exception("unexpected error answering a gRPC stream")
-            self._reset(stream.id, http2_wire.INTERNAL_ERROR)
-            return
-        if self.streams.get(stream.id) is stream:
-            self._send(stream, reply)
-
 
 class Server:
     """The listening socket and its connections."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: http2_wire.Settings) -> None:
         self.settings = settings
         self.connections: set[Connection] = set()
         self.server: asyncio.Server | None = None

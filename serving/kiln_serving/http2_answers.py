@@ -27,6 +27,18 @@ class Stream:
     headers: dict[str, str] | None = None
     task: "asyncio.Task[None] | None" = None
     received: bool = False  # the client's END_STREAM came
+    answered: bool = False  # its answer is written or waits for window: what the client still sends is dropped
+    # The receiving side (http2_bodies): what the client may still send on it, the body's size once its first
+    # bytes tell, whether it holds an admission, and when its body last moved (the body timeout).
+    recv_window: int = http2_wire.DEFAULT_WINDOW
+    expected: int | None = None
+    admitted: bool = False
+    progress: float = field(default_factory=time.monotonic)
+    # Connection window: bytes received and held that are given back once the body leaves the connection, and
+    # window granted ahead to an admitted body that it has not used yet.
+    owed: int = 0
+    granted: int = 0
+    whole: "asyncio.Future[None] | None" = None  # an admitted body waits on this for its END_STREAM
     # What waits for window: data (not yet sent) and the trailer block.
     pending: memoryview | None = None
     trailers: bytes | None = None
@@ -43,6 +55,9 @@ class Answers:
         self.send_window = http2_wire.DEFAULT_WINDOW  # the connection's, as the client granted it
         self.peer_window = http2_wire.DEFAULT_WINDOW  # the client's SETTINGS_INITIAL_WINDOW_SIZE
         self.peer_frame = http2_wire.DEFAULT_FRAME  # the client's SETTINGS_MAX_FRAME_SIZE
+        # Streams this side reset (or ended before the client did), newest last: the client's frames already on
+        # the way for them are ignored, not a protocol error (RFC 9113 5.1). Bounded: the oldest are forgotten.
+        self.reset_streams: dict[int, None] = {}
 
     # -- flow control: the client's SETTINGS and WINDOW_UPDATE ------------------------------------------------
 
@@ -78,19 +93,26 @@ class Answers:
 
     # -- frames out ------------------------------------------------------------------------------------------
 
+    def _forget(self, stream_id: int, reset: bool) -> Stream | None:
+        """Drop a stream; `reset`: this side sent RST_STREAM on it, so the client's late frames are ignored."""
+        if reset:
+            self.reset_streams[stream_id] = None
+            if len(self.reset_streams) > http2_wire.MAX_STREAMS:
+                del self.reset_streams[next(iter(self.reset_streams))]
+        return self.streams.pop(stream_id, None)
+
     def _reset(self, stream_id: int, code: int) -> None:
-        self.streams.pop(stream_id, None)
+        self._forget(stream_id, reset=True)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(http2_wire.frame(http2_wire.RST_STREAM, 0, stream_id, struct.pack(">I", code)))
         self._maybe_idle()
 
     def _send(self, stream: Stream, reply: http2_wire.Reply) -> None:
         """The answer's headers now, then as much of its body as the windows allow, then the trailers."""
-        end_headers, end_stream = http2_wire.END_HEADERS, http2_wire.END_STREAM
-        if reply.trailers is None and not reply.body:
-            out = [http2_wire.frame(http2_wire.HEADERS, end_headers | end_stream, stream.id, reply.head)]
-        else:
-            out = [http2_wire.frame(http2_wire.HEADERS, end_headers, stream.id, reply.head)]
+        stream.answered = True
+        only = reply.trailers is None and not reply.body
+        out = http2_wire.header_frames(stream.id, reply.head, only, self.peer_frame)
+        if not only:
             stream.pending, stream.trailers = memoryview(reply.body), reply.trailers
             self._drain(stream, out)
         assert self.transport is not None
@@ -113,8 +135,7 @@ class Answers:
             return
         stream.pending = None
         if stream.trailers is not None:
-            end = http2_wire.END_HEADERS | http2_wire.END_STREAM
-            out.append(http2_wire.frame(http2_wire.HEADERS, end, stream.id, stream.trailers))
+            out += http2_wire.header_frames(stream.id, stream.trailers, True, self.peer_frame)
         else:
             out.append(http2_wire.frame(http2_wire.DATA, http2_wire.END_STREAM, stream.id))
 
@@ -135,7 +156,7 @@ class Answers:
             assert self.transport is not None
             no_error = struct.pack(">I", http2_wire.NO_ERROR)
             self.transport.write(http2_wire.frame(http2_wire.RST_STREAM, 0, stream.id, no_error))
-        self.streams.pop(stream.id, None)
+        self._forget(stream.id, reset=not stream.received)
         self._maybe_idle()
 
     def _maybe_idle(self) -> None:

@@ -8,6 +8,7 @@ they share holds no state, so it sits below all three and each fact here has thi
 
 import struct
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -22,6 +23,8 @@ FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM =
 
 # Every window and the largest frame a peer takes until its SETTINGS say otherwise, and the largest window.
 DEFAULT_WINDOW, DEFAULT_FRAME, MAX_WINDOW = 65_535, 16_384, (1 << 31) - 1
+# The most streams a client may have open on one connection (kiln's SETTINGS say so; more are refused).
+MAX_STREAMS = 256
 HEAD = struct.Struct(">IBI")  # a frame's 9 bytes before its payload: length (24 bits) + type, flags, stream id
 
 
@@ -35,6 +38,19 @@ class ConnectionError_(Exception):
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     return HEAD.pack(len(payload) << 8 | kind, flags, stream_id) + payload
+
+
+def header_frames(stream_id: int, block: bytes, end_stream: bool, max_frame: int) -> list[bytes]:
+    """A header block as HEADERS and, past the peer's SETTINGS_MAX_FRAME_SIZE, CONTINUATION frames: a frame over
+    its limit is a connection error for the peer (RFC 9113 4.2), and an error answer's text comes from clients."""
+    first = END_STREAM if end_stream else 0
+    if len(block) <= max_frame:
+        return [frame(HEADERS, first | END_HEADERS, stream_id, block)]
+    pieces = [block[i : i + max_frame] for i in range(0, len(block), max_frame)]
+    out = [frame(HEADERS, first, stream_id, pieces[0])]
+    out += [frame(CONTINUATION, 0, stream_id, piece) for piece in pieces[1:-1]]
+    out.append(frame(CONTINUATION, END_HEADERS, stream_id, pieces[-1]))
+    return out
 
 
 def _integer(value: int, prefix_bits: int, first: int) -> bytes:
@@ -77,3 +93,23 @@ class Reply:
 
 
 Handler = Callable[[Request], Awaitable[Reply]]
+
+
+@dataclass
+class Settings:
+    """What a connection serves and within which limits (the HTTP/1.1 server's settings, for HTTP/2)."""
+
+    handler: Handler
+    # The answer to a request whose body is over max_body bytes (sent before the rest of it arrives).
+    oversize: Reply
+    max_body: int
+    # The whole body's size from its first bytes (gRPC's length prefix), None while too few have come.
+    body_size: Callable[[bytes], int | None]
+    # Held while a body larger than a stream's first window is read and answered: bodies are read only once
+    # admitted, as the HTTP/1.1 server reads large ones (DataPlane.admit).
+    admit: Callable[[int], AbstractAsyncContextManager[None]]
+    max_header_bytes: int
+    header_timeout: float
+    body_timeout: float
+    keep_alive_timeout: float
+    max_connections: int

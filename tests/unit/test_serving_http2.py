@@ -9,6 +9,7 @@ import logging
 import queue
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from http2_support import (
 )
 from serving_support import GatedModel, config, gauge, images_batch, queue_depth, reference, serving, statuses
 from serving_support import trained_folder as make_trained_folder
+from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from kiln_cluster.controlplane import free_port
@@ -42,10 +44,12 @@ from kiln_serving.http2_wire import (
     END_HEADERS,
     END_STREAM,
     GOAWAY,
+    HEAD,
     HEADERS,
     PREFACE,
     SETTINGS,
     frame,
+    header_frames,
 )
 
 GATED = infer_body(np.array([[1.0, 2.0]], dtype=np.float32), model="gated", name="x")
@@ -211,3 +215,24 @@ def test_an_unknown_model_with_a_non_ascii_name_is_not_found_with_the_name_intac
             client.get_model_metadata("modèle 100%41")  # "%41" would come back as "A" if '%' went unencoded
     assert missing.value.status() == "StatusCode.NOT_FOUND"
     assert "'modèle 100%41'" in missing.value.message()
+
+
+def test_an_error_naming_a_very_long_non_ascii_model_fits_the_clients_frames_and_the_connection_serves_on(
+    server: Server,
+) -> None:
+    request = pb.ModelReadyRequest(name="é" * 3000).SerializeToString()  # 12 KB once percent-encoded, uncut
+    with Client(server) as client:  # h2 refuses a frame over its 16 KiB SETTINGS_MAX_FRAME_SIZE
+        missing = client.wait(client.call("ModelReady", b"\x00" + len(request).to_bytes(4, "big") + request))
+        assert missing.status == 5
+        message = missing.headers["grpc-message"]
+        assert len(message) <= 4096 and urllib.parse.unquote(message, errors="strict").startswith("model 'éé")
+        assert client.wait(client.call("ServerLive", LIVE)).status == 0
+
+
+def test_a_header_block_over_the_peers_frame_size_goes_out_as_headers_and_continuation_frames() -> None:
+    block = hpack.Encoder().encode([("grpc-message", "x" * 40_000)], huffman=False)
+    frames = [(HEAD.unpack_from(f), f[9:]) for f in header_frames(7, block, True, 16_384)]
+    assert [kind_length & 0xFF for (kind_length, _, _), _ in frames] == [HEADERS, CONTINUATION, CONTINUATION]
+    assert [flags for (_, flags, _), _ in frames] == [END_STREAM, 0, END_HEADERS]
+    assert all(len(payload) <= 16_384 and sid == 7 for (_, _, sid), payload in frames)
+    assert b"".join(payload for _, payload in frames) == block
