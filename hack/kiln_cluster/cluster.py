@@ -35,7 +35,7 @@ VOLUME_SIZE = "50Gi"
 
 
 def run_dir(root: Path) -> Path:
-    """A short folder for unix sockets (their paths must stay under 108 bytes)."""
+    """A short folder for unix sockets (their paths must stay within node.SOCKET_PATH_BYTES)."""
     return Path("/run") / f"kiln-cluster-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]}"
 
 
@@ -99,6 +99,8 @@ class Cluster:
             raise RuntimeError(
                 f"interface {self.addresses.bridge} exists: a kiln cluster is already up (`make cluster-down`)"
             )
+        if (problem := self.paths.socket_path_problem()) is not None:
+            raise RuntimeError(problem)
         binaries.node()
 
     def _link_image_store(self) -> None:

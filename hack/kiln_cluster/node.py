@@ -28,6 +28,8 @@ CLUSTER_DOMAIN = "cluster.local"
 KUBELET_PORT = 10250
 PAUSE_IMAGE = "docker.io/kiln/pause:1"
 CONTAINERD_NAMESPACE = "k8s.io"
+# The longest path a unix socket may have on Linux (sun_path's 108 bytes, less the terminating NUL).
+SOCKET_PATH_BYTES = 107
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,15 @@ class NodePaths:
     @property
     def kubelet_root(self) -> Path:
         return self.root / "kubelet"
+
+    def socket_path_problem(self) -> str | None:
+        """Why kubelet could not bind its unix sockets under kubelet_root (a path over SOCKET_PATH_BYTES: kubelet
+        then fails 30 s later with "bind: invalid argument"), or None. Every other socket lives under `run`."""
+        longest = self.kubelet_root / "pod-resources" / ("9" * 10)  # kubelet binds a 10-digit temporary name
+        if len(bytes(longest)) <= SOCKET_PATH_BYTES:
+            return None
+        return (f"the node folder {self.root} is too long for kubelet's unix sockets ({longest} is "
+                f"{len(bytes(longest))} bytes, over {SOCKET_PATH_BYTES}): choose a shorter --root")  # fmt: skip
 
 
 def containerd_config(paths: NodePaths, bins: dict[str, Path]) -> str:

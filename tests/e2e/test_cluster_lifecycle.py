@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import clusterops
 import pytest
@@ -29,9 +28,13 @@ def kiln_cluster(*args: str, timeout: float = 1800) -> subprocess.CompletedProce
     )
 
 
-def test_cluster_up_then_down_leaves_the_machine_exactly_as_it_found_it(tmp_path: Path) -> None:
+def test_cluster_up_then_down_leaves_the_machine_exactly_as_it_found_it(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     clusterops.require_prerequisites()
-    root = tmp_path / "cluster"
+    # Not tmp_path: its name and pytest's run counter grow past what kubelet's unix sockets allow
+    # (NodePaths.socket_path_problem).
+    root = tmp_path_factory.mktemp("lifecycle") / "cluster"
     # The image builder's own state (podman's storage mount) belongs to the builder, not the cluster: build
     # first (cached), so `up` finds the images made and the footprint compares only what the cluster does.
     images.build_kiln_images(EXPORT_DIR)

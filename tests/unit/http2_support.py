@@ -1,19 +1,22 @@
-"""The HTTP/2 tests' peers, shared by test_serving_http2.py and test_serving_http2_limits.py: the h2 library as a
+"""The HTTP/2 tests' peers, shared by the test_serving_http2*.py files: the h2 library as a
 client over a plain socket, a reader of the server's raw frames, and gRPC calls' request and answer bytes."""
 
 import contextlib
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.settings
 import numpy as np
+from serving_support import config
 from tritonclient.grpc import service_pb2 as pb
 
-from kiln_serving import Server
+from kiln_cluster.controlplane import free_port
+from kiln_serving import Server, ServingConfig
 from kiln_serving.http2_wire import GOAWAY
 
 # Generous: the strict server closes after 0.5 s; a loaded machine may take far longer to get there.
@@ -182,3 +185,11 @@ def output(body: bytes) -> np.ndarray:
     assert body[0] == 0 and int.from_bytes(body[1:5], "big") == len(body) - 5
     response = pb.ModelInferResponse.FromString(body[5:])
     return np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(list(response.outputs[0].shape))
+
+
+def strict_config(folder: Path, **overrides: object) -> ServingConfig:
+    """A server with a gRPC port and limits tight enough to reach in a test: 8 KiB heads, half-second header and
+    body timeouts."""
+    settings: dict[str, object] = {"max_header_bytes": 8192, "header_timeout_seconds": 0.5,
+                                   "body_timeout_seconds": 0.5, **overrides}  # fmt: skip
+    return config(folder, grpc_port=free_port(), **settings)

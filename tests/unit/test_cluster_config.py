@@ -75,3 +75,15 @@ def test_the_pause_image_is_an_oci_archive_whose_only_layer_holds_the_binary_as_
             [member] = files.getmembers()
             assert (member.name, member.mode) == ("pause", 0o755)
     assert config["config"]["Entrypoint"] == ["/pause"]
+
+
+def test_a_node_folder_too_long_for_kubelets_unix_sockets_is_refused_before_anything_starts() -> None:
+    # kubelet binds <root>/kubelet/pod-resources/<10 digits>; past 107 bytes it failed 30 s into `up`, obscurely.
+    short = node.NodePaths(root=Path("/tmp/pytest-of-root/pytest-99/cluster0/node"), run=Path("/run/k"))
+    assert short.socket_path_problem() is None
+    deep = Path("/tmp/pytest-of-root/pytest-102/test_cluster_up_then_down_leav0/cluster/node")
+    problem = node.NodePaths(root=deep, run=Path("/run/k")).socket_path_problem()
+    assert problem is not None and "108 bytes, over 107" in problem and "choose a shorter --root" in problem
+    edge = Path("/" + "n" * (node.SOCKET_PATH_BYTES - len("/kubelet/pod-resources/0123456789") - 1))
+    assert node.NodePaths(root=edge, run=Path("/run/k")).socket_path_problem() is None
+    assert node.NodePaths(root=Path(f"{edge}x"), run=Path("/run/k")).socket_path_problem() is not None

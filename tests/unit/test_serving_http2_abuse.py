@@ -19,6 +19,7 @@ from http2_support import (
     goaway_codes,
     raw,
     request_fields,
+    strict_config,
 )
 from serving_support import config, serving
 from serving_support import trained_folder as make_trained_folder
@@ -49,9 +50,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def strict(folder: Path) -> Iterator[Server]:
-    cfg = config(folder, grpc_port=free_port(), max_header_bytes=8192, header_timeout_seconds=0.5,
-                 body_timeout_seconds=0.5, keep_alive_timeout_seconds=30, max_body_bytes=1024)  # fmt: skip
-    with serving(cfg) as running:
+    with serving(strict_config(folder, keep_alive_timeout_seconds=30, max_body_bytes=1024)) as running:
         yield running
 
 

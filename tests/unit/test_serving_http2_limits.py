@@ -23,6 +23,7 @@ from http2_support import (
     output,
     raw,
     request_fields,
+    strict_config,
 )
 from serving_support import config, images_batch, reference, serving
 from serving_support import trained_folder as make_trained_folder
@@ -39,9 +40,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def strict(folder: Path) -> Iterator[Server]:
-    cfg = config(folder, grpc_port=free_port(), max_header_bytes=8192, header_timeout_seconds=0.5,
-                 body_timeout_seconds=0.5, keep_alive_timeout_seconds=0.5, max_connections=8)  # fmt: skip
-    with serving(cfg) as running:
+    with serving(strict_config(folder, keep_alive_timeout_seconds=0.5, max_connections=8)) as running:
         yield running
 
 
