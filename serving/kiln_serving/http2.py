@@ -198,27 +198,47 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
                 self.continuing = None
                 self._open(sid, bytes(block), end)
         elif kind == http2_wire.SETTINGS:
-            if not flags & http2_wire.ACK:
+            if stream_id:
+                raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "SETTINGS on a stream")
+            if flags & http2_wire.ACK:
+                if payload:
+                    raise http2_wire.ConnectionError_(http2_wire.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            else:
                 self._settings(stream_id, payload)
         elif kind == http2_wire.WINDOW_UPDATE:
+            self._not_idle(stream_id, "WINDOW_UPDATE")
             self._window_update(stream_id, payload)
         elif kind == http2_wire.PING:
-            if len(payload) != 8 or stream_id:
-                raise http2_wire.ConnectionError_(http2_wire.FRAME_SIZE_ERROR, "malformed PING")
+            if stream_id:
+                raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "PING on a stream")
+            if len(payload) != 8:
+                raise http2_wire.ConnectionError_(http2_wire.FRAME_SIZE_ERROR, "PING not of 8 bytes")
             if not flags & http2_wire.ACK and self.transport is not None:
                 self.transport.write(http2_wire.frame(http2_wire.PING, http2_wire.ACK, 0, payload))
         elif kind == http2_wire.RST_STREAM:
+            if len(payload) != 4:
+                raise http2_wire.ConnectionError_(http2_wire.FRAME_SIZE_ERROR, "RST_STREAM not of 4 bytes")
+            self._not_idle(stream_id, "RST_STREAM")
             stream = self._forget(stream_id, reset=False)
             if stream is not None and stream.task is not None:
                 stream.task.cancel()
             self._maybe_idle()
         elif kind == http2_wire.GOAWAY:
+            if stream_id:
+                raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "GOAWAY on a stream")
             self.going_away = True
             if not self.streams and self.transport is not None:
                 self.transport.close()
         elif kind == http2_wire.PUSH_PROMISE:
             raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "a client cannot push")
         # PRIORITY and unknown frame types are ignored, as RFC 9113 says.
+
+    def _not_idle(self, stream_id: int, kind: str) -> None:
+        """RFC 9113 §5.1: RST_STREAM on stream 0, or either frame on a stream the client never opened (idle; even
+        ids are the server's, which opens none), is a connection error."""
+        idle = stream_id % 2 == 0 or stream_id > self.last_stream
+        if (stream_id == 0 and kind == "RST_STREAM") or (stream_id and idle):
+            raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, f"{kind} on idle stream {stream_id}")
 
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         block = self._unpad(flags, payload)

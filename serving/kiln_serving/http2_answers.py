@@ -62,9 +62,11 @@ class Answers:
     # -- flow control: the client's SETTINGS and WINDOW_UPDATE ------------------------------------------------
 
     def _settings(self, stream_id: int, payload: bytes) -> None:
-        if stream_id or len(payload) % 6:
-            raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "malformed SETTINGS")
+        if len(payload) % 6:
+            raise http2_wire.ConnectionError_(http2_wire.FRAME_SIZE_ERROR, "SETTINGS not of whole 6-byte entries")
         for key, value in struct.iter_unpack(">HI", payload):
+            if key == http2_wire.SETTINGS_ENABLE_PUSH and value > 1:
+                raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, f"ENABLE_PUSH of {value}")
             if key == http2_wire.SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > http2_wire.MAX_WINDOW:
                     raise http2_wire.ConnectionError_(http2_wire.FLOW_CONTROL_ERROR, "initial window over 2^31-1")
@@ -84,11 +86,19 @@ class Answers:
             raise http2_wire.ConnectionError_(http2_wire.FRAME_SIZE_ERROR, "malformed WINDOW_UPDATE")
         increment = struct.unpack(">I", payload)[0] & 0x7FFFFFFF
         if stream_id == 0:
+            if not increment:
+                raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             self.send_window += increment
             if self.send_window > http2_wire.MAX_WINDOW:
                 raise http2_wire.ConnectionError_(http2_wire.FLOW_CONTROL_ERROR, "connection window over 2^31-1")
         elif (stream := self.streams.get(stream_id)) is not None:
+            if not increment:  # a stream error (RFC 9113 §6.9)
+                self._reset(stream_id, http2_wire.PROTOCOL_ERROR)
+                return
             stream.send_window += increment
+            if stream.send_window > http2_wire.MAX_WINDOW:
+                self._reset(stream_id, http2_wire.FLOW_CONTROL_ERROR)
+                return
         self._flush()
 
     # -- frames out ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ oversized trailer blocks, and trailers that reach a stream the server already re
 (h2 would refuse to send most of them)."""
 
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,16 +28,20 @@ from serving_support import trained_folder as make_trained_folder
 from kiln_cluster.controlplane import free_port
 from kiln_serving import Server
 from kiln_serving.http2_wire import (
+    ACK,
     CONTINUATION,
     DATA,
     END_HEADERS,
     END_STREAM,
+    FRAME_SIZE_ERROR,
     GOAWAY,
     HEADERS,
     PING,
     PREFACE,
+    PROTOCOL_ERROR,
     RST_STREAM,
     SETTINGS,
+    WINDOW_UPDATE,
     frame,
 )
 
@@ -168,5 +173,40 @@ def test_trailers_on_a_stream_the_server_reset_are_ignored_and_the_connection_se
             DATA, END_STREAM, 3, LIVE
         )
         sock.sendall(late + call)
+        answer = frames.until(lambda f: ended_by_stream([f], 3))
+        assert answer[-1][0] == HEADERS and GOAWAY not in [f[0] for f in answer]
+
+
+@pytest.mark.parametrize(
+    ("sent", "code"),
+    [
+        pytest.param(frame(RST_STREAM, 0, 0, bytes(4)), PROTOCOL_ERROR, id="RST_STREAM on stream 0"),
+        pytest.param(frame(RST_STREAM, 0, 5, bytes(4)), PROTOCOL_ERROR, id="RST_STREAM on an idle stream"),
+        pytest.param(frame(RST_STREAM, 0, 1, bytes(3)), FRAME_SIZE_ERROR, id="RST_STREAM of 3 bytes"),
+        pytest.param(frame(WINDOW_UPDATE, 0, 0, bytes(4)), PROTOCOL_ERROR, id="WINDOW_UPDATE of 0 on the connection"),
+        pytest.param(frame(WINDOW_UPDATE, 0, 7, bytes([0, 0, 0, 1])), PROTOCOL_ERROR, id="WINDOW_UPDATE, idle stream"),
+        pytest.param(frame(SETTINGS, ACK, 0, bytes(6)), FRAME_SIZE_ERROR, id="SETTINGS ACK with a payload"),
+        pytest.param(frame(SETTINGS, 0, 0, bytes(5)), FRAME_SIZE_ERROR, id="SETTINGS of 5 bytes"),
+        pytest.param(frame(SETTINGS, 0, 0, struct.pack(">HI", 0x2, 2)), PROTOCOL_ERROR, id="ENABLE_PUSH of 2"),
+        pytest.param(frame(PING, 0, 1, b"12345678"), PROTOCOL_ERROR, id="PING on a stream"),
+        pytest.param(frame(GOAWAY, 0, 1, bytes(8)), PROTOCOL_ERROR, id="GOAWAY on a stream"),
+    ],
+)  # fmt: skip
+def test_frames_rfc_9113_forbids_end_the_connection_with_its_error(strict: Server, sent: bytes, code: int) -> None:
+    with opened(strict) as sock:
+        sock.sendall(sent)
+        assert goaway_codes(Frames(sock).until_closed()) == [code]
+
+
+def test_a_window_update_of_0_on_an_open_stream_resets_only_that_stream(strict: Server) -> None:
+    encoder = hpack.Encoder()
+    with opened(strict) as sock:
+        sock.sendall(frame(HEADERS, END_HEADERS, 1, encoder.encode(request_fields("ServerLive"))))
+        sock.sendall(frame(WINDOW_UPDATE, 0, 1, bytes(4)))
+        frames = Frames(sock)
+        reset = frames.until(lambda f: f[0] == RST_STREAM)[-1]
+        assert reset[2] == 1 and struct.unpack(">I", reset[3]) == (PROTOCOL_ERROR,)
+        call = frame(HEADERS, END_HEADERS, 3, encoder.encode(request_fields("ServerLive")))
+        sock.sendall(call + frame(DATA, END_STREAM, 3, LIVE))
         answer = frames.until(lambda f: ended_by_stream([f], 3))
         assert answer[-1][0] == HEADERS and GOAWAY not in [f[0] for f in answer]
