@@ -304,6 +304,9 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
                 self._received(stream)
             return
         headers = self._decode(block)
+        if _malformed(headers):  # a stream error (RFC 9113 §8.1.1): the connection serves on
+            self._reset(stream_id, http2_wire.PROTOCOL_ERROR)
+            return
         if self.going_away or len(self.streams) >= http2_wire.MAX_STREAMS:
             self._reset(stream_id, http2_wire.REFUSED_STREAM)
             return
@@ -312,6 +315,22 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
         self.idle_since = None
         if end:
             self._received(stream)
+
+
+# Headers of HTTP/1.1 connections that HTTP/2 forbids (RFC 9113 §8.2.2); `te` may only say "trailers".
+_CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
+_REQUIRED = (":method", ":scheme", ":path")
+
+
+def _malformed(headers: dict[str, str]) -> bool:
+    """Whether a request's header block is malformed (RFC 9113 §8.2, §8.3.1): an upper-case name, a
+    connection-specific header, or a pseudo-header missing."""
+    for name, value in headers.items():
+        if name in _CONNECTION_SPECIFIC or name != name.lower():
+            return True
+        if name == "te" and value != "trailers":
+            return True
+    return any(name not in headers for name in _REQUIRED)
 
 
 class Server:

@@ -110,7 +110,7 @@ class Bodies(http2_answers.Answers):
             raise http2_wire.ConnectionError_(http2_wire.FLOW_CONTROL_ERROR, "data beyond the connection window")
         stream = self.streams.get(stream_id)
         if stream is None:
-            if stream_id == 0 or stream_id > self.last_stream:
+            if stream_id == 0 or stream_id % 2 == 0 or stream_id > self.last_stream:  # one the client never opened
                 raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
             self._give_back(n)  # a stream already answered or reset: its late data is dropped
             return

@@ -190,6 +190,7 @@ def test_trailers_on_a_stream_the_server_reset_are_ignored_and_the_connection_se
         pytest.param(frame(SETTINGS, 0, 0, struct.pack(">HI", 0x2, 2)), PROTOCOL_ERROR, id="ENABLE_PUSH of 2"),
         pytest.param(frame(PING, 0, 1, b"12345678"), PROTOCOL_ERROR, id="PING on a stream"),
         pytest.param(frame(GOAWAY, 0, 1, bytes(8)), PROTOCOL_ERROR, id="GOAWAY on a stream"),
+        pytest.param(frame(DATA, 0, 2, b"x"), PROTOCOL_ERROR, id="DATA on a stream only the server may open"),
     ],
 )  # fmt: skip
 def test_frames_rfc_9113_forbids_end_the_connection_with_its_error(strict: Server, sent: bytes, code: int) -> None:
@@ -203,6 +204,30 @@ def test_a_window_update_of_0_on_an_open_stream_resets_only_that_stream(strict: 
     with opened(strict) as sock:
         sock.sendall(frame(HEADERS, END_HEADERS, 1, encoder.encode(request_fields("ServerLive"))))
         sock.sendall(frame(WINDOW_UPDATE, 0, 1, bytes(4)))
+        frames = Frames(sock)
+        reset = frames.until(lambda f: f[0] == RST_STREAM)[-1]
+        assert reset[2] == 1 and struct.unpack(">I", reset[3]) == (PROTOCOL_ERROR,)
+        call = frame(HEADERS, END_HEADERS, 3, encoder.encode(request_fields("ServerLive")))
+        sock.sendall(call + frame(DATA, END_STREAM, 3, LIVE))
+        answer = frames.until(lambda f: ended_by_stream([f], 3))
+        assert answer[-1][0] == HEADERS and GOAWAY not in [f[0] for f in answer]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param([*request_fields("ServerLive"), ("X-Upper", "1")], id="an upper-case name"),
+        pytest.param([*request_fields("ServerLive"), ("connection", "keep-alive")], id="a connection header"),
+        pytest.param([*request_fields("ServerLive"), ("te", "gzip")], id="te other than trailers"),
+        pytest.param([f for f in request_fields("ServerLive") if f[0] != ":path"], id="no :path"),
+    ],
+)
+def test_a_malformed_request_resets_its_stream_and_the_connection_serves_on(
+    strict: Server, fields: list[tuple[str, str]]
+) -> None:
+    encoder = hpack.Encoder()
+    with opened(strict) as sock:
+        sock.sendall(frame(HEADERS, END_HEADERS, 1, encoder.encode(fields)) + frame(DATA, END_STREAM, 1, LIVE))
         frames = Frames(sock)
         reset = frames.until(lambda f: f[0] == RST_STREAM)[-1]
         assert reset[2] == 1 and struct.unpack(">I", reset[3]) == (PROTOCOL_ERROR,)
