@@ -290,8 +290,8 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 if name == b"transfer-encoding":
                     codings = [coding.strip().lower() for coding in value.split(b",")]
                     if any(coding != b"chunked" for coding in codings):
-                        coding = value.decode("latin-1")[:40]
-                        return 501, "Not Implemented", f"transfer coding {coding!r} is not supported (only chunked)"
+                        given = value.decode("latin-1")[:40]
+                        return 501, "Not Implemented", f"transfer coding {given!r} is not supported (only chunked)"
             return None
 
         def _direct(self) -> bool:

@@ -12,7 +12,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,3 +310,14 @@ class GatedModel(Model):
     def predict(self, inputs: Mapping[str, codec.Array]) -> dict[str, codec.Array]:
         self.gate.wait(GATE_SECONDS)
         return {"y": np.asarray(inputs["x"])}
+
+
+def wait_until(
+    condition: Callable[[], bool], what: str, limit: float = 60.0, pause: Callable[[float], object] = time.sleep
+) -> None:
+    """Wait for something the server does asynchronously; the limit only stops a hung test."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gave up waiting: {what}")
+        pause(0.01)

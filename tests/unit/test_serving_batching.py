@@ -2,7 +2,6 @@
 
 import socket
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +21,7 @@ from serving_support import (
     reference,
     serving,
     trained_folder,
+    wait_until,
 )
 
 from kiln_serving import Server, ServingConfig, codec
@@ -53,17 +53,6 @@ def batch_sizes(server: Server) -> dict[str, float]:
 def metric(server: Server, name: str) -> float:
     text = httpx.get(f"{server.url}/metrics").text
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
-
-
-def wait_until(
-    condition: Callable[[], bool], what: str, limit: float = 60.0, pause: Callable[[float], object] = time.sleep
-) -> None:
-    """Wait for something the server does asynchronously; the limit only stops a hung test."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"gave up waiting: {what}")
-        pause(0.01)
 
 
 def json_infer(server: Server, x: np.ndarray) -> httpx.Response:

@@ -6,8 +6,7 @@ with the heavy and batching tests."""
 import contextlib
 import logging
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from serving_support import (
     reference,
     serving,
     statuses,
+    wait_until,
 )
 from serving_support import trained_folder as make_trained_folder
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
@@ -56,13 +56,6 @@ def open_cycles(server: Server) -> list[Any]:
 
 def cycles(server: Server) -> list[str]:
     return [type(c).__name__ for c in open_cycles(server)]
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + PATIENCE
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting: {what}"
-        time.sleep(0.02)
 
 
 def logits(folder: Path, x: np.ndarray) -> np.ndarray:
@@ -149,7 +142,7 @@ def test_bodies_waiting_to_be_admitted_are_held_no_further_than_through_asgi(fol
                  body_timeout_seconds=PATIENCE)  # fmt: skip
     with serving(cfg) as server, connect(server) as admitted:
         admitted.sendall(whole[: len(whole) // 2])
-        wait_for(lambda: [c.buffer is not None for c in open_cycles(server)] == [True], "the first body admitted")
+        wait_until(lambda: [c.buffer is not None for c in open_cycles(server)] == [True], "the first body admitted")
         waiting = [connect(server) for _ in range(6)]
         try:
             for sock in waiting:
@@ -157,11 +150,11 @@ def test_bodies_waiting_to_be_admitted_are_held_no_further_than_through_asgi(fol
                 with contextlib.suppress(BlockingIOError):
                     sock.send(whole[:1_000_000])  # as much as the kernel takes, far past what the server holds
             held = lambda: [len(c.body) for c in open_cycles(server) if c.buffer is None]  # noqa: E731
-            wait_for(lambda: len(held()) == 6 and min(held()) > HIGH_WATER_LIMIT, "six bodies held, reading paused")
+            wait_until(lambda: len(held()) == 6 and min(held()) > HIGH_WATER_LIMIT, "six bodies held, reading paused")
             assert max(held()) <= HIGH_WATER_LIMIT + READ_BYTES, held()
             admitted.sendall(whole[len(whole) // 2 :])
             assert Answers(admitted).next()[0] == b"HTTP/1.1 200 OK"
         finally:
             for sock in waiting:
                 sock.close()
-        wait_for(lambda: statuses(server).get("499", 0) == 6, "the six that left counted as 499")
+        wait_until(lambda: statuses(server).get("499", 0) == 6, "the six that left counted as 499")

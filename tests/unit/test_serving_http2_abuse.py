@@ -71,6 +71,20 @@ def ended_by_stream(frames: list[tuple[int, int, int, bytes]], stream: int) -> b
     return sid == stream and (kind == RST_STREAM or (kind in (HEADERS, DATA) and bool(flags & END_STREAM)))
 
 
+def serves_on(sock: socket.socket, frames: Frames, encoder: hpack.Encoder, stream: int = 3) -> None:
+    """A call on `stream` is answered with nothing ending the connection: it survived what came before."""
+    call = frame(HEADERS, END_HEADERS, stream, encoder.encode(request_fields("ServerLive")))
+    sock.sendall(call + frame(DATA, END_STREAM, stream, LIVE))
+    answer = frames.until(lambda f: ended_by_stream([f], stream))
+    assert answer[-1][0] == HEADERS and GOAWAY not in [f[0] for f in answer]
+
+
+def reset(frames: Frames) -> tuple[int, int]:
+    """The stream and error code of the server's next RST_STREAM."""
+    got = frames.until(lambda f: f[0] == RST_STREAM)[-1]
+    return got[2], struct.unpack(">I", got[3])[0]
+
+
 def test_a_client_that_sends_pings_but_never_reads_is_no_longer_read_and_is_served_once_it_reads(
     folder: Path,
 ) -> None:
@@ -168,13 +182,10 @@ def test_trailers_on_a_stream_the_server_reset_are_ignored_and_the_connection_se
         refused = frames.until(lambda f: f[0] == RST_STREAM and f[2] == 1)
         assert any(b"grpc-status" in hpack.Decoder().decode(f[3], raw=True)[3][0] for f in refused if f[0] == HEADERS)
         # The client, not having read that yet, finishes its request (more DATA, then trailers) and calls again.
-        late = frame(DATA, 0, 1, b"\0" * 10) + frame(HEADERS, END_HEADERS | END_STREAM, 1, encoder.encode([("x", "1")]))
-        call = frame(HEADERS, END_HEADERS, 3, encoder.encode(request_fields("ServerLive"))) + frame(
-            DATA, END_STREAM, 3, LIVE
+        sock.sendall(
+            frame(DATA, 0, 1, b"\0" * 10) + frame(HEADERS, END_HEADERS | END_STREAM, 1, encoder.encode([("x", "1")]))
         )
-        sock.sendall(late + call)
-        answer = frames.until(lambda f: ended_by_stream([f], 3))
-        assert answer[-1][0] == HEADERS and GOAWAY not in [f[0] for f in answer]
+        serves_on(sock, frames, encoder)
 
 
 @pytest.mark.parametrize(
@@ -205,12 +216,8 @@ def test_a_window_update_of_0_on_an_open_stream_resets_only_that_stream(strict: 
         sock.sendall(frame(HEADERS, END_HEADERS, 1, encoder.encode(request_fields("ServerLive"))))
         sock.sendall(frame(WINDOW_UPDATE, 0, 1, bytes(4)))
         frames = Frames(sock)
-        reset = frames.until(lambda f: f[0] == RST_STREAM)[-1]
-        assert reset[2] == 1 and struct.unpack(">I", reset[3]) == (PROTOCOL_ERROR,)
-        call = frame(HEADERS, END_HEADERS, 3, encoder.encode(request_fields("ServerLive")))
-        sock.sendall(call + frame(DATA, END_STREAM, 3, LIVE))
-        answer = frames.until(lambda f: ended_by_stream([f], 3))
-        assert answer[-1][0] == HEADERS and GOAWAY not in [f[0] for f in answer]
+        assert reset(frames) == (1, PROTOCOL_ERROR)
+        serves_on(sock, frames, encoder)
 
 
 @pytest.mark.parametrize(
@@ -229,9 +236,5 @@ def test_a_malformed_request_resets_its_stream_and_the_connection_serves_on(
     with opened(strict) as sock:
         sock.sendall(frame(HEADERS, END_HEADERS, 1, encoder.encode(fields)) + frame(DATA, END_STREAM, 1, LIVE))
         frames = Frames(sock)
-        reset = frames.until(lambda f: f[0] == RST_STREAM)[-1]
-        assert reset[2] == 1 and struct.unpack(">I", reset[3]) == (PROTOCOL_ERROR,)
-        call = frame(HEADERS, END_HEADERS, 3, encoder.encode(request_fields("ServerLive")))
-        sock.sendall(call + frame(DATA, END_STREAM, 3, LIVE))
-        answer = frames.until(lambda f: ended_by_stream([f], 3))
-        assert answer[-1][0] == HEADERS and GOAWAY not in [f[0] for f in answer]
+        assert reset(frames) == (1, PROTOCOL_ERROR)
+        serves_on(sock, frames, encoder)

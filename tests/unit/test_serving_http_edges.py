@@ -10,12 +10,12 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_support import Answers, binary_request, config, gauge, images_batch, serving, statuses
+from serving_support import Answers, binary_request, config, gauge, images_batch, serving, statuses, wait_until
 from serving_support import trained_folder as make_trained_folder
 
 from kiln_serving import Server
@@ -55,13 +55,6 @@ def head_and_body(raw: bytes) -> tuple[bytes, bytes]:
     return head + b"\r\n\r\n", body
 
 
-def eventually(what: str, condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + PATIENCE
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting: {what}"
-        time.sleep(0.05)
-
-
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
@@ -80,7 +73,7 @@ def test_a_client_that_pipelines_and_hangs_up_is_counted_499_and_logs_no_error(
             with connect(server) as sock:
                 sock.sendall(make(images_batch(8, seed=seed)) * 4)
                 assert Answers(sock).next()[0] == b"HTTP/1.1 200 OK"
-            eventually("its requests handled", lambda: gauge(server, "requests_in_flight") == 0)
+            wait_until(lambda: gauge(server, "requests_in_flight") == 0, "its requests handled")
         gc.collect()  # an exception nobody retrieved from a task is logged when the task is collected
     counted = delta(before, statuses(server))
     # Each client's first request answered; those behind it cancelled (499) or never begun (not counted).
@@ -156,7 +149,7 @@ def test_a_body_the_server_times_out_is_counted_408_not_as_a_client_hang_up(serv
         answers = Answers(sock)
         assert answers.next()[0].startswith(b"HTTP/1.1 408")
         assert answers.closed()
-    eventually("the request counted", lambda: delta(before, statuses(server)) != {})
+    wait_until(lambda: delta(before, statuses(server)) != {}, "the request counted")
     assert delta(before, statuses(server)) == {"408": 1}
 
 
