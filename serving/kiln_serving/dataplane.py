@@ -13,8 +13,9 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,6 +37,12 @@ LARGE_BYTES = 256 * 1024
 # A binary tensor's byte weighs this much less than a byte of JSON text: it is only checked (finite values) and
 # used in place, ~10x faster than parsing, so a batch of raw tensors is not worth a trip to a codec thread.
 _BINARY_WEIGHT = 8
+
+
+def large(size: int | None) -> bool:
+    """Whether a body (or work) of `size` bytes (None: not known yet) is large: admitted a few at a time, and
+    handled off the event loop."""
+    return size is None or size >= LARGE_BYTES
 
 
 def weight(text_bytes: int, binary_bytes: int = 0) -> int:
@@ -94,20 +101,18 @@ class DataPlane:
 
     # -- heavy work -----------------------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def admit(self, size: int | None) -> AsyncIterator[None]:
-        """Hold one of the large-request places while a body of `size` bytes (None: unknown) is handled."""
-        if size is not None and size < LARGE_BYTES:
-            yield
-            return
+    def admit(self, size: int | None) -> AbstractAsyncContextManager[None]:
+        """One of the large-request places, held while a body of `size` bytes (None: unknown) is handled; a small
+        body needs none, and enters nothing that costs (this is every request's path)."""
+        if not large(size):
+            return contextlib.nullcontext()
         if self._large is None:
             self._large = asyncio.Semaphore(self.config.max_concurrent_large_requests)
-        async with self._large:
-            yield
+        return self._large
 
     async def offload(self, size: int, work: Callable[..., T], *args: Any) -> T:
         """work(*args), on a codec thread when `size` bytes make it heavy, else right here."""
-        if size < LARGE_BYTES:
+        if not large(size):
             return work(*args)
         return await asyncio.get_running_loop().run_in_executor(self._codec, functools.partial(work, *args))
 

@@ -22,9 +22,9 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 
-from kiln_serving import codec, connections, errors, grpc_wire, http2, http2_wire, metrics, protocol
+from kiln_serving import codec, connections, errors, grpc_wire, http2, http2_wire, metrics, protobuf_walk, protocol
 from kiln_serving.config import ServingConfig
-from kiln_serving.dataplane import LARGE_BYTES, DataPlane, weight
+from kiln_serving.dataplane import DataPlane, large, weight
 from kiln_serving.http_body import ENCODINGS, inflate
 from kiln_serving.model import Model
 
@@ -47,6 +47,7 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 # the message is refused unparsed. protobuf's parser holds the GIL (a thread does not keep the loop free), and
 # an empty entry costs 2 bytes on the wire but ~100 in memory: 60 MB of them took 2.9 GB and stalled the server.
 MAX_INFER_FIELDS = 4096
+_RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
 # Set while a call holds its admission: the transport admits a call by its length prefix before reading its body,
 # and the Dispatcher admits by the (inflated) message's size; one call takes one place, never two.
 _ADMITTED: ContextVar[bool] = ContextVar("kiln_grpc_admitted", default=False)
@@ -61,40 +62,20 @@ def _parameters(params: Any) -> dict[str, object]:
     return out
 
 
-def _varint(data: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while pos < len(data):
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if byte < 0x80:
-            return value, pos
-    return value, len(data) + 1  # cut short: past the end, so counting stops
+@dataclass(frozen=True)
+class InferCall:
+    """A ModelInferRequest as parsed: the message less its raw_input_contents, which travel beside it (read
+    once, or for a large message never copied: see protobuf_walk), and the message's size on the wire."""
+
+    request: Any
+    raw: list[bytes] | list[memoryview]
+    size: int
 
 
-def top_level_fields(message: bytes | memoryview, limit: int) -> int:
-    """How many fields a protobuf message has at its top level, counted no further than limit + 1 (each is
-    skipped by its length, so this costs what the count costs, not what the message weighs)."""
-    data, pos, count = memoryview(message), 0, 0
-    while pos < len(data) and count <= limit:
-        tag, pos = _varint(data, pos)
-        wire = tag & 7
-        if wire == 0:
-            pos = _varint(data, pos)[1]
-        elif wire == 2:
-            length, pos = _varint(data, pos)
-            pos += length
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-        else:
-            break  # not a field this message can hold: the parser says what is wrong
-        count += 1
-    return count
-
-
-def decode(model: Model, request: Any, raw: list[bytes], allow_non_finite: bool) -> protocol.Request:
-    """A ModelInferRequest (and its raw_input_contents, read once) -> the protocol's Request (checked exactly
-    like an HTTP one)."""
+def decode(model: Model, request: Any, raw: list[bytes] | list[memoryview], allow_non_finite: bool
+           ) -> protocol.Request:  # fmt: skip
+    """A ModelInferRequest (and its raw_input_contents) -> the protocol's Request (checked exactly like an HTTP
+    one)."""
     if not request.inputs:
         raise errors.InvalidInput("request needs 'inputs': a non-empty list of tensors")
     if raw and len(raw) != len(request.inputs):
@@ -141,32 +122,38 @@ class Service:
         served = {}
         for rpc in _SERVICE.methods:
             call = getattr(self, rpc.name, None)
-            if call is not None:
-                parse = self._parser(getattr(pb, rpc.input_type.name).FromString, rpc.name == "ModelInfer")
-                served[f"/{_SERVICE.full_name}/{rpc.name}"] = grpc_wire.Method(parse, call)
+            if call is None:
+                continue
+            parse = self._parse_infer if rpc.name == "ModelInfer" else self._parser(getattr(pb, rpc.input_type.name))
+            served[f"/{_SERVICE.full_name}/{rpc.name}"] = grpc_wire.Method(parse, call)
         return served
 
-    def _parser(
-        self, parse: Callable[[bytes | memoryview], Any], bounded: bool
-    ) -> Callable[[bytes | memoryview], Awaitable[Any]]:
-        """A message parsed on a codec thread when large (as HTTP bodies are decoded), here when small; `bounded`:
-        a large one of more than MAX_INFER_FIELDS top-level fields is refused before it is parsed (a small one
-        parses within milliseconds whatever it holds, and the common call is not walked twice)."""
+    def _parser(self, message_class: Any) -> Callable[[bytes | memoryview], Awaitable[Any]]:
+        """A message parsed on a codec thread when large (as HTTP bodies are decoded), here when small."""
 
         async def parsed(message: bytes | memoryview) -> Any:
-            if len(message) < LARGE_BYTES:
-                return parse(message)
-            if bounded and top_level_fields(message, MAX_INFER_FIELDS) > MAX_INFER_FIELDS:
-                raise grpc_wire.Abort("INVALID_ARGUMENT", f"a ModelInferRequest of more than {MAX_INFER_FIELDS} "
-                                      "top-level fields (inputs, outputs, parameters) is refused unparsed")  # fmt: skip
-            return await self.dataplane.offload(len(message), parse, message)
+            return await self.dataplane.offload(len(message), message_class.FromString, message)
 
         return parsed
+
+    async def _parse_infer(self, message: bytes | memoryview) -> InferCall:
+        """A small ModelInferRequest is parsed here, whatever it holds (milliseconds at most; the common call is
+        not walked twice). A large one is walked first (protobuf_walk): refused unparsed past MAX_INFER_FIELDS
+        top-level fields, its raw_input_contents lifted out uncopied, and only the rest left to protobuf."""
+        if not large(len(message)):
+            request = pb.ModelInferRequest.FromString(message)
+            return InferCall(request, list(request.raw_input_contents), len(message))  # a read copies: once
+        walked = protobuf_walk.split(message, _RAW_INPUT_CONTENTS, MAX_INFER_FIELDS)
+        if walked.fields > MAX_INFER_FIELDS:
+            raise grpc_wire.Abort("INVALID_ARGUMENT", f"a ModelInferRequest of more than {MAX_INFER_FIELDS} "
+                                  "top-level fields (inputs, outputs, parameters) is refused unparsed")  # fmt: skip
+        request = await self.dataplane.offload(len(walked.rest), pb.ModelInferRequest.FromString, walked.rest)
+        return InferCall(request, walked.lifted, len(message))
 
     def admit(self, size: int) -> AbstractAsyncContextManager[None]:
         """DataPlane.admit for a call of `size` bytes, unless the call already holds its admission or is small
         (nothing to wait for: the common call pays for no context managers)."""
-        if size < LARGE_BYTES or _ADMITTED.get():
+        if not large(size) or _ADMITTED.get():
             return contextlib.nullcontext()
         return self._admitted(size)
 
@@ -233,10 +220,9 @@ class Service:
 
         return await self._call(work)
 
-    async def ModelInfer(self, request: Any) -> Any:  # noqa: N802
+    async def ModelInfer(self, call: InferCall) -> Any:  # noqa: N802
         dataplane, model_metrics = self.dataplane, self.dataplane.model_metrics
-        size = request.ByteSize()
-        raw = list(request.raw_input_contents)  # each read of a bytes field copies it
+        request, raw = call.request, call.raw
         raw_bytes = sum(map(len, raw))
         started = time.perf_counter()
         status = 200
@@ -244,7 +230,7 @@ class Service:
         try:  # admitted by its size already (Service.admit, by the transport or the Dispatcher)
             with dataplane.batcher.arriving():
                 model = dataplane.require_ready(request.model_name, request.model_version or None)
-                heavy, allow = weight(size - raw_bytes, raw_bytes), dataplane.config.allow_non_finite
+                heavy, allow = weight(call.size - raw_bytes, raw_bytes), dataplane.config.allow_non_finite
                 decoded = await dataplane.offload(heavy, decode, model, request, raw, allow)
                 outputs = await dataplane.run(decoded)
                 out_bytes = sum(a.nbytes for a in outputs.values())  # raw_output_contents: only copied

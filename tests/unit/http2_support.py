@@ -12,7 +12,7 @@ import h2.connection
 import h2.events
 import h2.settings
 import numpy as np
-from serving_support import config
+from serving_support import ServeProcess, config
 from tritonclient.grpc import service_pb2 as pb
 
 from kiln_cluster.controlplane import free_port
@@ -47,7 +47,7 @@ class Client:
     """An h2 client connection over a plain loopback socket, read only when the test pumps it. h2 checks what
     the server sends: a DATA frame past a window or over 16 KiB raises."""
 
-    def __init__(self, server: Server, settings: dict[int, int] | None = None) -> None:
+    def __init__(self, server: Server | ServeProcess, settings: dict[int, int] | None = None) -> None:
         self.sock = raw(server)
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self.h2.local_settings = h2.settings.Settings(client=True, initial_values=settings or {})
@@ -166,7 +166,7 @@ def goaway_codes(frames: list[Frame]) -> list[int]:
     return [int.from_bytes(payload[4:8], "big") for kind, _, _, payload in frames if kind == GOAWAY]
 
 
-def raw(server: Server) -> socket.socket:
+def raw(server: Server | ServeProcess) -> socket.socket:
     assert server.grpc_port is not None
     return socket.create_connection(("127.0.0.1", server.grpc_port), timeout=PATIENCE)
 
@@ -183,7 +183,12 @@ def infer_body(x: np.ndarray, model: str = "tiny", name: str = "input") -> bytes
 def output(body: bytes) -> np.ndarray:
     """The first output of a ModelInferResponse in its gRPC framing."""
     assert body[0] == 0 and int.from_bytes(body[1:5], "big") == len(body) - 5
-    response = pb.ModelInferResponse.FromString(body[5:])
+    return first_output(body[5:])
+
+
+def first_output(message: bytes) -> np.ndarray:
+    """The first output of a ModelInferResponse message."""
+    response = pb.ModelInferResponse.FromString(message)
     return np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(list(response.outputs[0].shape))
 
 

@@ -3,6 +3,7 @@ this process or as a child process."""
 
 import contextlib
 import functools
+import gc
 import io
 import json
 import os
@@ -28,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kiln import api
 from kiln.api import constants
+from kiln_cluster.controlplane import free_port
 from kiln_serving import Server, ServingConfig, codec, start
 from kiln_serving.model import Model, TensorInfo
 
@@ -172,11 +174,13 @@ _FILE_LIMITED = (
 
 @dataclass
 class ServeProcess:
-    """`python -m kiln_serving` running as a child: its process, HTTP port, and stderr lines so far."""
+    """`python -m kiln_serving` running as a child: its process, HTTP port, gRPC port (None: off), and stderr
+    lines so far."""
 
     process: subprocess.Popen[str]
     port: int
     log: list[str]
+    grpc_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -184,10 +188,13 @@ class ServeProcess:
 
 
 @contextlib.contextmanager
-def kiln_serve(model_dir: Path, *flags: str, open_files: int | None = None) -> Iterator[ServeProcess]:
-    """The server as a child process on a free port (gRPC off), its model ready before the body runs, killed
-    after it unless the body ended it. open_files lowers the child's file-descriptor limit from its start."""
-    args = ["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0",
+def kiln_serve(model_dir: Path, *flags: str, open_files: int | None = None, grpc: bool = False
+               ) -> Iterator[ServeProcess]:  # fmt: skip
+    """The server as a child process on a free port (gRPC on another when `grpc`), its model ready before the
+    body runs, killed after it unless the body ended it. open_files lowers the child's file-descriptor limit
+    from its start."""
+    grpc_port = free_port() if grpc else None
+    args = ["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0", "--grpc-port", str(grpc_port or 0),
             "--intra-op-threads", "1", *flags]  # fmt: skip
     launch = ["-c", _FILE_LIMITED, str(open_files)] if open_files is not None else ["-m", "kiln_serving"]
     process = subprocess.Popen([sys.executable, *launch, *args], env=environment(), stderr=subprocess.PIPE, text=True)
@@ -203,7 +210,7 @@ def kiln_serve(model_dir: Path, *flags: str, open_files: int | None = None) -> I
             raise RuntimeError("the server did not become ready:\n" + "".join(log))
         # Keep reading, so that a server logging a lot never blocks on a full pipe.
         threading.Thread(target=log.extend, args=(process.stderr,), daemon=True).start()
-        yield ServeProcess(process, int(found.group(1)), log)
+        yield ServeProcess(process, int(found.group(1)), log, grpc_port)
     finally:
         process.kill()
         process.wait()
@@ -321,3 +328,33 @@ def wait_until(
         if time.monotonic() > deadline:
             raise RuntimeError(f"gave up waiting: {what}")
         pause(0.01)
+
+
+def longest_health_wait(url: str, work: Callable[[], object]) -> float:
+    """The longest wait for /v2/health/live, probed back to back on a warm connection while work() runs on a
+    thread, until work ends. This process's cyclic collector is off meanwhile: a full collection of a test process
+    holding torch and hundreds of tests' objects pauses every thread for about as long as the stalls these tests
+    look for."""
+    ended: list[float] = []
+
+    def run() -> None:
+        try:
+            work()
+        finally:
+            ended.append(time.perf_counter())
+
+    gc.disable()
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/v2/health/live").status_code == 200  # connected and warm before the clock starts
+            thread = threading.Thread(target=run)
+            thread.start()
+            answered = [time.perf_counter()]
+            while thread.is_alive():
+                assert client.get("/v2/health/live").status_code == 200
+                answered.append(time.perf_counter())
+            thread.join()
+    finally:
+        gc.enable()
+    during = [t for t in answered if t <= ended[0]] + ended
+    return max(b - a for a, b in zip(during, during[1:], strict=False))

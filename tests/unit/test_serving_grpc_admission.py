@@ -1,19 +1,24 @@
 """gRPC calls' memory and event-loop cost before they run: a large call's body is read only once admitted
 (--max-concurrent-large-requests, as the HTTP server reads large bodies), waiting meanwhile with no more than
-HTTP/2's first window; and a ModelInferRequest whose structure is absurd is refused before protobuf parses it."""
+HTTP/2's first window; a ModelInferRequest whose structure is absurd is refused before protobuf parses it; and a
+large raw tensor is neither joined nor parsed on the event loop."""
 
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from http2_support import LIVE, Answer, Client, infer_body, output, request_fields
-from serving_support import config, images_batch, reference, serving
+from google.protobuf.message import DecodeError
+from http2_support import LIVE, Answer, Client, first_output, infer_body, output, request_fields
+from serving_support import config, images_batch, kiln_serve, longest_health_wait, reference, serving
 from serving_support import trained_folder as make_trained_folder
 from tritonclient.grpc import service_pb2 as pb
 
 from kiln_cluster.controlplane import free_port
-from kiln_serving import Server
+from kiln_serving import Server, protobuf_walk
 from kiln_serving.dataplane import LARGE_BYTES
 
 FIRST_WINDOW = 65_535  # HTTP/2's default stream window (RFC 9113 6.9.2)
@@ -72,3 +77,67 @@ def test_a_model_infer_of_absurdly_many_top_level_fields_is_refused_before_it_is
     with Client(one_at_a_time) as client:
         answer = client.wait(client.call("ModelInfer", b"\x00" + len(message).to_bytes(4, "big") + message))
     assert answer.status == 3 and "refused unparsed" in answer.headers["grpc-message"]
+
+
+# A gRPC client of its own process (grpcio, the message already serialized): sending from a thread of this one
+# would make the health probes here wait for the GIL, not for the server.
+_SEND = """
+import sys, grpc
+message = open(sys.argv[2], "rb").read()
+limits = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+with grpc.insecure_channel(sys.argv[1], options=limits) as channel:
+    sys.stdout.buffer.write(channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(message))
+"""
+
+
+def test_a_large_raw_tensor_call_never_holds_the_event_loop(folder: Path, tmp_path: Path) -> None:
+    # 48 MB of raw_input_contents. Reference: joining its frames into one body, parsing it and copying the tensor
+    # out, all holding the GIL: what the server did (on its event loop, or on a thread) while probes waited.
+    x = images_batch(48 * 1024 * 1024 // images_batch(1).nbytes)
+    body = infer_body(x)
+    frames = [body[start : start + 16_384] for start in range(0, len(body), 16_384)]
+    started = time.perf_counter()
+    pb.ModelInferRequest.FromString(b"".join(frames)[5:]).raw_input_contents[0]
+    reference_seconds = time.perf_counter() - started
+    (tmp_path / "message").write_bytes(body[5:])
+    sent: list[subprocess.CompletedProcess[bytes]] = []
+    with kiln_serve(folder, grpc=True) as server:
+        command = [sys.executable, "-c", _SEND, f"127.0.0.1:{server.grpc_port}", str(tmp_path / "message")]
+        longest = longest_health_wait(server.url, lambda: sent.append(subprocess.run(command, capture_output=True)))
+    assert sent[0].returncode == 0, sent[0].stderr.decode()
+    assert longest < reference_seconds / 2, (
+        f"a probe waited {longest:.3f}s; joining, parsing and copying take {reference_seconds:.3f}s"
+    )
+    expected = reference(folder / "models" / "model.onnx", {"input": x})["logits"]
+    assert np.allclose(first_output(sent[0].stdout), expected, atol=1e-5)
+
+
+def test_a_walked_message_keeps_its_raw_contents_uncopied_and_protobuf_reads_the_rest() -> None:
+    request = pb.ModelInferRequest(model_name="tiny", id="7", raw_input_contents=[b"\x01" * 300, b"", b"\x02" * 5])
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 3])
+    request.outputs.add(name="logits")
+    message = request.SerializeToString()
+    walked = protobuf_walk.split(message, 7, limit=10)
+    assert walked.fields == 7  # model_name, id, inputs, outputs and three raw contents
+    assert [bytes(view) for view in walked.lifted] == list(request.raw_input_contents)
+    assert all(view.obj is message for view in walked.lifted)  # views of the message, not copies
+    del request.raw_input_contents[:]
+    assert pb.ModelInferRequest.FromString(walked.rest) == request
+    assert protobuf_walk.split(message, 7, limit=3).fields == 4  # counting stops past the limit
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [b"\x3a\x05abc", b"\x0a\x80", b"\x0b", b"\x08" + b"\xff" * 11],
+    ids=["a field past the end", "a cut length", "a group's wire type", "an overlong varint"],
+)
+def test_a_large_message_broken_at_its_top_level_is_refused_as_protobuf_refuses_one(
+    one_at_a_time: Server, broken: bytes
+) -> None:
+    with pytest.raises(DecodeError):
+        protobuf_walk.split(broken, 7, limit=10)
+    message = infer_body(images_batch(512))[5:] + broken  # large: walked by hand, not parsed
+    with Client(one_at_a_time) as client:
+        answer = client.wait(client.call("ModelInfer", b"\x00" + len(message).to_bytes(4, "big") + message))
+        assert answer.status == 13 and "cannot parse the request message" in answer.headers["grpc-message"]
+        assert client.wait(client.call("ServerLive", LIVE)).status == 0

@@ -2,11 +2,9 @@
 stays within a few times its body, and a client that hangs up is counted as such, not as a server error."""
 
 import contextlib
-import gc
 import json
 import logging
 import socket
-import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -24,6 +22,7 @@ from serving_support import (
     gauge,
     images_batch,
     kiln_serve,
+    longest_health_wait,
     queue_depth,
     reference,
     serving,
@@ -90,35 +89,21 @@ def read_response(sock: socket.socket) -> bytes:
 def test_health_never_waits_for_a_big_json_request_to_be_decoded(folder: Path) -> None:
     # About 12 MB of JSON. Reference: how long json.loads takes on it here, now; with the decode on the event
     # loop every health probe waited at least that long. The server runs as `kiln serve` does, in a process of
-    # its own, and this process's collector is off while it measures: a full collection of a test process
-    # holding torch and hundreds of tests' objects pauses every thread for about as long as that decode.
+    # its own.
     x, body = big_json(4000)
     started = time.perf_counter()
     json.loads(body)
     decode_seconds = time.perf_counter() - started
-    done: dict[str, float] = {}
+    answered: list[bool] = []
 
     with kiln_serve(folder) as server:
 
         def send_big() -> None:
-            sock = raw_post(server.port, "/v2/models/tiny/infer", body)
-            done["sent"] = time.perf_counter()
-            done["ok"] = float(read_response(sock).startswith(b"HTTP/1.1 200"))
-            done["answer"] = time.perf_counter()
-            sock.close()
+            with contextlib.closing(raw_post(server.port, "/v2/models/tiny/infer", body)) as sock:
+                answered.append(read_response(sock).startswith(b"HTTP/1.1 200"))
 
-        with httpx.Client(base_url=server.url, timeout=60) as client, collector_off():
-            assert client.get("/v2/health/live").status_code == 200  # connected and warm before the clock starts
-            big = threading.Thread(target=send_big)
-            big.start()
-            answered = [time.perf_counter()]
-            while big.is_alive():
-                assert client.get("/v2/health/live").status_code == 200
-                answered.append(time.perf_counter())
-        big.join()
-        assert done["ok"] == 1.0
-        during = [t for t in answered if t <= done["answer"]] + [done["answer"]]
-        longest = max(b - a for a, b in zip(during, during[1:], strict=False))
+        longest = longest_health_wait(server.url, send_big)
+        assert answered == [True]
         assert longest < decode_seconds / 2, (
             f"a health probe waited {longest:.2f}s; json.loads takes {decode_seconds:.2f}s"
         )
@@ -127,16 +112,6 @@ def test_health_never_waits_for_a_big_json_request_to_be_decoded(folder: Path) -
     expected = reference(folder / "models" / "model.onnx", {"input": x})["logits"]
     got = np.asarray(response.json()["outputs"][0]["data"], dtype=np.float32).reshape(len(x), -1)
     assert np.abs(got - expected).max() <= 1e-4
-
-
-@contextlib.contextmanager
-def collector_off() -> Iterator[None]:
-    """This process's cyclic garbage collector paused (see the test above)."""
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def test_a_json_request_peaks_at_under_three_times_its_body_in_memory(server: Server) -> None:
