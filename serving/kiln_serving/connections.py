@@ -15,12 +15,16 @@ Idle keep-alive connections are closed by uvicorn after keep_alive_timeout_secon
   and when the connection is lost every request on it, the one being answered and those pipelined behind it,
   sees the hang-up. A transfer coding other than chunked gets 501, an HTTP/1.1 Upgrade (kiln upgrades to
   nothing; gRPC has its own port) 400, each with the connection closed.
+- Bytes the parser cannot parse get 400 and the connection is closed, but only after the answers of the complete
+  requests before them (as nginx and h11 do; uvicorn answered 400 at once, so those answers were lost and the
+  requests counted as client hang-ups). Nothing after such bytes is parsed.
 - A binary inference request skips ASGI: its cycle is a direct.DirectCycle (see direct.py).
 - Each request's scope carries, under extensions[HANG_UP], a future of its connection that is done once the
   connection is lost, so the app learns of a client hanging up without a watcher task per request.
 """
 
 import asyncio
+import functools
 import json
 import logging
 import resource
@@ -161,6 +165,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             # when it closed the connection (a timeout's 408), which the request metrics then record.
             self._hang_up: asyncio.Future[int | None] = self.loop.create_future()
             self._answering: RequestResponseCycle | None = None  # the cycle whose task runs (self.cycle: the newest)
+            self._unparsable = False  # the parser failed: what the client sends from then on is dropped
 
         def _arm(self, seconds: float) -> None:
             self._disarm()
@@ -175,7 +180,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             """While the server keeps a request waiting (a body held until the request is admitted, a pipelined
             request behind another), its client is not slow: the head and body timeouts stop, and restart when
             reading does."""
-            if paused:
+            if paused or self._unparsable:  # unparsable: no request is read any more, only answered
                 self._disarm()
             elif not self._in_head and self.cycle is not None and self.cycle.more_body:
                 if not self.cycle.waiting_for_100_continue:  # else: the body's clock starts with the 100
@@ -185,9 +190,14 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def _expire(self) -> None:
             self._timer = None
+            self._refuse_read(408, "Request Timeout")
+
+        def _refuse_read(self, status: int, reason: str, message: str | None = None) -> None:
+            """_refuse, for the request being read: the app, if it already reads it, records `status` (the server
+            ended it), not a client hang-up."""
             if not self._hang_up.done() and self.cycle is not None and not self.cycle.response_started:
-                self._hang_up.set_result(408)  # the request the app may be reading is recorded as timed out
-            self._refuse(408, "Request Timeout")
+                self._hang_up.set_result(status)
+            self._refuse(status, reason, message)
 
         def _refuse(self, status: int, reason: str, message: str | None = None) -> None:
             """Answer `status` and close the connection; a request already answered gets no second answer."""
@@ -207,6 +217,35 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 if cycle is not None and not cycle.response_complete:
                     cycle.disconnected = True
                     cycle.message_event.set()
+
+        def send_400_response(self, msg: str) -> None:
+            """What uvicorn calls when its parser fails. The requests complete before the bad bytes are answered
+            first, in order: the 400 follows the last one's answer (see _answer_400_after), unless nothing before
+            it is still unanswered. Bad bytes in a (chunked) body make that request the one answered 400."""
+            if self.transport.is_closing():
+                return
+            self._unparsable = True
+            self._disarm()  # the answers before the 400 take what they take; no head or body is awaited
+            if not self._in_head:
+                if self.pipeline and self.pipeline[0][0] is self.cycle:
+                    self.pipeline.popleft()  # queued behind another request: never started, the 400 is its answer
+                else:  # its app runs, so every request before it is answered: it ends now, counted 400
+                    self._refuse_read(400, "Bad Request", msg)
+                    return
+            last = self.pipeline[0][0] if self.pipeline else self._answering
+            if last is None or last.response_complete:
+                self.transport.write(_response(400, "Bad Request", msg))
+                self.transport.close()
+            else:
+                last.on_response = functools.partial(self._answer_400_after, last, msg)
+
+        def _answer_400_after(self, cycle: RequestResponseCycle, msg: str) -> None:
+            """The on_response of the last request before unparsable bytes: its answer is out, now the 400's turn.
+            Written through the cycle's transport, which first sends a HEAD answer's head if still held."""
+            if not self.transport.is_closing():  # else its answer closed the connection (HTTP/1.0, shutdown)
+                cycle.transport.write(_response(400, "Bad Request", msg))
+                cycle.transport.close()
+            self.on_response_complete()  # counts the request; the connection is closing, so nothing is resumed
 
         def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
             self._answering = cycle
@@ -237,7 +276,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             extensions[HANG_UP] = self._hang_up
 
         def data_received(self, data: bytes) -> None:
-            if self.transport.is_closing():
+            if self._unparsable or self.transport.is_closing():
                 return
             if self._in_head:
                 if self._head_bytes == 0 and self._timer is None:

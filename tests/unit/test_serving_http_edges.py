@@ -1,7 +1,8 @@
 """HTTP/1.1 at its edges, as an outside probe of `kiln serve` found them: each request answered once and counted
 as what happened to it (a client that pipelines and hangs up, a body the server timed out, an answer sent before
-the body), `Expect: 100-continue` waiting for admission, and heads kiln cannot serve (a header given twice, a
-transfer coding other than chunked, an Upgrade) refused clearly. Raw sockets on loopback against a real server
+the body), `Expect: 100-continue` waiting for admission, heads kiln cannot serve (a header given twice, a
+transfer coding other than chunked, an Upgrade) refused clearly, and bytes no parser accepts answered 400 only
+after the requests before them. Raw sockets on loopback against a real server
 and real onnxruntime, on both the direct (binary) and the ASGI path."""
 
 import gc
@@ -15,7 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_support import Answers, binary_request, config, gauge, images_batch, serving, statuses, wait_until
+from serving_support import (
+    Answers,
+    binary_output,
+    binary_request,
+    config,
+    gauge,
+    images_batch,
+    reference,
+    serving,
+    statuses,
+    wait_until,
+)
 from serving_support import trained_folder as make_trained_folder
 
 from kiln_serving import Server
@@ -57,6 +69,14 @@ def head_and_body(raw: bytes) -> tuple[bytes, bytes]:
 
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def answered_logits(kind: str, headers: dict[str, str], body: bytes) -> np.ndarray:
+    """The logits of an inference answer, binary or JSON."""
+    if kind == "binary":
+        return binary_output(body, int(headers["inference-header-content-length"]))
+    (output,) = json.loads(body)["outputs"]
+    return np.asarray(output["data"], np.float32).reshape(output["shape"])
 
 
 @pytest.mark.parametrize("kind", ["binary", "json"])
@@ -190,3 +210,99 @@ def test_an_upgrade_request_gets_400_and_the_connection_closes(server: Server) -
         assert status.startswith(b"HTTP/1.1 400") and headers["connection"] == "close"
         assert "does not upgrade HTTP/1.1 connections" in json.loads(answer)["error"]
         assert answers.closed()
+
+
+# Bytes no HTTP parser accepts: a method that is none, an HTTP version that is none, a header line without a colon.
+UNPARSABLE = [
+    b"GARBAGE\r\n\r\n",
+    b"GET /v2/health/live HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("pipelined", [1, 2])
+@pytest.mark.parametrize("kind", ["binary", "json"])
+def test_requests_before_unparsable_bytes_are_answered_and_counted_200_then_400_closes_the_connection(
+    server: Server, folder: Path, kind: str, pipelined: int
+) -> None:
+    # uvicorn's parser met the bad bytes while the requests before them were still being answered: it wrote its
+    # 400 and closed the connection at once, so their answers were lost and they were counted 499, as if their
+    # client had hung up. nginx, Triton and h11 answer them first, in order, then the 400.
+    make = binary_request if kind == "binary" else json_request
+    xs = [images_batch(2 + n, seed=n) for n in range(pipelined)]
+    before = statuses(server)
+    with connect(server) as sock:
+        sock.sendall(b"".join(make(x) for x in xs) + UNPARSABLE[0])  # one write
+        answers = Answers(sock)
+        for x in xs:
+            status, headers, body = answers.next()
+            assert status == b"HTTP/1.1 200 OK", status
+            got = answered_logits(kind, headers, body)
+            assert np.abs(got - reference(folder / "models" / "model.onnx", {"input": x})["logits"]).max() <= 1e-5
+        status, headers, _ = answers.next()
+        assert status.startswith(b"HTTP/1.1 400") and headers["connection"] == "close"
+        assert answers.closed()
+    wait_until(lambda: sum(delta(before, statuses(server)).values()) >= pipelined, "the requests counted")
+    assert delta(before, statuses(server)) == {"200": pipelined}  # not 499: their client never hung up
+
+
+@pytest.mark.parametrize("bad", UNPARSABLE)
+def test_a_health_probe_before_unparsable_bytes_is_answered_then_400_closes_the_connection(
+    server: Server, bad: bytes
+) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n" + bad)
+        answers = Answers(sock)
+        status, _, body = answers.next()
+        assert (status, body) == (b"HTTP/1.1 200 OK", b'{"live":true}')
+        status, headers, body = answers.next()
+        assert status == b"HTTP/1.1 400 Bad Request" and headers["connection"] == "close"
+        assert "error" in json.loads(body)
+        assert answers.closed()
+
+
+def test_a_head_request_before_unparsable_bytes_gets_its_head_before_the_400(server: Server) -> None:
+    # A HEAD answer's head is held for a body that never comes (connections._HeadWithBody): it must still leave
+    # first. (Answers would frame the 400 as the HEAD's body, so the bytes are read to the end.)
+    with connect(server) as sock:
+        sock.sendall(b"HEAD /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n" + UNPARSABLE[0])
+        received = b""
+        while chunk := sock.recv(1 << 16):
+            received += chunk
+    head, rest = received.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), received
+    assert rest.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"connection: close\r\n" in rest, received
+
+
+def test_unparsable_bytes_in_a_pipelined_chunked_body_get_400_after_the_answer_before_them(server: Server) -> None:
+    # The bad bytes are in the second request's body: that request is the one answered 400, once the first is
+    # answered; it never reached the app, so it is not counted.
+    bad = (b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")  # fmt: skip
+    before = statuses(server)
+    with connect(server) as sock:
+        sock.sendall(binary_request(images_batch(2)) + bad)
+        answers = Answers(sock)
+        assert answers.next()[0] == b"HTTP/1.1 200 OK"
+        status, headers, _ = answers.next()
+        assert status == b"HTTP/1.1 400 Bad Request" and headers["connection"] == "close"
+        assert answers.closed()
+    wait_until(lambda: delta(before, statuses(server)) != {}, "the request counted")
+    assert delta(before, statuses(server)) == {"200": 1}
+
+
+def test_a_chunked_body_the_parser_cannot_parse_is_counted_400_not_as_a_client_hang_up(server: Server) -> None:
+    # Its app already reads it when the bad chunk comes: the server, not the client, ends it.
+    head = (b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"inp\r\n")  # fmt: skip
+    before = statuses(server)
+    with connect(server) as sock:
+        sock.sendall(head)
+        wait_until(lambda: gauge(server, "requests_in_flight") == 1, "the app reading the body")
+        sock.sendall(b"zz\r\n")
+        answers = Answers(sock)
+        status, headers, _ = answers.next()
+        assert status == b"HTTP/1.1 400 Bad Request" and headers["connection"] == "close"
+        assert answers.closed()
+    wait_until(lambda: delta(before, statuses(server)) != {}, "the request counted")
+    assert delta(before, statuses(server)) == {"400": 1}
