@@ -47,6 +47,8 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 # the message is refused unparsed. protobuf's parser holds the GIL (a thread does not keep the loop free), and
 # an empty entry costs 2 bytes on the wire but ~100 in memory: 60 MB of them took 2.9 GB and stalled the server.
 MAX_INFER_FIELDS = 4096
+# Typed contents (fp32_contents, ...) are converted to an array this many values at a time.
+_SLICE = 1 << 16
 _RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
 # Set while a call holds its admission: the transport admits a call by its length prefix before reading its body,
 # and the Dispatcher admits by the (inflated) message's size; one call takes one place, never two.
@@ -60,6 +62,23 @@ def _parameters(params: Any) -> dict[str, object]:
         choice = value.WhichOneof("parameter_choice")
         out[key] = getattr(value, choice) if choice else None
     return out
+
+
+def _typed(name: str, datatype: str, values: Any) -> np.ndarray:
+    """Typed contents as an array, converted _SLICE values at a time: numpy converts a protobuf repeated field
+    holding the GIL throughout (a second for 15 M floats, on a codec thread yet stalling the event loop), and
+    between slices the loop gets its turn. Slices are also twice as fast as one np.asarray. A value the datatype
+    cannot hold (an INT8 of 300: the field is an int32) is the client's error."""
+    dtype = codec.NUMPY_DTYPES[datatype]
+    try:
+        if len(values) <= _SLICE:
+            return np.asarray(values, dtype=dtype)
+        out = np.empty(len(values), dtype=dtype)
+        for start in range(0, len(values), _SLICE):
+            out[start : start + _SLICE] = values[start : start + _SLICE]
+        return out
+    except OverflowError as err:
+        raise errors.InvalidInput(f"input '{name}': contents are not {datatype} values ({err})") from None
 
 
 @dataclass(frozen=True)
@@ -95,7 +114,7 @@ def decode(model: Model, request: Any, raw: list[bytes] | list[memoryview], allo
         if spec.datatype == "BYTES":
             flat = np.array([codec.text(v) for v in values], dtype=np.object_)
         else:
-            flat = np.asarray(values, dtype=codec.NUMPY_DTYPES[spec.datatype])
+            flat = _typed(spec.name, spec.datatype, values)
         tensors[spec.name] = codec.sized(spec.name, shape, flat)
     requested = [(o.name, _parameters(o.parameters)) for o in request.outputs]
     chosen = protocol.wanted(model, requested, binary_default=True)

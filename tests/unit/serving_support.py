@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,13 +79,13 @@ def classifier(path: Path, batch: int | None = None, seed: int = 0) -> Path:
     return _save(graph, path)
 
 
-def all_datatypes(path: Path) -> Path:
-    """One Identity per OIP datatype: input `in_<TYPE>` [N,3] -> output `out_<TYPE>`."""
-    nodes = [helper.make_node("Identity", [f"in_{t}"], [f"out_{t}"]) for t in DATATYPES]
+def all_datatypes(path: Path, datatypes: Sequence[str] = DATATYPES) -> Path:
+    """One Identity per OIP datatype (of `datatypes`): input `in_<TYPE>` [N,3] -> output `out_<TYPE>`."""
+    nodes = [helper.make_node("Identity", [f"in_{t}"], [f"out_{t}"]) for t in datatypes]
     graph = helper.make_graph(
         nodes, "all-datatypes",
-        [helper.make_tensor_value_info(f"in_{t}", _ONNX_TYPES[t], ["batch", 3]) for t in DATATYPES],
-        [helper.make_tensor_value_info(f"out_{t}", _ONNX_TYPES[t], ["batch", 3]) for t in DATATYPES],
+        [helper.make_tensor_value_info(f"in_{t}", _ONNX_TYPES[t], ["batch", 3]) for t in datatypes],
+        [helper.make_tensor_value_info(f"out_{t}", _ONNX_TYPES[t], ["batch", 3]) for t in datatypes],
     )  # fmt: skip
     return _save(graph, path)
 

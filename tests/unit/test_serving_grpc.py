@@ -4,15 +4,18 @@ errors as HTTP, on the gRPC port beside the HTTP one."""
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 from google.protobuf import json_format
-from serving_support import CLASSES, config, images_batch, reference, serving, statuses
+from serving_support import CLASSES, all_datatypes, config, images_batch, reference, serving, statuses
 from serving_support import trained_folder as make_trained_folder
 from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as service_grpc
 from tritonclient.utils import InferenceServerException
+from tritonclient.utils import triton_to_np_dtype as triton_np_dtype
 
 from kiln_cluster.controlplane import free_port
 from kiln_serving import Server
@@ -141,3 +144,36 @@ def test_grpc_port_zero_turns_grpc_off(folder: Path) -> None:
     with serving(config(folder, grpc_port=0)) as running:
         assert running.grpc_port is None
         assert httpx.get(f"{running.url}/v2/health/ready").status_code == 200
+
+
+# InferTensorContents' field for each datatype that may travel typed (FP16 and BF16 travel raw only).
+TYPED = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+         "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+         "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}  # fmt: skip
+
+
+def test_typed_contents_of_every_datatype_arrive_as_sent_and_bad_ones_are_invalid_arguments(tmp_path: Path) -> None:
+    # KServe's InferenceGRPCClient and hand-written clients send InferTensorContents instead of raw bytes.
+    model = all_datatypes(tmp_path / "types" / "model.onnx", list(TYPED))
+    sent = {t: np.array([[0, 1, 1], [1, 0, 1]]) * 100 for t in TYPED}  # 100: fits every type but BOOL's 1
+    request = pb.ModelInferRequest(model_name="types")
+    for t, x in sent.items():
+        tensor = request.inputs.add(name=f"in_{t}", datatype=t, shape=[2, 3])
+        getattr(tensor.contents, TYPED[t]).extend((x > 0).ravel().tolist() if t == "BOOL" else x.ravel().tolist())
+    with (serving(config(model.parent, grpc_port=free_port())) as running,
+          grpc.insecure_channel(running.grpc_address) as channel):  # fmt: skip
+        stub = service_grpc.GRPCInferenceServiceStub(channel)
+        answer = stub.ModelInfer(request)
+        for output, raw in zip(answer.outputs, answer.raw_output_contents, strict=True):
+            t = output.datatype
+            expected = (sent[t] > 0) if t == "BOOL" else sent[t]
+            got = np.frombuffer(raw, dtype=triton_np_dtype(t)).reshape(list(output.shape))
+            assert np.array_equal(got, expected.astype(triton_np_dtype(t))), t
+        for t, value in (("INT8", 300), ("INT16", -40_000), ("UINT8", 256), ("UINT16", 70_000)):  # past the type
+            bad = pb.ModelInferRequest()
+            bad.CopyFrom(request)
+            getattr(bad.inputs[list(TYPED).index(t)].contents, TYPED[t])[0] = value
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(bad)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (t, refused.value.details())
+            assert f"in_{t}" in refused.value.details()
