@@ -1,0 +1,77 @@
+"""jsontext's scans of a request body, which run a window at a time so that no single regular-expression match
+holds the GIL across a large body: they find what one expression over the whole text finds, and never go
+quadratic on strings that do not end."""
+
+import json
+import random
+import re
+
+import pytest
+
+from kiln_serving import errors, jsontext
+
+
+def document(rng: random.Random, depth: int = 0) -> object:
+    """A random JSON value: numbers, arrays of numbers, strings full of brackets, quotes and backslashes."""
+    kind = rng.randrange(5 if depth < 6 else 2)
+    if kind == 0:
+        return rng.choice([0, -7, 2.5, -2.5e3, 1e-9, 12345678901])
+    if kind == 1:
+        return "".join(rng.choice(['"', "\\", "[", "]", "{", "}", "x", " ", ",", "1"]) for _ in range(rng.randrange(8)))
+    if kind == 2:
+        return [rng.choice([1, -2.5, 3e4]) for _ in range(rng.randrange(12))]
+    if kind == 3:
+        return [document(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {f"k{i}": document(rng, depth + 1) for i in range(rng.randrange(4))}
+
+
+def texts(n: int) -> list[bytes]:
+    rng = random.Random(16)
+    separators = [(",", ":"), (", ", ": "), (" ,\n", " : ")]
+    return [json.dumps(document(rng), separators=rng.choice(separators)).encode() for _ in range(n)]
+
+
+def depth_of(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(depth_of, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(depth_of, value.values()), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 7, 1 << 20])
+def test_runs_found_a_window_at_a_time_are_those_one_expression_finds(
+    window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jsontext, "_WINDOW", window)
+    for min_run in (0, 3, 8):
+        monkeypatch.setattr(jsontext, "_MIN_RUN", min_run)
+        whole = re.compile(rb'"(?:[^"\\]|\\.)*"|\[[-0-9.eE,\s\[\]]{%d,}\]' % min_run)
+        for text in texts(400):
+            expected = [m.span() for m in whole.finditer(text) if text[m.start()] != ord('"')]
+            assert list(jsontext._runs(text)) == expected, text
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 1 << 20])
+def test_nesting_counted_a_window_at_a_time_is_the_documents_depth(
+    window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jsontext, "_WINDOW", window)
+    monkeypatch.setattr(jsontext, "MAX_DEPTH", 2)
+    for text in texts(400):
+        if depth_of(json.loads(text)) > 2:
+            with pytest.raises(errors.InvalidInput, match="nested deeper than 2 levels"):
+                jsontext.check_depth(text)
+        else:
+            jsontext.check_depth(text)
+
+
+@pytest.mark.timeout(60)  # linear: milliseconds; quadratic: an hour
+@pytest.mark.parametrize("size", [60_000, 1_000_000])
+def test_a_string_that_never_ends_is_scanned_once(size: int) -> None:
+    # One expression matching strings tried every quote again to the end of the text: 100 KB of \" took 36 s,
+    # holding the GIL (a megabyte, an hour). Enough brackets for the depth check to scan, not too deep; large
+    # enough for the run scan.
+    text = b'{"x": [], "inputs": ' + b"[" * (jsontext.MAX_DEPTH - 1) + b'"' + b'\\"' * (size // 2)
+    with pytest.raises(errors.InvalidInput, match="not valid JSON"):
+        jsontext.loads_request(text)
