@@ -1,14 +1,15 @@
 """gRPC over HTTP/2 (gRPC's PROTOCOL-HTTP2 document) for unary calls: a path names the method, the body is one
 length-prefixed protobuf message, the answer is that message plus a grpc-status trailer, and an error is a
-Trailers-Only answer. Deadlines (grpc-timeout) are kept. A request message may be compressed with what the
-Dispatcher's `inflate` takes (named by grpc-encoding, advertised in grpc-accept-encoding); answers are not. A
-message is parsed and answered within the Dispatcher's `admit` for its size (the transport may have admitted the
-call already by the length prefix, body_size, before reading its body).
+Trailers-Only answer. Deadlines (grpc-timeout) are kept: a call past its deadline ends DEADLINE_EXCEEDED. A request
+message may be compressed with what the Dispatcher's `inflate` takes (named by grpc-encoding, advertised in
+grpc-accept-encoding); answers are not. A message is parsed and answered within the Dispatcher's `admit` for its
+size (the transport may have admitted the call already by the length prefix, body_size, before reading its body).
 """
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -114,6 +115,13 @@ def _anyway(size: int) -> AbstractAsyncContextManager[None]:
     return contextlib.nullcontext()
 
 
+async def _parsed(method: Method, payload: bytes | memoryview) -> Any:
+    try:
+        return await method.parse(payload)
+    except DecodeError as err:
+        raise Abort("INTERNAL", f"cannot parse the request message: {err}") from err
+
+
 class Dispatcher:
     """The http2 handler: checks the call, finds the method by path, inflates its message, and parses and runs it
     within `admit(size)` and the deadline. `inflate(message, encoding)` decompresses a message compressed with one
@@ -168,15 +176,18 @@ class Dispatcher:
         return self.ok(answer.SerializeToString())
 
     @staticmethod
-    async def _answer(method: Method, payload: bytes | memoryview, deadline: str | None) -> Any:
-        try:
-            parsed = await method.parse(payload)
-        except DecodeError as err:
-            raise Abort("INTERNAL", f"cannot parse the request message: {err}") from err
-        if deadline is None:
-            return await method.call(parsed)
-        try:
-            async with asyncio.timeout(timeout_seconds(deadline)):
-                return await method.call(parsed)
-        except TimeoutError:
-            raise Abort("DEADLINE_EXCEEDED", "deadline exceeded") from None
+    async def _answer(method: Method, payload: bytes | memoryview, timeout: str | None) -> Any:
+        """The method's answer; once the call's deadline has passed, DEADLINE_EXCEEDED, as grpc's servers end it:
+        at once for a timeout of 0, and for an answer ready only past the deadline (the client gave up on it)."""
+        if timeout is None:
+            return await method.call(await _parsed(method, payload))
+        seconds = timeout_seconds(timeout)
+        deadline = time.monotonic() + seconds
+        if seconds > 0:
+            parsed = await _parsed(method, payload)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    answer = await method.call(parsed)
+                if time.monotonic() < deadline:
+                    return answer
+        raise Abort("DEADLINE_EXCEEDED", "deadline exceeded")

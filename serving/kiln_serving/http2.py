@@ -102,7 +102,8 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
             self.loop.call_soon(self.data_received, b"")  # the frames that waited
 
     def _check(self) -> None:
-        """The connection's one timer: preface, header blocks, each body's progress and idle time."""
+        """The connection's one timer: preface, header blocks, each body's progress and idle time. It comes back
+        when the earliest clock running runs out (_next_check), so none runs long by more than a little slack."""
         now, s = time.monotonic(), self.settings
         if not self.started:
             return self.close(http2_wire.PROTOCOL_ERROR, "no HTTP/2 preface within the header timeout")
@@ -113,7 +114,23 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
             return self.close(http2_wire.CANCEL, "request not received within the body timeout")
         if self.idle_since is not None and now - self.idle_since >= s.keep_alive_timeout:
             return self.close(http2_wire.NO_ERROR, "idle")
-        self.timer = self.loop.call_later(min(s.header_timeout, s.body_timeout, s.keep_alive_timeout), self._check)
+        self.timer = self.loop.call_later(self._next_check(now) - now, self._check)
+
+    def _next_check(self, now: float) -> float:
+        """When the earliest clock running runs out (a timer of fixed period let a header block or a stalled body
+        live up to twice its timeout), or the shortest timeout from now (a clock started later runs out no sooner);
+        never sooner than a tenth of that from now. Every stream's body clock counts, those _stalled exempts too
+        (received, or waiting for admission): for them the check comes early, never late."""
+        s = self.settings
+        shortest = min(s.header_timeout, s.body_timeout, s.keep_alive_timeout)
+        due = [now + shortest, *(stream.progress + s.body_timeout for stream in self.streams.values())]
+        if self.continuing is not None:
+            due.append(self.block_since + s.header_timeout)
+        if self.buffer:
+            due.append(self.last_read + s.body_timeout)
+        if self.idle_since is not None:
+            due.append(self.idle_since + s.keep_alive_timeout)
+        return max(min(when for when in due if when > now), now + shortest / 10)
 
     def close(self, code: int, message: str) -> None:
         """GOAWAY with `code`, then close (streams still running are cancelled)."""
@@ -231,7 +248,12 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
                 self.transport.close()
         elif kind == http2_wire.PUSH_PROMISE:
             raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "a client cannot push")
-        # PRIORITY and unknown frame types are ignored, as RFC 9113 says.
+        elif kind == http2_wire.PRIORITY:  # kiln does not prioritise, but checks it as RFC 9113 §6.3 says
+            if not stream_id:
+                raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "PRIORITY on stream 0")
+            if len(payload) != 5:  # a stream error: only that stream is reset
+                self._reset(stream_id, http2_wire.FRAME_SIZE_ERROR)
+        # Unknown frame types are ignored, as RFC 9113 says.
 
     def _not_idle(self, stream_id: int, kind: str) -> None:
         """RFC 9113 §5.1: RST_STREAM on stream 0, or either frame on a stream the client never opened (idle; even
@@ -242,7 +264,11 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
 
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         block = self._unpad(flags, payload)
-        if flags & http2_wire.PRIORITY_FLAG:
+        if flags & http2_wire.PRIORITY_FLAG:  # 5 bytes of priority before the block (RFC 9113 §6.2), ignored
+            if len(block) < 5:  # too short for them: FRAME_SIZE_ERROR (§4.2), or its padding covers them
+                short = len(payload) < 5 + bool(flags & http2_wire.PADDED)
+                code = http2_wire.FRAME_SIZE_ERROR if short else http2_wire.PROTOCOL_ERROR
+                raise http2_wire.ConnectionError_(code, "HEADERS too short for its priority fields")
             block = block[5:]
         if stream_id in self.streams:  # trailers after a body: they only end the stream
             if self.streams[stream_id].received:
@@ -279,32 +305,37 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
         if len(block) > (limit := self.settings.max_header_bytes):
             raise http2_wire.ConnectionError_(http2_wire.ENHANCE_YOUR_CALM, f"header block over {limit} bytes")
 
-    def _decode(self, block: bytes) -> dict[str, str]:
-        """The block's headers; a block decoded before under the same dynamic table is looked up."""
+    def _decode(self, block: bytes) -> dict[str, str] | None:
+        """The block's headers, None if a field is malformed; a block decoded before under the same dynamic table
+        is looked up. Only a block HPACK cannot decode ends the connection (COMPRESSION_ERROR: the table is lost);
+        a malformed field is the request's fault, and the table followed its block all the same."""
         known = self.blocks.get(block)
         if known is not None:
             return known
         table = self.decoder.header_table
         before = (table.maxsize, tuple(table.dynamic_entries))
         try:
-            headers: dict[str, str] = dict(self.decoder.decode(block))  # type: ignore[arg-type]
+            headers = http2_wire.fields(self.decoder.decode(block, raw=True))
         except hpack.HPACKError as err:
             raise http2_wire.ConnectionError_(http2_wire.COMPRESSION_ERROR, f"header block: {err}") from err
         if (table.maxsize, tuple(table.dynamic_entries)) != before:
             self.blocks.clear()  # the table changed: what blocks mean changed
-        elif len(self.blocks) < _CACHED_BLOCKS:
+        elif headers is not None and len(self.blocks) < _CACHED_BLOCKS:
             self.blocks[block] = headers
         return headers
 
     def _open(self, stream_id: int, block: bytes, end: bool) -> None:
         self._within_limit(block)
-        if stream_id < 0:  # trailers of -stream_id
-            self._decode(block)
+        if stream_id < 0:  # trailers of -stream_id: malformed ones make the request malformed
+            trailers = self._decode(block)
             if (stream := self.streams.get(-stream_id)) is not None:
-                self._received(stream)
+                if trailers is None:
+                    self._reset(stream.id, http2_wire.PROTOCOL_ERROR)
+                else:
+                    self._received(stream)
             return
         headers = self._decode(block)
-        if _malformed(headers):  # a stream error (RFC 9113 §8.1.1): the connection serves on
+        if headers is None or http2_wire.malformed(headers):  # a stream error (RFC 9113 §8.1.1) only
             self._reset(stream_id, http2_wire.PROTOCOL_ERROR)
             return
         if self.going_away or len(self.streams) >= http2_wire.MAX_STREAMS:
@@ -315,22 +346,6 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
         self.idle_since = None
         if end:
             self._received(stream)
-
-
-# Headers of HTTP/1.1 connections that HTTP/2 forbids (RFC 9113 §8.2.2); `te` may only say "trailers".
-_CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
-_REQUIRED = (":method", ":scheme", ":path")
-
-
-def _malformed(headers: dict[str, str]) -> bool:
-    """Whether a request's header block is malformed (RFC 9113 §8.2, §8.3.1): an upper-case name, a
-    connection-specific header, or a pseudo-header missing."""
-    for name, value in headers.items():
-        if name in _CONNECTION_SPECIFIC or name != name.lower():
-            return True
-        if name == "te" and value != "trailers":
-            return True
-    return any(name not in headers for name in _REQUIRED)
 
 
 class Server:

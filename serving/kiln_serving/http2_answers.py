@@ -112,7 +112,11 @@ class Answers:
         return self.streams.pop(stream_id, None)
 
     def _reset(self, stream_id: int, code: int) -> None:
-        self._forget(stream_id, reset=True)
+        """A stream error: RST_STREAM, and the stream's task stops (one waiting for its body would hold its
+        admission for as long as the connection lives)."""
+        stream = self._forget(stream_id, reset=True)
+        if stream is not None and stream.task is not None:
+            stream.task.cancel()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(http2_wire.frame(http2_wire.RST_STREAM, 0, stream_id, struct.pack(">I", code)))
         self._maybe_idle()

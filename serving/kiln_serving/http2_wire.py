@@ -1,13 +1,14 @@
-"""HTTP/2's wire format as kiln's gRPC transport uses it (RFC 9113 frames, RFC 7541 literal header blocks), and the
-request and reply a stream carries.
+"""HTTP/2's wire format as kiln's gRPC transport uses it (RFC 9113 frames, RFC 7541 literal header blocks), the
+fields a well-formed request may carry (RFC 9113 §8), and the request and reply a stream carries.
 
 Why a module of its own: both halves of a connection spell frames the same way (http2.py reads them in,
 http2_answers.py writes answers out), and grpc_wire.py builds replies without needing a connection at all. What
 they share holds no state, so it sits below all three and each fact here has this one owner.
 """
 
+import re
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -26,6 +27,13 @@ DEFAULT_WINDOW, DEFAULT_FRAME, MAX_WINDOW = 65_535, 16_384, (1 << 31) - 1
 # The most streams a client may have open on one connection (kiln's SETTINGS say so; more are refused).
 MAX_STREAMS = 256
 HEAD = struct.Struct(">IBI")  # a frame's 9 bytes before its payload: length (24 bits) + type, flags, stream id
+# RFC 9113 §8.2.1: a field name is not empty and holds no control, space, upper case, DEL or byte above it, nor a
+# colon past a pseudo-header's first; a value holds no NUL, CR or LF and neither starts nor ends with SP or HTAB.
+_BAD_NAME = re.compile(rb"\A\Z|[^\x21-\x40\x5b-\x7e]|(?!\A):")
+_BAD_VALUE = re.compile(rb"[\0\r\n]|\A[ \t]|[ \t]\Z")
+# Headers of HTTP/1.1 connections that HTTP/2 forbids (RFC 9113 §8.2.2); `te` may only say "trailers".
+_CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
+_REQUIRED = (":method", ":scheme", ":path")
 
 
 class ConnectionError_(Exception):
@@ -73,6 +81,28 @@ def encode_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
     for name, value in headers:
         out += b"\x00" + _integer(len(name), 7, 0) + name + _integer(len(value), 7, 0) + value
     return bytes(out)
+
+
+def fields(block: Iterable[tuple[bytes, bytes]]) -> dict[str, str] | None:
+    """A decoded header block's fields as text, or None if one is malformed (RFC 9113 §8.2.1): that makes its
+    request malformed, a stream error, while the block decoded and HPACK's table stays in step. A value may hold
+    obs-text (0x80-0xFF, which HTTP allows): bytes that are not UTF-8 are kept as surrogate escapes, so a header
+    kiln reads as text (grpc-timeout, :path) fails that header's own check and is answered as any bad one."""
+    headers = {}
+    for name, value in block:
+        if _BAD_NAME.search(name) or _BAD_VALUE.search(value):
+            return None
+        headers[name.decode()] = value.decode(errors="surrogateescape")
+    return headers
+
+
+def malformed(headers: dict[str, str]) -> bool:
+    """Whether a request's well-formed fields still make a malformed request (RFC 9113 §8.2.2, §8.3.1): a
+    connection-specific header, te other than "trailers", or a pseudo-header missing."""
+    for name, value in headers.items():
+        if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
+            return True
+    return any(name not in headers for name in _REQUIRED)
 
 
 @dataclass

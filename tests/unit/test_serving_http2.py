@@ -170,6 +170,16 @@ def test_a_queued_call_that_leaves_gives_its_place_back_and_counts_as_499_withou
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+@pytest.mark.parametrize(("timeout", "status"), [("0n", 4), ("0S", 4), ("1n", 4), ("10S", 0)])
+def test_a_call_whose_deadline_passes_before_its_answer_is_ready_ends_deadline_exceeded(
+    server: Server, timeout: str, status: int
+) -> None:
+    # ServerLive's answer is ready at once, but not within 0 (already passed) or 1 ns: grpc's servers say so.
+    with Client(server) as client:
+        answer = client.wait(client.call("ServerLive", LIVE, [("grpc-timeout", timeout)]))
+        assert answer.status == status, answer.headers
+
+
 def test_a_call_in_flight_when_the_server_stops_is_answered_before_the_connection_closes(folder: Path) -> None:
     with gated(folder) as (server, model), Client(server) as client:
         client.call("ModelInfer", GATED)  # stream 1; from here the frames are read raw

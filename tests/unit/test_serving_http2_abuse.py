@@ -1,7 +1,7 @@
 """kiln's own HTTP/2 transport for gRPC against peers that try to make it hold or do more than a call needs: PINGs
-sent to a server whose answers are never read, a half-sent call kept open by other frames, floods of empty frames,
-oversized trailer blocks, and trailers that reach a stream the server already reset. Frames are built by hand
-(h2 would refuse to send most of them)."""
+sent to a server whose answers are never read, a half-sent call kept open by other frames or living past its
+timeout, floods of empty frames, oversized trailer blocks, trailers that reach a stream the server already reset,
+and frames or header fields RFC 9113 forbids. Frames are built by hand (h2 would refuse to send most of them)."""
 
 import socket
 import struct
@@ -16,13 +16,16 @@ from http2_support import (
     ENHANCE_YOUR_CALM,
     LIVE,
     PATIENCE,
+    SERVICE,
+    Client,
     Frames,
     goaway_codes,
+    infer_body,
     raw,
     request_fields,
     strict_config,
 )
-from serving_support import config, serving
+from serving_support import config, images_batch, serving
 from serving_support import trained_folder as make_trained_folder
 
 from kiln_cluster.controlplane import free_port
@@ -36,8 +39,11 @@ from kiln_serving.http2_wire import (
     FRAME_SIZE_ERROR,
     GOAWAY,
     HEADERS,
+    PADDED,
     PING,
     PREFACE,
+    PRIORITY,
+    PRIORITY_FLAG,
     PROTOCOL_ERROR,
     RST_STREAM,
     SETTINGS,
@@ -46,6 +52,8 @@ from kiln_serving.http2_wire import (
 )
 
 PONG = 0x1  # PING's ACK flag
+# The timed test's header and body timeouts: long enough that a loaded machine's delays are small beside them.
+TIMEOUT = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +64,14 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def strict(folder: Path) -> Iterator[Server]:
     with serving(strict_config(folder, keep_alive_timeout_seconds=30, max_body_bytes=1024)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def timed(folder: Path) -> Iterator[Server]:
+    cfg = strict_config(folder, header_timeout_seconds=TIMEOUT, body_timeout_seconds=TIMEOUT,
+                        keep_alive_timeout_seconds=PATIENCE)  # fmt: skip
+    with serving(cfg) as running:
         yield running
 
 
@@ -154,6 +170,27 @@ def test_a_half_sent_call_or_header_block_is_timed_out_however_many_other_frames
         assert goaway_codes(frames.until_closed()) == [CANCEL]
 
 
+@pytest.mark.parametrize("left", ["header block", "body"])
+def test_a_half_sent_header_block_or_body_is_closed_soon_after_its_timeout_and_never_before(
+    timed: Server, left: str
+) -> None:
+    block = hpack.Encoder().encode(request_fields("ModelInfer"))
+    with opened(timed) as sock:
+        # Begin just after the server's first check, at its header timeout: a timer of fixed period (the shortest
+        # timeout) came back a whole period later and found the block, or the body, not yet late: 2x the timeout.
+        time.sleep(TIMEOUT + 0.1)
+        started = time.monotonic()
+        if left == "header block":
+            sock.sendall(frame(HEADERS, 0, 1, block[:2]))
+        else:  # 10 of 1000 bytes
+            sock.sendall(frame(HEADERS, END_HEADERS, 1, block) + frame(DATA, 0, 1, b"\x00\x00\x00\x03\xe8" + bytes(5)))
+        assert goaway_codes(Frames(sock).until_closed()) == [CANCEL]
+        waited = time.monotonic() - started
+    # Never early (the server's clock starts once the frames are in); late by its slack (a tenth of the timeout)
+    # and what a loaded machine adds, well short of the old 2x.
+    assert TIMEOUT <= waited < 1.5 * TIMEOUT + 0.3
+
+
 @pytest.mark.parametrize("kind", [DATA, CONTINUATION])
 def test_a_flood_of_empty_frames_ends_the_connection_with_enhance_your_calm(strict: Server, kind: int) -> None:
     block = hpack.Encoder().encode(request_fields("ServerLive"))
@@ -202,6 +239,11 @@ def test_trailers_on_a_stream_the_server_reset_are_ignored_and_the_connection_se
         pytest.param(frame(PING, 0, 1, b"12345678"), PROTOCOL_ERROR, id="PING on a stream"),
         pytest.param(frame(GOAWAY, 0, 1, bytes(8)), PROTOCOL_ERROR, id="GOAWAY on a stream"),
         pytest.param(frame(DATA, 0, 2, b"x"), PROTOCOL_ERROR, id="DATA on a stream only the server may open"),
+        pytest.param(frame(PRIORITY, 0, 0, bytes(5)), PROTOCOL_ERROR, id="PRIORITY on stream 0"),
+        pytest.param(frame(HEADERS, END_HEADERS | PRIORITY_FLAG, 1, bytes(4)), FRAME_SIZE_ERROR,
+                     id="HEADERS too short for its priority fields"),
+        pytest.param(frame(HEADERS, END_HEADERS | PADDED | PRIORITY_FLAG, 1, bytes([4]) + bytes(5)), PROTOCOL_ERROR,
+                     id="HEADERS padded over its priority fields"),
     ],
 )  # fmt: skip
 def test_frames_rfc_9113_forbids_end_the_connection_with_its_error(strict: Server, sent: bytes, code: int) -> None:
@@ -210,13 +252,48 @@ def test_frames_rfc_9113_forbids_end_the_connection_with_its_error(strict: Serve
         assert goaway_codes(Frames(sock).until_closed()) == [code]
 
 
-def test_a_window_update_of_0_on_an_open_stream_resets_only_that_stream(strict: Server) -> None:
+@pytest.mark.parametrize(
+    ("sent", "code"),
+    [
+        pytest.param(frame(WINDOW_UPDATE, 0, 1, bytes(4)), PROTOCOL_ERROR, id="WINDOW_UPDATE of 0"),
+        pytest.param(frame(PRIORITY, 0, 1, bytes(4)), FRAME_SIZE_ERROR, id="PRIORITY of 4 bytes"),
+    ],
+)
+def test_a_stream_error_on_an_open_stream_resets_only_that_stream(strict: Server, sent: bytes, code: int) -> None:
     encoder = hpack.Encoder()
     with opened(strict) as sock:
         sock.sendall(frame(HEADERS, END_HEADERS, 1, encoder.encode(request_fields("ServerLive"))))
-        sock.sendall(frame(WINDOW_UPDATE, 0, 1, bytes(4)))
+        sock.sendall(sent)
         frames = Frames(sock)
-        assert reset(frames) == (1, PROTOCOL_ERROR)
+        assert reset(frames) == (1, code)
+        serves_on(sock, frames, encoder)
+
+
+def test_a_stream_reset_while_its_large_body_is_admitted_gives_its_place_back(folder: Path) -> None:
+    body = infer_body(images_batch(400))  # 300 KB: a large request, read only once admitted
+    cfg = config(folder, grpc_port=free_port(), max_concurrent_large_requests=1)
+    with serving(cfg) as one, opened(one) as sock:
+        encoder, frames = hpack.Encoder(), Frames(sock)
+        for stream, error in [(1, frame(WINDOW_UPDATE, 0, 1, bytes(4))), (3, frame(PRIORITY, 0, 3, bytes(4)))]:
+            sock.sendall(frame(HEADERS, END_HEADERS, stream, encoder.encode(request_fields("ModelInfer"))))
+            sock.sendall(frame(DATA, 0, stream, body[:16_384]))
+            # Admitted (the one place is free again): its window opens to the rest. Then a stream error ends it.
+            assert frames.until(lambda f: f[0] == WINDOW_UPDATE and f[2] != 0)[-1][2] == stream
+            sock.sendall(error)
+            assert reset(frames)[0] == stream
+        with Client(one) as client:
+            assert client.wait(client.call("ModelInfer", body)).status == 0
+
+
+def test_priority_a_client_may_signal_is_ignored_and_its_call_answered(strict: Server) -> None:
+    encoder = hpack.Encoder()
+    priority = struct.pack(">IB", 1 << 31, 15)  # exclusively on the root, weight 16
+    padded = bytes([3]) + priority + encoder.encode(request_fields("ServerLive")) + bytes(3)
+    with opened(strict) as sock:
+        sock.sendall(frame(PRIORITY, 0, 1, priority) + frame(HEADERS, END_HEADERS | PADDED | PRIORITY_FLAG, 1, padded))
+        sock.sendall(frame(PRIORITY, 0, 1, priority) + frame(DATA, END_STREAM, 1, LIVE))
+        frames = Frames(sock)
+        assert frames.until(lambda f: ended_by_stream([f], 1))[-1][0] == HEADERS  # its trailers, not a reset
         serves_on(sock, frames, encoder)
 
 
@@ -227,14 +304,56 @@ def test_a_window_update_of_0_on_an_open_stream_resets_only_that_stream(strict: 
         pytest.param([*request_fields("ServerLive"), ("connection", "keep-alive")], id="a connection header"),
         pytest.param([*request_fields("ServerLive"), ("te", "gzip")], id="te other than trailers"),
         pytest.param([f for f in request_fields("ServerLive") if f[0] != ":path"], id="no :path"),
+        pytest.param([*request_fields("ServerLive"), ("x-note", "a\x00b")], id="NUL in a value"),
+        pytest.param([*request_fields("ServerLive"), ("x-note", "a\r\nx-more: 1")], id="CR LF in a value"),
+        pytest.param([*request_fields("ServerLive"), ("x-note", " a")], id="a value beginning with a space"),
+        pytest.param([*request_fields("ServerLive"), ("x-note", "a\t")], id="a value ending with a tab"),
+        pytest.param([*request_fields("ServerLive"), (b"x-n\xf6te", b"1")], id="a name of obs-text"),
+        pytest.param([*request_fields("ServerLive"), ("x:note", "1")], id="a colon in a name"),
     ],
 )
 def test_a_malformed_request_resets_its_stream_and_the_connection_serves_on(
-    strict: Server, fields: list[tuple[str, str]]
+    strict: Server, fields: list[tuple[str | bytes, str | bytes]]
 ) -> None:
     encoder = hpack.Encoder()
     with opened(strict) as sock:
         sock.sendall(frame(HEADERS, END_HEADERS, 1, encoder.encode(fields)) + frame(DATA, END_STREAM, 1, LIVE))
         frames = Frames(sock)
         assert reset(frames) == (1, PROTOCOL_ERROR)
+        serves_on(sock, frames, encoder)
+
+
+def test_a_malformed_trailer_resets_its_stream_and_the_connection_serves_on(strict: Server) -> None:
+    encoder = hpack.Encoder()
+    with opened(strict) as sock:
+        sock.sendall(frame(HEADERS, END_HEADERS, 1, encoder.encode(request_fields("ServerLive"))))
+        trailers = encoder.encode([("x-note", "\0")])
+        sock.sendall(frame(DATA, 0, 1, LIVE) + frame(HEADERS, END_HEADERS | END_STREAM, 1, trailers))
+        frames = Frames(sock)
+        assert reset(frames) == (1, PROTOCOL_ERROR)
+        serves_on(sock, frames, encoder)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "status"),
+    [
+        pytest.param("x-note", b"caf\xe9", 0, id="in a header kiln does not read: served"),
+        pytest.param(":path", f"{SERVICE}/Server".encode() + b"\xe9Live", 12, id="in :path: UNIMPLEMENTED"),
+        pytest.param("grpc-timeout", b"9\xe9S", 13, id="in grpc-timeout: INTERNAL, as any bad one"),
+    ],
+)
+def test_a_value_of_obs_text_is_taken_and_where_kiln_reads_it_answered_as_any_bad_value(
+    strict: Server, name: str, value: bytes, status: int
+) -> None:
+    # Not UTF-8, and not malformed either (RFC 9113 §8.2.1): never a COMPRESSION_ERROR for a block HPACK decoded.
+    encoder = hpack.Encoder()
+    fields = {key.encode(): text.encode() for key, text in request_fields("ServerLive")} | {name.encode(): value}
+    with opened(strict) as sock:
+        sock.sendall(frame(HEADERS, END_HEADERS, 1, encoder.encode(list(fields.items()))))
+        sock.sendall(frame(DATA, END_STREAM, 1, LIVE))
+        frames = Frames(sock)
+        answer = [f for f in frames.until(lambda f: ended_by_stream([f], 1)) if f[2] == 1]
+        decoder = hpack.Decoder()
+        got = dict(field for kind, _, _, block in answer if kind == HEADERS for field in decoder.decode(block))
+        assert got["grpc-status"] == str(status)
         serves_on(sock, frames, encoder)
