@@ -1,6 +1,7 @@
 """Tensors in Open Inference Protocol terms: datatypes, JSON `data` and raw little-endian bytes <-> numpy."""
 
 import math
+import reprlib
 import struct
 from collections.abc import Sequence
 
@@ -63,8 +64,14 @@ def datatype_of(array: Array) -> str:
     return name
 
 
+# Most dimensions a tensor may have (numpy's own limit).
+MAX_DIMS = 64
+
+
 def format_shape(shape: Sequence[int]) -> str:
-    """[-1,3,32,32]: the compact form used in error messages."""
+    """[-1,3,32,32]: the compact form used in error messages (a client's absurd shape cut short)."""
+    if len(shape) > MAX_DIMS:
+        return "[" + ",".join(str(d) for d in shape[:8]) + f",... ({len(shape)} dimensions)]"
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
@@ -79,9 +86,15 @@ _MAX_ELEMENTS = (1 << 63) // 16
 
 
 def parse_shape(name: str, raw: object) -> tuple[int, ...]:
-    """A request's `shape`: a list of non-negative integers whose product fits in int64."""
+    """A request's `shape` (a JSON list, or gRPC's repeated field): at most MAX_DIMS non-negative integers whose
+    product fits in int64. Its length is checked first: a shape of millions of dimensions costs nothing more."""
+    if isinstance(raw, Sequence) and not isinstance(raw, str | bytes):
+        if len(raw) > MAX_DIMS:
+            raise errors.InvalidInput(f"input '{name}': shape has {len(raw)} dimensions; at most {MAX_DIMS}")
+        raw = list(raw)
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
-        raise errors.InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers, got {raw!r}")
+        shown = reprlib.repr(raw)
+        raise errors.InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers, got {shown}")
     if math.prod(raw) > _MAX_ELEMENTS:
         raise errors.InvalidInput(f"input '{name}': shape {format_shape(raw)} has more elements than int64 holds")
     return tuple(raw)

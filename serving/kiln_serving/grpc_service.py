@@ -43,13 +43,16 @@ _CONTENTS = {
 }  # fmt: skip
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-# The most top-level fields (inputs, outputs, parameters, raw contents, ...) a ModelInferRequest may have: past it
-# the message is refused unparsed. protobuf's parser holds the GIL (a thread does not keep the loop free), and
-# an empty entry costs 2 bytes on the wire but ~100 in memory: 60 MB of them took 2.9 GB and stalled the server.
+# The most fields a large ModelInferRequest may have, at its top level (inputs, outputs, parameters, raw contents,
+# ...) and in its inputs and outputs (name, shape, parameters, ...): past it the message is refused unparsed.
+# protobuf's parser holds the GIL (a thread does not keep the loop free), and an empty entry costs 2 bytes on the
+# wire but ~100 in memory: 60 MB of them took 2.9 GB and stalled the server; 5 MB of an input's parameters, 70 ms.
 MAX_INFER_FIELDS = 4096
 # Typed contents (fp32_contents, ...) are converted to an array this many values at a time.
 _SLICE = 1 << 16
-_RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+_INFER_FIELDS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name
+_RAW_INPUT_CONTENTS = _INFER_FIELDS["raw_input_contents"].number
+_TENSORS = {_INFER_FIELDS["inputs"].number, _INFER_FIELDS["outputs"].number}
 # Set while a call holds its admission: the transport admits a call by its length prefix before reading its body,
 # and the Dispatcher admits by the (inflated) message's size; one call takes one place, never two.
 _ADMITTED: ContextVar[bool] = ContextVar("kiln_grpc_admitted", default=False)
@@ -101,7 +104,7 @@ def decode(model: Model, request: Any, raw: list[bytes] | list[memoryview], allo
         raise errors.InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
     tensors: dict[str, codec.Array] = {}
     for i, tensor in enumerate(request.inputs):
-        spec, shape = protocol.input_spec(model, tensor.name, tensor.datatype, list(tensor.shape))
+        spec, shape = protocol.input_spec(model, tensor.name, tensor.datatype, tensor.shape)
         if spec.name in tensors:
             raise errors.InvalidInput(f"input '{spec.name}' is given twice")
         if raw:
@@ -158,14 +161,14 @@ class Service:
     async def _parse_infer(self, message: bytes | memoryview) -> InferCall:
         """A small ModelInferRequest is parsed here, whatever it holds (milliseconds at most; the common call is
         not walked twice). A large one is walked first (protobuf_walk): refused unparsed past MAX_INFER_FIELDS
-        top-level fields, its raw_input_contents lifted out uncopied, and only the rest left to protobuf."""
+        fields, its raw_input_contents lifted out uncopied, and only the rest left to protobuf."""
         if not large(len(message)):
             request = pb.ModelInferRequest.FromString(message)
             return InferCall(request, list(request.raw_input_contents), len(message))  # a read copies: once
-        walked = protobuf_walk.split(message, _RAW_INPUT_CONTENTS, MAX_INFER_FIELDS)
+        walked = protobuf_walk.split(message, _RAW_INPUT_CONTENTS, MAX_INFER_FIELDS, nested=_TENSORS)
         if walked.fields > MAX_INFER_FIELDS:
-            raise grpc_wire.Abort("INVALID_ARGUMENT", f"a ModelInferRequest of more than {MAX_INFER_FIELDS} "
-                                  "top-level fields (inputs, outputs, parameters) is refused unparsed")  # fmt: skip
+            raise grpc_wire.Abort("INVALID_ARGUMENT", f"a ModelInferRequest of more than {MAX_INFER_FIELDS} fields "
+                                  "(inputs, outputs, parameters, and theirs) is refused unparsed")  # fmt: skip
         request = await self.dataplane.offload(len(walked.rest), pb.ModelInferRequest.FromString, walked.rest)
         return InferCall(request, walked.lifted, len(message))
 

@@ -7,6 +7,7 @@ many there are, and lifts a bytes field (ModelInferRequest's raw_input_contents)
 leaving protobuf only the small rest to parse.
 """
 
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -25,45 +26,60 @@ def _varint(data: memoryview, pos: int) -> tuple[int, int]:
     raise DecodeError("truncated or overlong varint")
 
 
+def _fields(data: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
+    """(number, wire type, the field's start, its value's start and end) of each top-level field in data;
+    DecodeError where the wire format breaks (protobuf's own error for a message it cannot parse)."""
+    pos = 0
+    while pos < len(data):
+        start = pos
+        tag, pos = _varint(data, pos)
+        number, wire = tag >> 3, tag & 7
+        value = pos
+        if wire == _VARINT:
+            pos = _varint(data, pos)[1]
+        elif wire == _LEN:
+            length, value = _varint(data, pos)
+            pos = value + length
+        elif wire in (_I64, _I32):
+            pos += 8 if wire == _I64 else 4
+        else:
+            raise DecodeError(f"field {number} has wire type {wire}, which no field of this message has")
+        if pos > len(data):
+            raise DecodeError(f"field {number} runs past the end of the message")
+        yield number, wire, start, value, pos
+
+
 @dataclass(frozen=True)
 class Split:
     """A message's `lifted` field (a repeated bytes field), in order, as views of the message, and the message's
-    other fields re-joined as a message of their own; `fields` counts every top-level field."""
+    other fields re-joined as a message of their own; `fields` counts the fields walked."""
 
     rest: bytes
     lifted: list[memoryview]
     fields: int
 
 
-def split(message: bytes | memoryview, lifted: int, limit: int) -> Split:
-    """Walk the message's top level, lifting out field number `lifted` (length-delimited) and stopping once past
-    `limit` fields (the result's `fields` is then limit + 1). Raises DecodeError where the wire format breaks
-    (protobuf's own error for a message it cannot parse)."""
+def split(message: bytes | memoryview, lifted: int, limit: int, nested: Collection[int] = ()) -> Split:
+    """Walk the message's top level, lifting out field number `lifted` (length-delimited), and counting its fields
+    and those of the sub-messages numbered in `nested` (their own top level): past `limit` the walk stops (the
+    result's `fields` is then limit + 1)."""
     data = memoryview(message)
     views: list[memoryview] = []
     kept: list[memoryview] = []
-    pos = start = count = 0
-    while pos < len(data) and count <= limit:
-        field_start = pos
-        tag, pos = _varint(data, pos)
-        number, wire = tag >> 3, tag & 7
-        if wire == _VARINT:
-            pos = _varint(data, pos)[1]
-        elif wire == _LEN:
-            length, pos = _varint(data, pos)
-            if pos + length > len(data):
-                raise DecodeError(f"field {number} runs past the end of the message")
-            if number == lifted:
-                kept.append(data[start:field_start])
-                views.append(data[pos : pos + length])
-                start = pos + length
-            pos += length
-        elif wire in (_I64, _I32):
-            pos += 8 if wire == _I64 else 4
-        else:
-            raise DecodeError(f"field {number} has wire type {wire}, which no field of this message has")
+    start = walked = count = 0
+    for number, wire, field, value, end in _fields(data):
         count += 1
-    if pos > len(data):
-        raise DecodeError("the message is cut short")
-    kept.append(data[start:pos])
-    return Split(b"".join(kept), views, count)
+        if wire == _LEN and number in nested:
+            for _ in _fields(data[value:end]):
+                count += 1
+                if count > limit:
+                    break
+        if count > limit:
+            break
+        if wire == _LEN and number == lifted:
+            kept.append(data[start:field])
+            views.append(data[value:end])
+            start = end
+        walked = end
+    kept.append(data[start:walked])
+    return Split(b"".join(kept), views, min(count, limit + 1))

@@ -48,6 +48,8 @@ CASES: list[tuple[str, str, str, dict[str, object], int, str]] = [
      "input 'input': expected shape [-1,3,8,8], got [2,3,7,7]"),
     ("wrong rank", "POST", "/v2/models/tiny/infer", {"json": infer_body(shape=[384])}, 400,
      "expected shape [-1,3,8,8], got [384]"),
+    ("too many dimensions", "POST", "/v2/models/tiny/infer", {"json": infer_body(shape=[1] * 100)}, 400,
+     "input 'input': shape has 100 dimensions; at most 64"),
     ("negative dim", "POST", "/v2/models/tiny/infer", {"json": infer_body(shape=[-2, 3, 8, 8])}, 400,
      "'shape' must be a list of non-negative integers"),
     ("too few elements", "POST", "/v2/models/tiny/infer", {"json": infer_body(data=[1.0] * 10)}, 400,

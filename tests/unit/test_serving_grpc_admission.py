@@ -69,14 +69,37 @@ def test_a_large_call_waits_for_admission_with_only_the_first_window_then_is_rea
         assert np.allclose(output(client.wait(second).body), expected, atol=1e-5)
 
 
-def test_a_model_infer_of_absurdly_many_top_level_fields_is_refused_before_it_is_parsed(
-    one_at_a_time: Server,
+def absurd(where: str) -> bytes:
+    """A large ModelInferRequest of more than MAX_INFER_FIELDS fields: empty `inputs` entries (2 bytes each), or
+    parameters of one input or one output (about 12 bytes each)."""
+    request = pb.ModelInferRequest(model_name="tiny")
+    if where == "inputs":
+        return request.SerializeToString() + b"\x2a\x00" * (LARGE_BYTES // 2)
+    tensor = request.inputs.add(name="input") if where == "an input's parameters" else request.outputs.add(name="o")
+    for i in range(LARGE_BYTES // 8):
+        tensor.parameters[f"{i}"].bool_param = True
+    return request.SerializeToString()
+
+
+@pytest.mark.parametrize("where", ["inputs", "an input's parameters", "an output's parameters"])
+def test_a_model_infer_of_absurdly_many_fields_is_refused_before_it_is_parsed(
+    one_at_a_time: Server, where: str
 ) -> None:
-    # Empty `inputs` entries, 2 bytes each, in a message large enough to be walked (a small one is just parsed).
-    message = pb.ModelInferRequest(model_name="tiny").SerializeToString() + b"\x2a\x00" * (LARGE_BYTES // 2)
+    message = absurd(where)
+    assert len(message) >= LARGE_BYTES  # large enough to be walked (a small one is just parsed)
     with Client(one_at_a_time) as client:
         answer = client.wait(client.call("ModelInfer", b"\x00" + len(message).to_bytes(4, "big") + message))
     assert answer.status == 3 and "refused unparsed" in answer.headers["grpc-message"]
+
+
+def test_a_shape_of_a_million_dimensions_is_refused_by_its_length(one_at_a_time: Server) -> None:
+    request = pb.ModelInferRequest(model_name="tiny")
+    request.inputs.add(name="input", datatype="FP32").shape.extend([1] * 1_000_000)
+    message = request.SerializeToString()
+    with Client(one_at_a_time) as client:
+        answer = client.wait(client.call("ModelInfer", b"\x00" + len(message).to_bytes(4, "big") + message))
+    assert answer.status == 3, answer.headers
+    assert answer.headers["grpc-message"] == "input 'input': shape has 1000000 dimensions; at most 64"
 
 
 # A gRPC client of its own process (grpcio, the message already serialized): sending from a thread of this one
@@ -137,6 +160,7 @@ def test_a_walked_message_keeps_its_raw_contents_uncopied_and_protobuf_reads_the
     message = request.SerializeToString()
     walked = protobuf_walk.split(message, 7, limit=10)
     assert walked.fields == 7  # model_name, id, inputs, outputs and three raw contents
+    assert protobuf_walk.split(message, 7, limit=20, nested={5, 6}).fields == 11  # and the tensors' own fields
     assert [bytes(view) for view in walked.lifted] == list(request.raw_input_contents)
     assert all(view.obj is message for view in walked.lifted)  # views of the message, not copies
     del request.raw_input_contents[:]
