@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 # Largest frame kiln accepts (it says so in its SETTINGS): a 400 KB batch arrives in one frame, not 25.
 MAX_FRAME = 1 << 20
+# Open streams a client may cancel (RST_STREAM) at once, and per second after that: streams opened only to be
+# cancelled cost the server work and the client nothing (rapid reset, CVE-2023-44487); nghttp2's numbers.
+RESET_BURST, RESETS_PER_SECOND = 1000, 33
 _CACHED_BLOCKS = 256
 
 
@@ -55,6 +58,7 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
         self.writing_paused = False  # the client does not read: frames in wait, so replies cannot pile up
         self.last_read = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
+        self.resets_allowed, self.resets_counted = float(RESET_BURST), time.monotonic()
 
     # -- connection ------------------------------------------------------------------------------------------
 
@@ -237,8 +241,10 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
                 raise http2_wire.ConnectionError_(http2_wire.FRAME_SIZE_ERROR, "RST_STREAM not of 4 bytes")
             self._not_idle(stream_id, "RST_STREAM")
             stream = self._forget(stream_id, reset=False)
-            if stream is not None and stream.task is not None:
-                stream.task.cancel()
+            if stream is not None:
+                self._cancelled()
+                if stream.task is not None:
+                    stream.task.cancel()
             self._maybe_idle()
         elif kind == http2_wire.GOAWAY:
             if stream_id:
@@ -254,6 +260,15 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
             if len(payload) != 5:  # a stream error: only that stream is reset
                 self._reset(stream_id, http2_wire.FRAME_SIZE_ERROR)
         # Unknown frame types are ignored, as RFC 9113 says.
+
+    def _cancelled(self) -> None:
+        """The client reset a stream still open: one of its allowance (RESET_BURST, refilled at RESETS_PER_SECOND),
+        past which the connection ends; opening streams only to cancel them is the rapid-reset attack."""
+        now = time.monotonic()
+        refill = (now - self.resets_counted) * RESETS_PER_SECOND
+        self.resets_allowed, self.resets_counted = min(RESET_BURST, self.resets_allowed + refill) - 1, now
+        if self.resets_allowed < 0:
+            raise http2_wire.ConnectionError_(http2_wire.ENHANCE_YOUR_CALM, "too many streams cancelled")
 
     def _not_idle(self, stream_id: int, kind: str) -> None:
         """RFC 9113 §5.1: RST_STREAM on stream 0, or either frame on a stream the client never opened (idle; even

@@ -357,3 +357,21 @@ def test_a_value_of_obs_text_is_taken_and_where_kiln_reads_it_answered_as_any_ba
         got = dict(field for kind, _, _, block in answer if kind == HEADERS for field in decoder.decode(block))
         assert got["grpc-status"] == str(status)
         serves_on(sock, frames, encoder)
+
+
+def test_streams_opened_only_to_be_cancelled_end_the_connection_past_a_burst(strict: Server) -> None:
+    # Rapid reset (CVE-2023-44487). 500 cancelled calls are a client's right; 1,500 more, sent at once, are past
+    # the burst of 1,000 unless this machine took 30 s to send them (refilled at 33 a second). One write of 40 KB,
+    # read by the server whole: unread bytes at its close would reset the connection before the GOAWAY is read.
+    encoder = hpack.Encoder()
+
+    def cancelled(streams: range) -> bytes:
+        return b"".join(frame(HEADERS, END_HEADERS, sid, encoder.encode(request_fields("ServerLive")))
+                        + frame(RST_STREAM, 0, sid, struct.pack(">I", CANCEL)) for sid in streams)  # fmt: skip
+
+    with opened(strict) as sock:
+        frames = Frames(sock)
+        sock.sendall(cancelled(range(1, 1000, 2)))
+        serves_on(sock, frames, encoder, stream=1001)
+        sock.sendall(cancelled(range(1003, 4003, 2)))
+        assert goaway_codes(frames.until_closed()) == [ENHANCE_YOUR_CALM]
