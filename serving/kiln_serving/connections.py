@@ -15,9 +15,10 @@ Idle keep-alive connections are closed by uvicorn after keep_alive_timeout_secon
   and when the connection is lost every request on it, the one being answered and those pipelined behind it,
   sees the hang-up. A transfer coding other than chunked gets 501, an HTTP/1.1 Upgrade (kiln upgrades to
   nothing; gRPC has its own port) 400, each with the connection closed.
-- Bytes the parser cannot parse get 400 and the connection is closed, but only after the answers of the complete
-  requests before them (as nginx and h11 do; uvicorn answered 400 at once, so those answers were lost and the
-  requests counted as client hang-ups). Nothing after such bytes is parsed.
+- A request refused for its head (bytes the parser cannot parse: 400; a head too large: 431; a head too slow: 408;
+  a transfer coding or Upgrade kiln does not take) is answered and the connection closed only after the answers
+  of the requests pipelined before it (as nginx and h11 do; refused at once, those answers were lost and the
+  requests counted as client hang-ups). Nothing after it is parsed.
 - A binary inference request skips ASGI: its cycle is a direct.DirectCycle (see direct.py).
 - Each request's scope carries, under extensions[HANG_UP], a future of its connection that is done once the
   connection is lost, so the app learns of a client hanging up without a watcher task per request.
@@ -154,6 +155,7 @@ def connection_cap(configured: int) -> int:
 def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[HttpToolsProtocol]:
     """The protocol class for uvicorn.Config(http=...), with config's limits; requests `route` wants skip ASGI."""
     cap = connection_cap(config.max_connections)
+    head_too_large = 431, "Request Header Fields Too Large", f"request head over {config.max_header_bytes} bytes"
 
     class GuardedHttp(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -165,7 +167,9 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             # when it closed the connection (a timeout's 408), which the request metrics then record.
             self._hang_up: asyncio.Future[int | None] = self.loop.create_future()
             self._answering: RequestResponseCycle | None = None  # the cycle whose task runs (self.cycle: the newest)
-            self._unparsable = False  # the parser failed: what the client sends from then on is dropped
+            self._refused = (
+                False  # a request was refused: nothing after it is parsed, and what the client sends is dropped
+            )
 
         def _arm(self, seconds: float) -> None:
             self._disarm()
@@ -180,7 +184,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             """While the server keeps a request waiting (a body held until the request is admitted, a pipelined
             request behind another), its client is not slow: the head and body timeouts stop, and restart when
             reading does."""
-            if paused or self._unparsable:  # unparsable: no request is read any more, only answered
+            if paused or self._refused:  # no request is read any more, only answered
                 self._disarm()
             elif not self._in_head and self.cycle is not None and self.cycle.more_body:
                 if not self.cycle.waiting_for_100_continue:  # else: the body's clock starts with the 100
@@ -190,7 +194,10 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def _expire(self) -> None:
             self._timer = None
-            self._refuse_read(408, "Request Timeout")
+            if self._in_head:
+                self._refuse_head(408, "Request Timeout")
+            else:
+                self._refuse_read(408, "Request Timeout")
 
         def _refuse_read(self, status: int, reason: str, message: str | None = None) -> None:
             """_refuse, for the request being read: the app, if it already reads it, records `status` (the server
@@ -219,31 +226,37 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                     cycle.message_event.set()
 
         def send_400_response(self, msg: str) -> None:
-            """What uvicorn calls when its parser fails. The requests complete before the bad bytes are answered
-            first, in order: the 400 follows the last one's answer (see _answer_400_after), unless nothing before
-            it is still unanswered. Bad bytes in a (chunked) body make that request the one answered 400."""
-            if self.transport.is_closing():
+            """uvicorn's call when its parser fails: refused as a bad head is, or as the (chunked) body it is in."""
+            if self.transport.is_closing() or self._refused:
                 return
-            self._unparsable = True
-            self._disarm()  # the answers before the 400 take what they take; no head or body is awaited
             if not self._in_head:
                 if self.pipeline and self.pipeline[0][0] is self.cycle:
                     self.pipeline.popleft()  # queued behind another request: never started, the 400 is its answer
                 else:  # its app runs, so every request before it is answered: it ends now, counted 400
+                    self._refused = True
                     self._refuse_read(400, "Bad Request", msg)
                     return
+            self._refuse_head(400, "Bad Request", msg)
+
+        def _refuse_head(self, status: int, reason: str, message: str | None = None) -> None:
+            """Refuse the request whose head is being (or was just) read, and close the connection: after the answers
+            of the requests pipelined before it, in order (refused at once, they lost their answers and were counted
+            as client hang-ups, as nginx and h11 never do). Nothing after it is parsed."""
+            if self.transport.is_closing() or self._refused:
+                return
+            self._refused = True
+            self._disarm()  # the answers before the refusal take what they take; no head or body is awaited
             last = self.pipeline[0][0] if self.pipeline else self._answering
             if last is None or last.response_complete:
-                self.transport.write(_response(400, "Bad Request", msg))
-                self.transport.close()
+                self._refuse(status, reason, message)
             else:
-                last.on_response = functools.partial(self._answer_400_after, last, msg)
+                last.on_response = functools.partial(self._answer_after, last, _response(status, reason, message))
 
-        def _answer_400_after(self, cycle: RequestResponseCycle, msg: str) -> None:
-            """The on_response of the last request before unparsable bytes: its answer is out, now the 400's turn.
+        def _answer_after(self, cycle: RequestResponseCycle, refusal: bytes) -> None:
+            """The on_response of the last request before a refused one: its answer is out, now the refusal's turn.
             Written through the cycle's transport, which first sends a HEAD answer's head if still held."""
             if not self.transport.is_closing():  # else its answer closed the connection (HTTP/1.0, shutdown)
-                cycle.transport.write(_response(400, "Bad Request", msg))
+                cycle.transport.write(refusal)
                 cycle.transport.close()
             self.on_response_complete()  # counts the request; the connection is closing, so nothing is resumed
 
@@ -276,14 +289,14 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             extensions[HANG_UP] = self._hang_up
 
         def data_received(self, data: bytes) -> None:
-            if self._unparsable or self.transport.is_closing():
+            if self._refused or self.transport.is_closing():
                 return
             if self._in_head:
                 if self._head_bytes == 0 and self._timer is None:
                     self._arm(config.header_timeout_seconds)  # the whole head within this, however slow
                 self._head_bytes += len(data)
                 if self._head_bytes > config.max_header_bytes and not self._head_done(data):
-                    self._refuse(431, "Request Header Fields Too Large")
+                    self._refuse_head(*head_too_large)
                     return
             elif self.cycle is not None and self.cycle.more_body:
                 self._arm(config.body_timeout_seconds)  # the next body chunk within this
@@ -296,11 +309,11 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def on_headers_complete(self) -> None:
             self._in_head = False
-            if self.transport.is_closing():  # pipelined behind a refused request: nobody reads its answer
+            if self._refused or self.transport.is_closing():  # pipelined behind a refused request: not served
                 return
             refusal = self._refusal()
             if refusal is not None:
-                self._refuse(*refusal)
+                self._refuse_head(*refusal)
                 return
             previous = self.cycle
             if not self._direct():
@@ -322,7 +335,12 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 self._disarm()
 
         def _refusal(self) -> tuple[int, str, str] | None:
-            """What a request head kiln cannot serve gets instead, before any of its body is parsed."""
+            """What a request head kiln cannot serve gets instead, before any of its body is parsed. The head's size
+            is counted again from its fields: data_received counts bytes as they come, but part of a head pipelined
+            behind another request came with that request's bytes."""
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size > config.max_header_bytes:
+                return head_too_large
             if self.parser.should_upgrade():  # llhttp stops at an upgrade: the body would never be parsed
                 return 400, "Bad Request", "this server does not upgrade HTTP/1.1 connections: send it without Upgrade"
             for name, value in self.headers:
@@ -366,7 +384,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             return True
 
         def on_body(self, body: bytes) -> None:
-            if self.transport.is_closing():  # refused, or timed out: nobody reads the rest
+            if self._refused or self.transport.is_closing():  # refused, or timed out: nobody reads the rest
                 return
             if isinstance(self.cycle, direct.DirectCycle):
                 self.cycle.feed(body)
@@ -375,7 +393,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def on_message_complete(self) -> None:
             self._disarm()
-            if not self.transport.is_closing():
+            if not self._refused and not self.transport.is_closing():
                 super().on_message_complete()
             self._in_head, self._head_bytes = True, 0
 

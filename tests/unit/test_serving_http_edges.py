@@ -220,19 +220,31 @@ UNPARSABLE = [
 ]
 
 
+# A request refused for its head, pipelined behind valid ones, and the status it gets.
+REFUSED_HEADS = {
+    "unparsable": (UNPARSABLE[0], 400),
+    "head too large": (b"GET /v2/health/live HTTP/1.1\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\n\r\n", 431),
+    "transfer coding": (b"POST /v2/models/tiny/infer HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    "upgrade": (b"POST /v2/models/tiny/infer HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+                b"Content-Length: 0\r\n\r\n", 400),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("refused", list(REFUSED_HEADS))
 @pytest.mark.parametrize("pipelined", [1, 2])
 @pytest.mark.parametrize("kind", ["binary", "json"])
-def test_requests_before_unparsable_bytes_are_answered_and_counted_200_then_400_closes_the_connection(
-    server: Server, folder: Path, kind: str, pipelined: int
+def test_requests_before_a_refused_head_are_answered_and_counted_200_then_the_refusal_closes_the_connection(
+    server: Server, folder: Path, kind: str, pipelined: int, refused: str
 ) -> None:
-    # uvicorn's parser met the bad bytes while the requests before them were still being answered: it wrote its
-    # 400 and closed the connection at once, so their answers were lost and they were counted 499, as if their
-    # client had hung up. nginx, Triton and h11 answer them first, in order, then the 400.
+    # Refused at once (uvicorn's parser error, or kiln's own refusal of the head), the connection closed while the
+    # requests before it were still being answered: their answers were lost and they were counted 499, as if
+    # their client had hung up. nginx, Triton and h11 answer them first, in order, then the refusal.
     make = binary_request if kind == "binary" else json_request
+    bad, code = REFUSED_HEADS[refused]
     xs = [images_batch(2 + n, seed=n) for n in range(pipelined)]
     before = statuses(server)
     with connect(server) as sock:
-        sock.sendall(b"".join(make(x) for x in xs) + UNPARSABLE[0])  # one write
+        sock.sendall(b"".join(make(x) for x in xs) + bad)  # one write
         answers = Answers(sock)
         for x in xs:
             status, headers, body = answers.next()
@@ -240,7 +252,7 @@ def test_requests_before_unparsable_bytes_are_answered_and_counted_200_then_400_
             got = answered_logits(kind, headers, body)
             assert np.abs(got - reference(folder / "models" / "model.onnx", {"input": x})["logits"]).max() <= 1e-5
         status, headers, _ = answers.next()
-        assert status.startswith(b"HTTP/1.1 400") and headers["connection"] == "close"
+        assert status.startswith(b"HTTP/1.1 %d" % code) and headers["connection"] == "close", status
         assert answers.closed()
     wait_until(lambda: sum(delta(before, statuses(server)).values()) >= pipelined, "the requests counted")
     assert delta(before, statuses(server)) == {"200": pipelined}  # not 499: their client never hung up
