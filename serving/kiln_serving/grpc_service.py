@@ -94,8 +94,7 @@ class InferCall:
     size: int
 
 
-def decode(model: Model, request: Any, raw: list[bytes] | list[memoryview], allow_non_finite: bool
-           ) -> protocol.Request:  # fmt: skip
+def decode(model: Model, request: Any, raw: list[bytes] | list[memoryview], allow_non_finite: bool) -> protocol.Request:
     """A ModelInferRequest (and its raw_input_contents) -> the protocol's Request (checked exactly like an HTTP
     one)."""
     if not request.inputs:

@@ -184,7 +184,7 @@ def _span(pattern: re.Pattern[bytes], text: bytes, pos: int) -> int:
 
 
 def _count(text: bytes, char: bytes, start: int, end: int) -> int:
-    """text.count(char, start, end), a window at a time (one count over 60 MB holds the GIL ~20 ms)."""
+    """text.count(char, start, end), a window at a time (one count over 60 MB held the GIL 45-70 ms here)."""
     return sum(text.count(char, at, min(at + _WINDOW, end)) for at in range(start, end, _WINDOW))
 
 

@@ -188,8 +188,9 @@ class ServeProcess:
 
 
 @contextlib.contextmanager
-def kiln_serve(model_dir: Path, *flags: str, open_files: int | None = None, grpc: bool = False
-               ) -> Iterator[ServeProcess]:  # fmt: skip
+def kiln_serve(
+    model_dir: Path, *flags: str, open_files: int | None = None, grpc: bool = False
+) -> Iterator[ServeProcess]:
     """The server as a child process on a free port (gRPC on another when `grpc`), its model ready before the
     body runs, killed after it unless the body ended it. open_files lowers the child's file-descriptor limit
     from its start."""
