@@ -43,7 +43,9 @@ _OPENING = re.compile(_STRING + rb"|\[")
 _IN_ARRAY = re.compile(rb"[-0-9.eE,\s\[\]]*")
 _STRUCTURE = re.compile(_STRING + rb"|[\[\]{}]")
 _QUOTE, _OPENERS = ord('"'), (ord("["), ord("{"))
-_FLOATS = frozenset("f")
+# numpy kinds parsed here: floats, signed and unsigned integers (an integer array with a fraction or an exponent is
+# left to json.loads, as is one with a value the datatype does not hold: its error says so).
+_NUMBERS = frozenset("fiu")
 
 
 class Deferred:
@@ -56,19 +58,37 @@ class Deferred:
     def to_numpy(self, dtype: np.dtype[Any]) -> np.ndarray[Any, Any] | None:
         """The flat array, or None when the text is not a plain array of JSON numbers (the caller then uses
         value(), which says what is wrong)."""
-        if dtype.kind not in _FLOATS:
+        if dtype.kind not in _NUMBERS:
             return None
+        integers = dtype.kind != "f"
         parts = []
         for piece in _slices(self.text, self.start, self.end):
+            if integers and (b"." in piece or b"e" in piece or b"E" in piece):
+                return None
             try:  # orjson reads exactly JSON's numbers (no NaN, no trailing commas) and fast
                 values = orjson.loads(b"[" + piece.translate(None, b"[]") + b"]")
-                parts.append(np.array(values, dtype=dtype))
+                part = _integers(values, dtype) if integers else np.array(values, dtype=dtype)
             except (orjson.JSONDecodeError, ValueError, TypeError):
                 return None
+            if part is None:
+                return None
+            parts.append(part)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def value(self) -> object:
         return loads(self.text[self.start : self.end])
+
+
+def _integers(values: list[Any], dtype: np.dtype[Any]) -> np.ndarray[Any, Any] | None:
+    """values as an array of dtype, or None unless all are integers it holds (orjson reads one past the 64-bit
+    range as a float; numpy would then cast it silently)."""
+    array = np.array(values)
+    if array.dtype.kind not in "iu":
+        return None
+    limits = np.iinfo(dtype)
+    if array.size and (array.min() < limits.min or array.max() > limits.max):
+        return None
+    return array.astype(dtype, copy=False)
 
 
 def dumps(content: object) -> bytes:

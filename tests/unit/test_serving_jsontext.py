@@ -6,6 +6,7 @@ import json
 import random
 import re
 
+import numpy as np
 import pytest
 
 from kiln_serving import errors, jsontext
@@ -75,3 +76,27 @@ def test_a_string_that_never_ends_is_scanned_once(size: int) -> None:
     text = b'{"x": [], "inputs": ' + b"[" * (jsontext.MAX_DEPTH - 1) + b'"' + b'\\"' * (size // 2)
     with pytest.raises(errors.InvalidInput, match="not valid JSON"):
         jsontext.loads_request(text)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int32", "int64", "uint64", "float32"])
+def test_an_array_parsed_in_slices_is_what_json_loads_and_numpy_make_of_it_or_left_to_them(dtype: str) -> None:
+    # The slow path (json.loads, then numpy) is the reference: the fast one gives the same array, or none at all
+    # (a fraction in an integer array, a value the datatype cannot hold, a number past 64 bits).
+    rng = random.Random(dtype)
+    pool = ["0", "-1", "7", "127", "128", "255", "256", "-129", "65535", "2147483648", "-9223372036854775808",
+            "9223372036854775807", "18446744073709551615", "18446744073709551616", "1.5", "-2e3", "1E2"]  # fmt: skip
+    for _ in range(300):
+        numbers = [rng.choice(pool[:10]) for _ in range(rng.randrange(1, 40))]
+        if rng.random() < 0.5:
+            numbers[rng.randrange(len(numbers))] = rng.choice(pool)
+        text = ("[" + ",".join(numbers) + "]").encode()
+        try:
+            expected = np.asarray(json.loads(text), dtype=dtype)
+        except OverflowError:
+            expected = None
+        got = jsontext.Deferred(text, 0, len(text)).to_numpy(np.dtype(dtype))
+        if got is None:
+            plain = all(n in pool[:10] for n in numbers) and expected is not None
+            assert not plain, text  # only what the slow path must judge is left to it
+        else:
+            assert expected is not None and got.dtype == expected.dtype and np.array_equal(got, expected), text

@@ -130,14 +130,15 @@ def test_gzip_compressed_requests_are_inflated(client: triton.InferenceServerCli
     assert np.abs(result.as_numpy("logits") - expected).max() <= 1e-5
 
 
+@pytest.mark.parametrize("rows", [2, 40_000], ids=["small", "arrays over 64 KiB of JSON, parsed in slices"])
 def test_every_datatype_round_trips_as_json_and_as_binary_and_only_requested_outputs_come_back(
-    tmp_path: Path,
+    tmp_path: Path, rows: int
 ) -> None:
     model = all_datatypes(tmp_path / "types" / "model.onnx")
     rng = np.random.default_rng(0)
-    arrays = {t: (rng.integers(0, 2, size=(2, 3)).astype(bool) if t == "BOOL" else
-                  (rng.normal(size=(2, 3)) * 50).astype(triton.triton_to_np_dtype(t)) if t.startswith("FP") else
-                  rng.integers(0, 100, size=(2, 3)).astype(triton.triton_to_np_dtype(t)))
+    arrays = {t: (rng.integers(0, 2, size=(rows, 3)).astype(bool) if t == "BOOL" else
+                  (rng.normal(size=(rows, 3)) * 50).astype(triton.triton_to_np_dtype(t)) if t.startswith("FP") else
+                  rng.integers(0, 100, size=(rows, 3)).astype(triton.triton_to_np_dtype(t)))
               for t in DATATYPES}  # fmt: skip
     with serving(config(model.parent)) as server:
         client = triton.InferenceServerClient(server.address)
