@@ -172,11 +172,15 @@ def raw(server: Server | ServeProcess) -> socket.socket:
 
 
 def infer_body(x: np.ndarray, model: str = "tiny", name: str = "input") -> bytes:
-    """A ModelInferRequest with x as raw contents, in gRPC's framing: uncompressed, 4-byte length, message."""
+    """A ModelInferRequest with x as raw contents, framed."""
     request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name=name, datatype="FP32", shape=list(x.shape))
     request.raw_input_contents.append(x.tobytes())
-    message = request.SerializeToString()
+    return framed(request.SerializeToString())
+
+
+def framed(message: bytes) -> bytes:
+    """A message in gRPC's framing: uncompressed, 4-byte length, message."""
     return b"\x00" + len(message).to_bytes(4, "big") + message
 
 

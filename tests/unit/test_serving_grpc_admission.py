@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
-from http2_support import LIVE, Answer, Client, first_output, infer_body, output, request_fields
+from http2_support import LIVE, Answer, Client, first_output, framed, infer_body, output, request_fields
 from serving_support import config, images_batch, kiln_serve, longest_health_wait, reference, serving
 from serving_support import trained_folder as make_trained_folder
 from tritonclient.grpc import service_pb2 as pb
@@ -88,7 +88,7 @@ def test_a_model_infer_of_absurdly_many_fields_is_refused_before_it_is_parsed(
     message = absurd(where)
     assert len(message) >= LARGE_BYTES  # large enough to be walked (a small one is just parsed)
     with Client(one_at_a_time) as client:
-        answer = client.wait(client.call("ModelInfer", b"\x00" + len(message).to_bytes(4, "big") + message))
+        answer = client.wait(client.call("ModelInfer", framed(message)))
     assert answer.status == 3 and "refused unparsed" in answer.headers["grpc-message"]
 
 
@@ -97,7 +97,7 @@ def test_a_shape_of_a_million_dimensions_is_refused_by_its_length(one_at_a_time:
     request.inputs.add(name="input", datatype="FP32").shape.extend([1] * 1_000_000)
     message = request.SerializeToString()
     with Client(one_at_a_time) as client:
-        answer = client.wait(client.call("ModelInfer", b"\x00" + len(message).to_bytes(4, "big") + message))
+        answer = client.wait(client.call("ModelInfer", framed(message)))
     assert answer.status == 3, answer.headers
     assert answer.headers["grpc-message"] == "input 'input': shape has 1000000 dimensions; at most 64"
 
@@ -170,6 +170,6 @@ def test_a_large_message_broken_at_its_top_level_is_refused_as_protobuf_refuses_
         protobuf_walk.split(broken, 7, limit=10)
     message = infer_body(images_batch(512))[5:] + broken  # large: walked by hand, not parsed
     with Client(one_at_a_time) as client:
-        answer = client.wait(client.call("ModelInfer", b"\x00" + len(message).to_bytes(4, "big") + message))
+        answer = client.wait(client.call("ModelInfer", framed(message)))
         assert answer.status == 13 and "cannot parse the request message" in answer.headers["grpc-message"]
         assert client.wait(client.call("ServerLive", LIVE)).status == 0

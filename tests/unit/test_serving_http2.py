@@ -25,6 +25,7 @@ from http2_support import (
     PATIENCE,
     Client,
     Frames,
+    framed,
     goaway_codes,
     infer_body,
     output,
@@ -232,7 +233,7 @@ def test_an_error_naming_a_very_long_non_ascii_model_fits_the_clients_frames_and
 ) -> None:
     request = pb.ModelReadyRequest(name="é" * 3000).SerializeToString()  # 12 KB once percent-encoded, uncut
     with Client(server) as client:  # h2 refuses a frame over its 16 KiB SETTINGS_MAX_FRAME_SIZE
-        missing = client.wait(client.call("ModelReady", b"\x00" + len(request).to_bytes(4, "big") + request))
+        missing = client.wait(client.call("ModelReady", framed(request)))
         assert missing.status == 5
         message = missing.headers["grpc-message"]
         assert len(message) <= 4096 and urllib.parse.unquote(message, errors="strict").startswith("model 'éé")
