@@ -114,10 +114,18 @@ def check_finite(name: str, array: Array) -> None:
 
 def from_json(name: str, datatype: str, shape: Sequence[int], raw: object) -> Array:
     """A tensor from JSON `data` (flat or nested, row-major); jsontext may have left it for numpy to parse."""
+    try:
+        with np.errstate(over="raise"):  # 1e6 as FP16: numpy would give infinity
+            return sized(name, shape, _from_json(name, datatype, raw))
+    except FloatingPointError:
+        raise errors.InvalidInput(f"input '{name}': 'data' holds a value out of {datatype}'s range") from None
+
+
+def _from_json(name: str, datatype: str, raw: object) -> Array:
     if isinstance(raw, jsontext.Deferred):
         parsed = raw.to_numpy(NUMPY_DTYPES[datatype]) if datatype in NUMPY_DTYPES else None
         if parsed is not None:
-            return sized(name, shape, parsed)
+            return parsed
         raw = raw.value()
     if not isinstance(raw, list | int | float | str):
         raise errors.InvalidInput(
@@ -126,12 +134,46 @@ def from_json(name: str, datatype: str, shape: Sequence[int], raw: object) -> Ar
     data: list[object] = raw if isinstance(raw, list) else [raw]
     try:
         if datatype == "BYTES":
-            flat: Array = np.array([text(v) for v in _flatten(data)], dtype=np.object_)
-        else:
-            flat = np.asarray(data, dtype=NUMPY_DTYPES[datatype]).reshape(-1)
+            return np.array([text(v) for v in _flatten(data)], dtype=np.object_)
+        _check_json_values(name, datatype, data)
+        return np.asarray(data, dtype=NUMPY_DTYPES[datatype]).reshape(-1)
     except (ValueError, TypeError, OverflowError) as err:
         raise errors.InvalidInput(f"input '{name}': 'data' is not a list of {datatype} values ({err})") from None
-    return sized(name, shape, flat)
+
+
+# The JSON values each datatype takes, as Triton reads them: BOOL only true and false, the integer types only
+# integers (no fraction, exponent or boolean), the float types any number but no boolean. numpy alone would cast
+# 1.5 to 1, "7" to 7, "no" to True and null to NaN.
+_JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    datatype: ((bool,), "true or false") if datatype == "BOOL" else ((int, float), "numbers")
+    if dtype.kind == "f" else ((int,), "integers")
+    for datatype, dtype in NUMPY_DTYPES.items()
+}  # fmt: skip
+
+
+def _check_json_values(name: str, datatype: str, data: list[object]) -> None:
+    """InvalidInput naming the first value of a JSON type the datatype does not take (a list among the values
+    once flattened: the nesting was ragged)."""
+    values: Sequence[object] = data
+    kinds = set(map(type, values))
+    if list in kinds:  # nested: flattened by numpy as far as the nesting is regular
+        values = np.asarray(data, dtype=np.object_).reshape(-1).tolist()
+        kinds = set(map(type, values))
+    allowed, wanted = _JSON_TYPES[datatype]
+    for kind in kinds - set(allowed):
+        value = next(v for v in values if type(v) is kind)
+        if kind is list:
+            raise errors.InvalidInput(f"input '{name}': 'data' is nested in lists of unequal lengths")
+        raise errors.InvalidInput(f"input '{name}': {datatype} data holds {_json_name(value)}; it takes {wanted}")
+
+
+def _json_name(value: object) -> str:
+    """How the value was written in JSON, or what it was."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value)
+    return "a string" if isinstance(value, str) else "an object"
 
 
 def sized(name: str, shape: Sequence[int], flat: Array) -> Array:

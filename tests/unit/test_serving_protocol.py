@@ -159,6 +159,40 @@ def test_every_datatype_round_trips_as_json_and_as_binary_and_only_requested_out
                 assert out.dtype == array.dtype and np.array_equal(out, array), t
 
 
+# (datatype, JSON data of 3 values, a part of the 400's message): what numpy alone would have cast silently.
+REFUSED_JSON = [
+    ("INT32", [1, 1.5, 2], "INT32 data holds 1.5; it takes integers"),
+    ("INT8", [1.0, 2, 3], "INT8 data holds 1.0; it takes integers"),
+    ("UINT64", [1e3, 2, 3], "UINT64 data holds 1000.0; it takes integers"),
+    ("INT64", ["7", 2, 3], "INT64 data holds a string; it takes integers"),
+    ("INT16", [True, 2, 3], "INT16 data holds true; it takes integers"),
+    ("UINT8", [1, 2, 256], "is not a list of UINT8 values"),
+    ("BOOL", [1, 0, 1], "BOOL data holds 1; it takes true or false"),
+    ("BOOL", [True, "no", False], "BOOL data holds a string; it takes true or false"),
+    ("FP32", [1.5, None, 2], "FP32 data holds null; it takes numbers"),
+    ("FP64", [False, 1, 2], "FP64 data holds false; it takes numbers"),
+    ("FP32", [[1.5], [2, 3]], "'data' is nested in lists of unequal lengths"),
+    ("FP32", [1.5, 1e39, 2], "'data' holds a value out of FP32's range"),
+]
+
+
+def test_json_values_a_datatype_does_not_take_are_refused_as_triton_refuses_them(tmp_path: Path) -> None:
+    datatypes = ["BOOL", "UINT8", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"]
+    model = all_datatypes(tmp_path / "types" / "model.onnx", datatypes)
+    accepted = {"BOOL": [True, False, True], "FP32": [1, 2.5, -3], "FP64": [0, 1e300, -2]}
+    body = [{"name": f"in_{t}", "shape": [1, 3], "datatype": t, "data": accepted.get(t, [1, 2, 3])} for t in datatypes]
+    with serving(config(model.parent)) as server:
+        answer = httpx.post(f"{server.url}/v2/models/types/infer", json={"inputs": body})
+        assert answer.status_code == 200, answer.text
+        outputs = {o["name"]: o["data"] for o in answer.json()["outputs"]}
+        assert outputs["out_FP32"] == [1, 2.5, -3] and outputs["out_BOOL"] == [True, False, True]
+        for datatype, data, message in REFUSED_JSON:
+            tensor = {"name": f"in_{datatype}", "shape": [1, 3], "datatype": datatype, "data": data}
+            bad = [tensor if item["name"] == tensor["name"] else item for item in body]
+            answer = httpx.post(f"{server.url}/v2/models/types/infer", json={"inputs": bad})
+            assert answer.status_code == 400 and message in answer.json()["error"], (datatype, data, answer.text)
+
+
 def test_kserve_v1_predict_answers_one_prediction_per_instance(server: Server, folder: Path) -> None:
     x = images_batch(3, seed=5)
     assert httpx.get(f"{server.url}/v1/models/tiny").json() == {"name": "tiny", "ready": True}
