@@ -7,6 +7,7 @@ the one place that knows the mapping, and every error body is the protocol's {"e
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any
@@ -250,10 +251,28 @@ async def _serving_error(_: Request, err: Exception) -> Response:
     return respond(_error_answer(err))
 
 
-async def _http_error(_: Request, err: Exception) -> Response:
+# Triton's HTTP extensions kiln does not serve, by path: their 404 names the extension, as gRPC's UNIMPLEMENTED
+# names the RPC, instead of a bare "Not Found" that reads like a typo in the URL.
+_MODEL = r"/v2/models/[^/]+(?:/versions/[^/]+)?"
+_UNSERVED = [
+    (re.compile(r"/v2/repository(?:/.*)?"), "model repository"),
+    (re.compile(r"/v2/(?:system|cuda)sharedmemory(?:/.*)?"), "shared memory"),
+    (re.compile(_MODEL + "/config"), "model configuration"),
+    (re.compile(f"(?:{_MODEL}|/v2)/trace/setting"), "trace"),
+    (re.compile(r"/v2/logging"), "logging"),
+    (re.compile(_MODEL + "/generate(?:_stream)?"), "generate"),
+]
+
+
+async def _http_error(request: Request, err: Exception) -> Response:
     """Unknown paths and wrong methods answer in the protocol's error shape too."""
     assert isinstance(err, HTTPException)
-    return _json({"error": f"{err.detail}"}, err.status_code, dict(err.headers or {}))
+    message = f"{err.detail}"
+    if err.status_code == 404:
+        unserved = next((name for path, name in _UNSERVED if path.fullmatch(request.url.path)), None)
+        if unserved is not None:
+            message = f"kiln does not serve Triton's {unserved} extension; GET /v2 lists the extensions it serves"
+    return _json({"error": message}, err.status_code, dict(err.headers or {}))
 
 
 class App(Starlette):

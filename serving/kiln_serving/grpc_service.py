@@ -106,6 +106,7 @@ def decode(model: Model, request: Any, raw: list[bytes] | list[memoryview], allo
         spec, shape = protocol.input_spec(model, tensor.name, tensor.datatype, tensor.shape)
         if spec.name in tensors:
             raise errors.InvalidInput(f"input '{spec.name}' is given twice")
+        protocol.no_shared_memory(f"input '{spec.name}'", tensor.parameters)
         if raw:
             tensors[spec.name] = codec.from_bytes(spec.name, spec.datatype, shape, memoryview(raw[i]))
             continue

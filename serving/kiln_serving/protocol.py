@@ -3,7 +3,7 @@ model, pick the outputs, build the answer (classification extension included). T
 and the gRPC one (grpc_service.py) both end in a `Request`, so both refuse the same requests the same way.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,16 @@ def input_spec(model: Model, name: object, datatype: object, raw_shape: object) 
     return spec, shape
 
 
+def no_shared_memory(what: str, parameters: Container[str]) -> None:
+    """InvalidInput for a tensor placed in shared memory: Triton's shared-memory extension is not served, and a
+    tensor answered in the response instead would leave the client reading a region nothing wrote."""
+    if "shared_memory_region" in parameters:
+        raise errors.InvalidInput(
+            f"{what}: shared memory (parameters.shared_memory_region) is not supported by this server; without it "
+            "the tensor travels in the request or its answer"
+        )
+
+
 def complete(model: Model, tensors: dict[str, codec.Array], allow_non_finite: bool) -> dict[str, codec.Array]:
     """Every input given (once, which the caller checked) and, unless allowed, finite."""
     missing = [t.name for t in model.inputs if t.name not in tensors]
@@ -74,6 +84,7 @@ def wanted(model: Model, requested: Sequence[tuple[object, Mapping[str, Any]]], 
             raise errors.InvalidInput(f"unknown output '{name}'; model '{model.name}' has {names(model.outputs)}")
         if any(w.name == name for w in chosen):
             raise errors.InvalidInput(f"output '{name}' is requested twice")
+        no_shared_memory(f"output '{name}'", parameters)
         k = parameters.get("classification", 0)
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise errors.InvalidInput(f"output '{name}': classification must be a non-negative integer, got {k!r}")
@@ -94,6 +105,7 @@ def from_json(model: Model, header: Mapping[str, Any], reader: binary.Reader, al
         if spec.name in tensors:
             raise errors.InvalidInput(f"input '{spec.name}' is given twice")
         parameters = _parameters(raw, f"input '{spec.name}'")
+        no_shared_memory(f"input '{spec.name}'", parameters)
         if "binary_data_size" in parameters:
             chunk = reader.take(spec.name, parameters["binary_data_size"])
             tensors[spec.name] = codec.from_bytes(spec.name, spec.datatype, shape, chunk)

@@ -140,6 +140,21 @@ CASES: list[tuple[str, str, str, dict[str, object], int, str]] = [
     ("v1 wrong instance shape", "POST", "/v1/models/tiny:predict", {"json": {"instances": [[1.0, 2.0]]}}, 400,
      "expected shape [-1,3,8,8], got [1,2]"),
     ("v1 unknown model", "GET", "/v1/models/resnet", {}, 404, "model 'resnet' not found"),
+    ("input in shared memory", "POST", "/v2/models/tiny/infer",
+     {"json": {"inputs": [{"name": "input", "shape": [2, 3, 8, 8], "datatype": "FP32",
+                           "parameters": {"shared_memory_region": "in", "shared_memory_byte_size": 1536}}]}}, 400,
+     "input 'input': shared memory (parameters.shared_memory_region) is not supported by this server"),
+    ("output to shared memory", "POST", "/v2/models/tiny/infer",
+     {"json": infer_body() | {"outputs": [{"name": "logits", "parameters": {"shared_memory_region": "out"}}]}}, 400,
+     "output 'logits': shared memory (parameters.shared_memory_region) is not supported by this server"),
+    ("model configuration extension", "GET", "/v2/models/tiny/config", {}, 404,
+     "kiln does not serve Triton's model configuration extension; GET /v2 lists the extensions it serves"),
+    ("model repository extension", "POST", "/v2/repository/models/tiny/load", {}, 404,
+     "kiln does not serve Triton's model repository extension"),
+    ("shared memory extension", "GET", "/v2/cudasharedmemory/status", {}, 404,
+     "kiln does not serve Triton's shared memory extension"),
+    ("trace extension", "GET", "/v2/models/tiny/versions/1/trace/setting", {}, 404,
+     "kiln does not serve Triton's trace extension"),
 ]  # fmt: skip
 
 

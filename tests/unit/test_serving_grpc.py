@@ -87,6 +87,28 @@ def test_grpc_errors_carry_the_protocols_status_codes(
     assert statuses(server).get("400", 0) >= 2
 
 
+def test_a_tensor_in_shared_memory_is_refused_not_answered_in_the_response(
+    client: triton_grpc.InferenceServerClient,
+) -> None:
+    """kiln serves no shared-memory extension: answered in the response, the client would read its region's
+    stale bytes as the output."""
+    x = images_batch(2, seed=33)
+    tensor = triton_grpc.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    output = triton_grpc.InferRequestedOutput("logits")
+    output.set_shared_memory("out", 40)
+    placed = triton_grpc.InferInput("input", list(x.shape), "FP32")
+    placed.set_shared_memory("in", x.nbytes)
+    for inputs, outputs, what in (([tensor], [output], "output 'logits'"), ([placed], None, "input 'input'")):
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("tiny", inputs, outputs=outputs)
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert f"{what}: shared memory (parameters.shared_memory_region) is not supported" in refused.value.message()
+    with pytest.raises(InferenceServerException) as unserved:
+        client.get_system_shared_memory_status()
+    assert unserved.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
 def test_grpc_statistics_after_n_inferences_match_the_http_statistics_endpoint(
     server: Server, client: triton_grpc.InferenceServerClient
 ) -> None:
