@@ -114,6 +114,10 @@ def decode(model: Model, request: Any, raw: list[bytes] | list[memoryview], allo
         if field is None:
             raise errors.InvalidInput(f"input '{spec.name}': {spec.datatype} must be sent as raw_input_contents")
         values = getattr(tensor.contents, field)
+        elsewhere = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
+        if elsewhere:  # else its count would be 0 and the error a puzzling "needs 6 elements, got 0"
+            raise errors.InvalidInput(f"input '{spec.name}': {spec.datatype} values go in contents.{field}, "
+                                      f"not contents.{elsewhere[0]}")  # fmt: skip
         if spec.datatype == "BYTES":
             flat = np.array([codec.text(v) for v in values], dtype=np.object_)
         else:

@@ -199,3 +199,13 @@ def test_typed_contents_of_every_datatype_arrive_as_sent_and_bad_ones_are_invali
                 stub.ModelInfer(bad)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (t, refused.value.details())
             assert f"in_{t}" in refused.value.details()
+        misplaced = pb.ModelInferRequest()
+        misplaced.CopyFrom(request)
+        fp32 = misplaced.inputs[list(TYPED).index("FP32")]
+        fp32.contents.ClearField("fp32_contents")
+        fp32.contents.int_contents.extend([1] * 6)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(misplaced)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        expected = "input 'in_FP32': FP32 values go in contents.fp32_contents, not contents.int_contents"
+        assert refused.value.details() == expected
