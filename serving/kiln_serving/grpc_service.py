@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -20,13 +20,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from kiln_serving import codec, connections, errors, grpc_wire, http2, http2_wire, metrics, protobuf_walk, protocol
 from kiln_serving.config import ServingConfig
 from kiln_serving.dataplane import DataPlane, large, weight
 from kiln_serving.http_body import ENCODINGS, inflate
-from kiln_serving.model import Model
+from kiln_serving.model import Model, TensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,12 @@ _SLICE = 1 << 16
 _INFER_FIELDS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name
 _RAW_INPUT_CONTENTS = _INFER_FIELDS["raw_input_contents"].number
 _TENSORS = {_INFER_FIELDS["inputs"].number, _INFER_FIELDS["outputs"].number}
+# What a large message's inputs have lifted out unparsed: their contents (see _contents), and a packed shape of
+# more bytes than MAX_DIMS dimensions can take (10 bytes a varint at most): refused by its length alone.
+_INPUT_FIELDS = pb.ModelInferRequest.InferInputTensor.DESCRIPTOR.fields_by_name
+_CONTENTS_FIELD, _SHAPE_FIELD = _INPUT_FIELDS["contents"].number, _INPUT_FIELDS["shape"].number
+_LIFTED = (_INFER_FIELDS["inputs"].number, {_CONTENTS_FIELD: 0, _SHAPE_FIELD: codec.MAX_DIMS * 10 + 1})
+_CONTENTS_FIELDS = pb.InferTensorContents.DESCRIPTOR.fields_by_number
 # Set while a call holds its admission: the transport admits a call by its length prefix before reading its body,
 # and the Dispatcher admits by the (inflated) message's size; one call takes one place, never two.
 _ADMITTED: ContextVar[bool] = ContextVar("kiln_grpc_admitted", default=False)
@@ -84,26 +91,89 @@ def _typed(name: str, datatype: str, values: Any) -> np.ndarray:
         raise errors.InvalidInput(f"input '{name}': contents are not {datatype} values ({err})") from None
 
 
+def _check_contents(spec: TensorInfo, field: str, present: list[str]) -> None:
+    """InvalidInput for contents in a field other than the datatype's (else the count would be 0 and the error a
+    puzzling "needs 6 elements, got 0")."""
+    elsewhere = [name for name in present if name != field]
+    if elsewhere:
+        raise errors.InvalidInput(f"input '{spec.name}': {spec.datatype} values go in contents.{field}, "
+                                  f"not contents.{elsewhere[0]}")  # fmt: skip
+
+
+def _contents(spec: TensorInfo, field: str, pieces: list[memoryview]) -> Any:
+    """A large message's input contents, parsed only once known to be in the field the input's datatype uses.
+
+    BYTES elements are a field each, and protobuf parses them holding the GIL: 60 MB of empty strings sent for an
+    FP32 input were parsed whole before the datatype was checked (probes waited 0.65 s; 1.2 GB). A numeric
+    datatype's values come packed in one field or a few, so its contents are walked (up to MAX_INFER_FIELDS
+    fields, stopping at the first in another field) before protobuf sees them; only an input that takes BYTES gets
+    its elements parsed."""
+    limit = 1 if spec.datatype == "BYTES" else MAX_INFER_FIELDS + 1
+    try:
+        walked = 0
+        for piece in pieces:
+            for number in protobuf_walk.numbers(piece, limit - walked):
+                walked += 1
+                if number in _CONTENTS_FIELDS:  # an unknown field is kept aside by protobuf, as here
+                    _check_contents(spec, field, [_CONTENTS_FIELDS[number].name])
+        if walked > MAX_INFER_FIELDS:
+            raise errors.InvalidInput(f"input '{spec.name}': contents of more than {MAX_INFER_FIELDS} fields")
+        contents = pb.InferTensorContents()
+        for piece in pieces:
+            contents.MergeFromString(piece)
+    except DecodeError as err:
+        raise errors.InvalidInput(f"input '{spec.name}': cannot parse its contents: {err}") from None
+    return contents
+
+
+class _LongShape(Sequence[int]):
+    """A shape lifted out of a large message unparsed: more dimensions than MAX_DIMS for sure, which
+    codec.parse_shape refuses by its length alone (a 7 MB shape held the GIL 88 ms in protobuf's parse)."""
+
+    def __init__(self, dims: int) -> None:
+        self.dims = dims
+
+    def __len__(self) -> int:
+        return self.dims
+
+    def __getitem__(self, index: Any) -> Any:
+        raise AssertionError("a shape this long is refused by its length")
+
+
+def _varints(view: memoryview) -> int:
+    """How many varints packed data holds: its bytes that end one (high bit clear), counted 1 MiB at a time."""
+    data = np.frombuffer(view, np.uint8)
+    return sum(int(np.count_nonzero(data[at : at + (1 << 20)] < 0x80)) for at in range(0, len(data), 1 << 20))
+
+
 @dataclass(frozen=True)
 class InferCall:
     """A ModelInferRequest as parsed: the message less its raw_input_contents, which travel beside it (read
-    once, or for a large message never copied: see protobuf_walk), and the message's size on the wire."""
+    once, or for a large message never copied: see protobuf_walk), and the message's size on the wire. For a
+    large message `inner` holds what its inputs had lifted out, not parsed yet (see _LIFTED)."""
 
     request: Any
     raw: list[bytes] | list[memoryview]
     size: int
+    inner: list[list[tuple[int, memoryview]]] | None = None
 
 
-def decode(model: Model, request: Any, raw: list[bytes] | list[memoryview], allow_non_finite: bool) -> protocol.Request:
+def decode(model: Model, call: InferCall, allow_non_finite: bool) -> protocol.Request:
     """A ModelInferRequest (and its raw_input_contents) -> the protocol's Request (checked exactly like an HTTP
     one)."""
+    request, raw = call.request, call.raw
     if not request.inputs:
         raise errors.InvalidInput("request needs 'inputs': a non-empty list of tensors")
     if raw and len(raw) != len(request.inputs):
         raise errors.InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
     tensors: dict[str, codec.Array] = {}
     for i, tensor in enumerate(request.inputs):
-        spec, shape = protocol.input_spec(model, tensor.name, tensor.datatype, tensor.shape)
+        lifted = call.inner[i] if call.inner is not None else []
+        long_shape = [view for number, view in lifted if number == _SHAPE_FIELD]
+        dims = _LongShape(len(tensor.shape) + sum(map(_varints, long_shape))) if long_shape else tensor.shape
+        if long_shape and len(dims) <= codec.MAX_DIMS:  # so many bytes, so few varints: not protobuf's encoding
+            raise errors.InvalidInput(f"input '{tensor.name}': cannot parse its shape")
+        spec, shape = protocol.input_spec(model, tensor.name, tensor.datatype, dims)
         if spec.name in tensors:
             raise errors.InvalidInput(f"input '{spec.name}' is given twice")
         protocol.no_shared_memory(f"input '{spec.name}'", tensor.parameters)
@@ -113,11 +183,12 @@ def decode(model: Model, request: Any, raw: list[bytes] | list[memoryview], allo
         field = _CONTENTS.get(spec.datatype)
         if field is None:
             raise errors.InvalidInput(f"input '{spec.name}': {spec.datatype} must be sent as raw_input_contents")
-        values = getattr(tensor.contents, field)
-        elsewhere = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
-        if elsewhere:  # else its count would be 0 and the error a puzzling "needs 6 elements, got 0"
-            raise errors.InvalidInput(f"input '{spec.name}': {spec.datatype} values go in contents.{field}, "
-                                      f"not contents.{elsewhere[0]}")  # fmt: skip
+        if call.inner is None:
+            contents = tensor.contents
+            _check_contents(spec, field, [f.name for f, _ in contents.ListFields()])
+        else:
+            contents = _contents(spec, field, [view for number, view in lifted if number == _CONTENTS_FIELD])
+        values = getattr(contents, field)
         if spec.datatype == "BYTES":
             flat = np.array([codec.text(v) for v in values], dtype=np.object_)
         else:
@@ -169,12 +240,12 @@ class Service:
         if not large(len(message)):
             request = pb.ModelInferRequest.FromString(message)
             return InferCall(request, list(request.raw_input_contents), len(message))  # a read copies: once
-        walked = protobuf_walk.split(message, _RAW_INPUT_CONTENTS, MAX_INFER_FIELDS, nested=_TENSORS)
+        walked = protobuf_walk.split(message, _RAW_INPUT_CONTENTS, MAX_INFER_FIELDS, _TENSORS, _LIFTED)
         if walked.fields > MAX_INFER_FIELDS:
             raise grpc_wire.Abort("INVALID_ARGUMENT", f"a ModelInferRequest of more than {MAX_INFER_FIELDS} fields "
                                   "(inputs, outputs, parameters, and theirs) is refused unparsed")  # fmt: skip
         request = await self.dataplane.offload(len(walked.rest), pb.ModelInferRequest.FromString, walked.rest)
-        return InferCall(request, walked.lifted, len(message))
+        return InferCall(request, walked.lifted, len(message), walked.inner)
 
     def admit(self, size: int) -> AbstractAsyncContextManager[None]:
         """DataPlane.admit for a call of `size` bytes, unless the call already holds its admission or is small
@@ -257,7 +328,7 @@ class Service:
             with dataplane.batcher.arriving():
                 model = dataplane.require_ready(request.model_name, request.model_version or None)
                 heavy, allow = weight(call.size - raw_bytes, raw_bytes), dataplane.config.allow_non_finite
-                decoded = await dataplane.offload(heavy, decode, model, request, raw, allow)
+                decoded = await dataplane.offload(heavy, decode, model, call, allow)
                 outputs = await dataplane.run(decoded)
                 out_bytes = sum(a.nbytes for a in outputs.values())  # raw_output_contents: only copied
                 return await dataplane.offload(weight(0, out_bytes), encode, model, decoded, outputs)

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -15,9 +16,13 @@ from onnx import TensorProto, helper
 from PIL import Image
 from serving_support import CLASSES, SIZE, _save, all_datatypes, config, images_batch, reference, serving
 from serving_support import trained_folder as make_trained_folder
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as service_grpc
 
 from kiln import api
+from kiln_cluster.controlplane import free_port
 from kiln_serving import Server, images
+from kiln_serving.dataplane import LARGE_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +133,21 @@ def text_model(path: Path) -> Path:
 
 def test_a_text_model_becomes_ready_and_reads_its_bytes_input(tmp_path: Path) -> None:
     model = text_model(tmp_path / "text" / "model.onnx")
-    with serving(config(model.parent)) as running:
+    with serving(config(model.parent, grpc_port=free_port())) as running:
         client = triton.InferenceServerClient(running.address)
         assert client.is_model_ready("text")
         tensor = triton.InferInput("text", [2], "BYTES")
         tensor.set_data_from_numpy(np.array([b"1.5", b"-2"], dtype=np.object_))
         assert client.infer("text", [tensor]).as_numpy("value").tolist() == [1.5, -2.0]
+        # Over gRPC as bytes_contents, in a message large enough that its contents are lifted out unparsed until
+        # the input is known to take BYTES (grpc_service._contents).
+        values = [f"{i % 1000}.5".encode() for i in range(60_000)]
+        request = pb.ModelInferRequest(model_name="text")
+        request.inputs.add(name="text", datatype="BYTES", shape=[len(values)]).contents.bytes_contents.extend(values)
+        assert request.ByteSize() > LARGE_BYTES
+        with grpc.insecure_channel(running.grpc_address) as channel:
+            answer = service_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+        assert np.frombuffer(answer.raw_output_contents[0], np.float32).tolist() == [float(v) for v in values]
 
 
 def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
