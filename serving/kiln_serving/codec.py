@@ -1,9 +1,10 @@
 """Tensors in Open Inference Protocol terms: datatypes, JSON `data` and raw little-endian bytes <-> numpy."""
 
+import contextlib
 import math
 import reprlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -114,9 +115,16 @@ def check_finite(name: str, array: Array) -> None:
 
 def from_json(name: str, datatype: str, shape: Sequence[int], raw: object) -> Array:
     """A tensor from JSON `data` (flat or nested, row-major); jsontext may have left it for numpy to parse."""
+    with in_range(name, datatype):
+        return sized(name, shape, _from_json(name, datatype, raw))
+
+
+@contextlib.contextmanager
+def in_range(name: str, datatype: str) -> Iterator[None]:
+    """InvalidInput for a JSON number past the float datatype's range (1e6 as FP16: numpy would give infinity)."""
     try:
-        with np.errstate(over="raise"):  # 1e6 as FP16: numpy would give infinity
-            return sized(name, shape, _from_json(name, datatype, raw))
+        with np.errstate(over="raise"):
+            yield
     except FloatingPointError:
         raise errors.InvalidInput(f"input '{name}': 'data' holds a value out of {datatype}'s range") from None
 
@@ -131,40 +139,73 @@ def _from_json(name: str, datatype: str, raw: object) -> Array:
         raise errors.InvalidInput(
             f"input '{name}': 'data' is not a list of {datatype} values (got {type(raw).__name__})"
         )
-    data: list[object] = raw if isinstance(raw, list) else [raw]
-    try:
-        if datatype == "BYTES":
-            return np.array([text(v) for v in _flatten(data)], dtype=np.object_)
-        _check_json_values(name, datatype, data)
-        return np.asarray(data, dtype=NUMPY_DTYPES[datatype]).reshape(-1)
-    except (ValueError, TypeError, OverflowError) as err:
-        raise errors.InvalidInput(f"input '{name}': 'data' is not a list of {datatype} values ({err})") from None
+    return json_values(name, datatype, raw if isinstance(raw, list) else [raw])
 
 
 # The JSON values each datatype takes, as Triton reads them: BOOL only true and false, the integer types only
-# integers (no fraction, exponent or boolean), the float types any number but no boolean. numpy alone would cast
-# 1.5 to 1, "7" to 7, "no" to True and null to NaN.
+# integers (no fraction, exponent or boolean), the float types any number but no boolean, BYTES strings. numpy
+# alone would cast 1.5 to 1, "7" to 7, "no" to True and null to NaN.
 _JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
-    datatype: ((bool,), "true or false") if datatype == "BOOL" else ((int, float), "numbers")
-    if dtype.kind == "f" else ((int,), "integers")
+    datatype: ((bool,), "true or false") if datatype == "BOOL" else ((str,), "strings") if datatype == "BYTES"
+    else ((int, float), "numbers") if dtype.kind == "f" else ((int,), "integers")
     for datatype, dtype in NUMPY_DTYPES.items()
 }  # fmt: skip
+# JSON values checked and converted at a time: each step is one C call holding the GIL (10 M values at once held
+# it ~0.3 s), and between steps other threads get their turn.
+_SLICE = 1 << 16
 
 
-def _check_json_values(name: str, datatype: str, data: list[object]) -> None:
-    """InvalidInput naming the first value of a JSON type the datatype does not take (a list among the values
-    once flattened: the nesting was ragged)."""
-    values: Sequence[object] = data
-    kinds = set(map(type, values))
-    if list in kinds:  # nested: flattened by numpy as far as the nesting is regular
-        values = np.asarray(data, dtype=np.object_).reshape(-1).tolist()
-        kinds = set(map(type, values))
+def json_values(name: str, datatype: str, data: list[object]) -> Array:
+    """JSON values (flat or nested, row-major) as a flat array of the datatype, every value checked to be one the
+    datatype takes, _SLICE values at a time. Nesting is flattened as far as it is regular (the shape decides, as
+    on the fast path); a list left among the values means it was not."""
     allowed, wanted = _JSON_TYPES[datatype]
-    for kind in kinds - set(allowed):
-        value = next(v for v in values if type(v) is kind)
-        if kind is list:
-            raise errors.InvalidInput(f"input '{name}': 'data' is nested in lists of unequal lengths")
-        raise errors.InvalidInput(f"input '{name}': {datatype} data holds {_json_name(value)}; it takes {wanted}")
+    parts: list[Array] = []
+    try:
+        for rows in _slices(data):
+            values = rows
+            kinds = set(map(type, rows))
+            if list in kinds:
+                values = np.asarray(rows, dtype=np.object_).reshape(-1).tolist()
+                kinds = set(map(type, values))
+            for kind in kinds - set(allowed):
+                if kind is list:
+                    raise errors.InvalidInput(f"input '{name}': 'data' is nested in lists of unequal lengths")
+                value = next(v for v in values if type(v) is kind)
+                raise errors.InvalidInput(
+                    f"input '{name}': {datatype} data holds {_json_name(value)}; it takes {wanted}"
+                )
+            if datatype == "BYTES":
+                parts.append(np.array([text(v) for v in values], dtype=np.object_))
+            else:
+                parts.append(np.asarray(values, dtype=NUMPY_DTYPES[datatype]))
+    except (ValueError, TypeError, OverflowError) as err:
+        raise errors.InvalidInput(f"input '{name}': 'data' is not a list of {datatype} values ({err})") from None
+    if not parts:
+        return np.empty(0, dtype=NUMPY_DTYPES[datatype])
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _slices(data: list[object]) -> Iterator[list[object]]:
+    """data's items in runs of about _SLICE values: whole items when they are small, an item's own items when
+    one holds more (its size read down its first elements)."""
+    size = math.prod(nested_shape(data[0])) if data else 1
+    if size <= _SLICE:
+        step = _SLICE // max(size, 1)  # an empty item: size 0
+        for at in range(0, len(data), step):
+            yield data[at : at + step]
+        return
+    for item in data:
+        yield from _slices(item) if isinstance(item, list) else [[item]]
+
+
+def nested_shape(value: object) -> tuple[int, ...]:
+    """The shape nested lists have, read down their first elements (regular or not)."""
+    shape: list[int] = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        value = value[0] if value else None
+    return tuple(shape)
 
 
 def _json_name(value: object) -> str:
@@ -182,18 +223,6 @@ def sized(name: str, shape: Sequence[int], flat: Array) -> Array:
             f"input '{name}': shape {format_shape(shape)} needs {_count(shape)} elements, got {flat.size}"
         )
     return flat.reshape(shape)
-
-
-def _flatten(data: list[object]) -> list[object]:
-    out: list[object] = []
-    for item in data:
-        if isinstance(item, list):
-            out.extend(_flatten(item))
-        elif isinstance(item, str | bytes):
-            out.append(item)
-        else:
-            raise TypeError(f"BYTES elements must be strings, got {type(item).__name__}")
-    return out
 
 
 def text(value: object) -> str:

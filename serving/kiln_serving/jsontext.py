@@ -8,14 +8,21 @@ answered. Here long runs of numeric array text outside strings are cut out, the 
 (lock released between slices, memory bounded by the body plus the array; nesting inside a run is flattened,
 as the shape decides).
 Anything the fast path is unsure of (a number numpy reads differently, NaN, an array where no tensor data
-belongs) falls back to plain `json.loads`.
+belongs) falls back to plain json: its C decoder up to _C_DECODE_MAX of text, its pure-Python one past that (the
+GIL changes hands while it runs), within `decoded`, which keeps the collector out of the way and frees what the
+parse made on the decoding thread.
 """
 
+import contextlib
+import gc
 import json
+import json.decoder
+import json.scanner
 import re
 import secrets
-from collections.abc import Iterator
-from typing import Any
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -29,6 +36,14 @@ _MIN_RUN = 64 * 1024
 _SLICE = 256 * 1024
 # Deepest nesting accepted; Python's json recurses per level and would fail with RecursionError (a 500).
 MAX_DEPTH = 64
+# Most members a JSON object of a request may have (as MAX_INFER_FIELDS bounds a gRPC message): the protocol's
+# objects have a handful, and 3 M request parameters took 1.2 GB and seconds of the GIL to parse.
+MAX_MEMBERS = 4096
+# Most text json's C decoder parses at once. It holds the GIL throughout, up to ~30 ms a MiB (a 60 MB body of
+# 3 M request parameters held it 2.5 s, one of NaN values 0.64 s); past this the text goes to json's pure-Python
+# decoder, 4-50x slower but switching threads every few milliseconds, so the server keeps answering. Only what the
+# numeric fast path cannot take gets there: large arrays of strings, booleans or NaN, or absurd requests.
+_C_DECODE_MAX = 512 * 1024
 
 # Text scanned at a time (for runs, for nesting): the regular-expression engine holds the GIL for a whole match,
 # and one match over the array of a 60 MB body took 140 ms; between windows other threads get their turn. (One
@@ -131,16 +146,106 @@ def check_depth(text: bytes | str) -> None:
 
 
 def loads(text: bytes) -> object:
-    """json.loads with the depth check; InvalidInput for anything that is not JSON."""
+    """json.loads with the depth check, objects of at most MAX_MEMBERS members; InvalidInput for anything that is
+    not JSON. Text over _C_DECODE_MAX goes to json's pure-Python decoder (see there)."""
     check_depth(text)
     try:
-        return json.loads(text)
+        if len(text) <= _C_DECODE_MAX:
+            return json.loads(text, object_pairs_hook=_object)
+        decoder = json.JSONDecoder(object_pairs_hook=_object)
+        decoder.memo = _NoMemo()  # type: ignore[attr-defined]
+        decoder.parse_string = json.decoder.py_scanstring  # type: ignore[attr-defined]
+        decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
+        return decoder.decode(text.decode(json.detect_encoding(text), "surrogatepass"))  # as json.loads does
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise errors.InvalidInput(f"request body is not valid JSON: {err}") from None
 
 
-def loads_request(text: bytes) -> object:
-    """Like loads, but `inputs[i].data` may come back as a Deferred (see the module docstring)."""
+class _NoMemo(dict[str, str]):
+    """The pure-Python scanner's memo of keys, keeping none: it shares equal keys' strings, and clears the memo once
+    the text is parsed, one call holding the GIL ~0.1 s for 3 M keys."""
+
+    def setdefault(self, key: str, default: str | None = None) -> str:
+        return key
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused past MAX_MEMBERS members. Those pairs are let go a slice at a time: 3 M of them freed
+    at once held the GIL ~0.1 s."""
+    if len(pairs) <= MAX_MEMBERS:
+        return dict(pairs)
+    count = len(pairs)
+    while pairs:
+        del pairs[-_SLICE_PAIRS:]
+    raise errors.InvalidInput(f"request JSON has an object of {count} members; at most {MAX_MEMBERS}")
+
+
+_SLICE_PAIRS = 1 << 16
+T = TypeVar("T")
+
+
+def decoded(size: int, decode: Callable[..., T], *args: Any) -> T:
+    """decode(*args), the decoding of a body of `size` bytes of JSON, with all that json made of it freed before
+    this returns or raises, on this thread. For a large body the cyclic garbage collector is off meanwhile: each
+    collection walks every container the parse has made so far, holding the GIL (0.15 s at a time for 2.5 M small
+    lists); reference counting frees them all the same. An error is raised again without its traceback, whose
+    frames would keep the parsed body alive until the event loop dropped it, and freed it there."""
+    if size <= _C_DECODE_MAX:
+        return decode(*args)
+    with _collector.off():
+        try:
+            return decode(*args)
+        except errors.ServingError as err:
+            error, err.__traceback__, err.__context__, err.__cause__ = err, None, None, None
+    raise error
+
+
+class _Collector:
+    """gc.disable() for as long as any large body is being decoded, then gc.enable() if it was on before."""
+
+    def __init__(self) -> None:
+        self.lock, self.decoding, self.was_on = threading.Lock(), 0, False
+
+    @contextlib.contextmanager
+    def off(self) -> Iterator[None]:
+        with self.lock:
+            if self.decoding == 0:
+                self.was_on = gc.isenabled()
+                gc.disable()
+            self.decoding += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.decoding -= 1
+                if self.decoding == 0 and self.was_on:
+                    gc.enable()
+
+
+_collector = _Collector()
+
+
+# Where a request's tensor data may sit: (the object holding it, its key) for each place, given the parsed rest.
+Slots = Callable[[object], Iterator[tuple[dict[str, Any], str]]]
+
+
+def inputs_data(skeleton: object) -> Iterator[tuple[dict[str, Any], str]]:
+    """Where tensor data sits in an Open Inference Protocol request: each inputs[i].data."""
+    inputs = skeleton.get("inputs") if isinstance(skeleton, dict) else None
+    for item in inputs if isinstance(inputs, list) else []:
+        if isinstance(item, dict):
+            yield item, "data"
+
+
+def instances(skeleton: object) -> Iterator[tuple[dict[str, Any], str]]:
+    """Where tensor data sits in a KServe v1 request: its instances, all of them."""
+    if isinstance(skeleton, dict):
+        yield skeleton, "instances"
+
+
+def loads_request(text: bytes, slots: Slots = inputs_data) -> object:
+    """Like loads, but the values at `slots` (inputs[i].data by default) may come back as Deferreds (see the
+    module docstring)."""
     if len(text) < _MIN_RUN:
         return loads(text)
     marker = "\0kiln-" + secrets.token_hex(8)
@@ -156,7 +261,7 @@ def loads_request(text: bytes) -> object:
     pieces.append(text[last:])
     skeleton = loads(b"".join(pieces))
     balanced = all(_count(text, b"[", a, b) == _count(text, b"]", a, b) for a, b in runs)
-    if not balanced or not _only_in_data(skeleton, marker, [Deferred(text, a, b) for a, b in runs]):
+    if not balanced or not _swap(skeleton, slots, marker, [Deferred(text, a, b) for a, b in runs]):
         return loads(text)
     return skeleton
 
@@ -208,12 +313,12 @@ def _count(text: bytes, char: bytes, start: int, end: int) -> int:
     return sum(text.count(char, at, min(at + _WINDOW, end)) for at in range(start, end, _WINDOW))
 
 
-def _only_in_data(skeleton: object, marker: str, runs: list[Deferred]) -> bool:
-    """Swap the markers in inputs[i].data for Deferreds; False if a marker sits anywhere else."""
+def _swap(skeleton: object, slots: Slots, marker: str, runs: list[Deferred]) -> bool:
+    """Swap the markers at the slots for Deferreds; False if a marker sits anywhere else."""
     found = 0
-    inputs = skeleton.get("inputs") if isinstance(skeleton, dict) else None
-    for item in inputs if isinstance(inputs, list) else []:
-        if isinstance(item, dict) and isinstance(item.get("data"), dict) and marker in item["data"]:
-            item["data"] = runs[item["data"][marker]]
+    for holder, key in slots(skeleton):
+        value = holder.get(key)
+        if isinstance(value, dict) and marker in value:
+            holder[key] = runs[value[marker]]
             found += 1
     return found == len(runs)

@@ -140,6 +140,8 @@ CASES: list[tuple[str, str, str, dict[str, object], int, str]] = [
     ("v1 wrong instance shape", "POST", "/v1/models/tiny:predict", {"json": {"instances": [[1.0, 2.0]]}}, 400,
      "expected shape [-1,3,8,8], got [1,2]"),
     ("v1 unknown model", "GET", "/v1/models/resnet", {}, 404, "model 'resnet' not found"),
+    ("v1 instance of text", "POST", "/v1/models/tiny:predict", {"json": {"instances": [[[["x"] * 8] * 8] * 3]}}, 400,
+     "input 'input': FP32 data holds a string; it takes numbers"),
     ("input in shared memory", "POST", "/v2/models/tiny/infer",
      {"json": {"inputs": [{"name": "input", "shape": [2, 3, 8, 8], "datatype": "FP32",
                            "parameters": {"shared_memory_region": "in", "shared_memory_byte_size": 1536}}]}}, 400,

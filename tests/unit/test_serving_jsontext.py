@@ -2,9 +2,11 @@
 holds the GIL across a large body: they find what one expression over the whole text finds, and never go
 quadratic on strings that do not end."""
 
+import gc
 import json
 import random
 import re
+import weakref
 
 import numpy as np
 import pytest
@@ -100,3 +102,53 @@ def test_an_array_parsed_in_slices_is_what_json_loads_and_numpy_make_of_it_or_le
             assert not plain, text  # only what the slow path must judge is left to it
         else:
             assert expected is not None and got.dtype == expected.dtype and np.array_equal(got, expected), text
+
+
+def test_a_large_text_parsed_by_the_pure_python_decoder_is_what_json_loads_makes_of_it() -> None:
+    # Past _C_DECODE_MAX the text goes to json's pure-Python decoder (the GIL changes hands while it runs): the
+    # same values, the same errors.
+    rng = random.Random(7)
+    values = [document(rng) for _ in range(4000)] + ['é\u2028\\"', float("nan"), -float("inf"), True, None]
+    text = json.dumps({"values": values, "text": "x" * jsontext._C_DECODE_MAX}).encode()
+    assert len(text) > jsontext._C_DECODE_MAX
+    got, expected = jsontext.loads(text), json.loads(text)
+    assert isinstance(got, dict) and json.dumps(got) == json.dumps(expected)  # NaN != NaN: compared as text
+    for broken in (text[:-1], text.replace(b'"text"', b"'text'"), text + b"]"):
+        with pytest.raises(errors.InvalidInput, match="not valid JSON"):
+            jsontext.loads(broken)
+
+
+@pytest.mark.parametrize("size", [1000, 1 << 20], ids=["small", "large"])
+def test_an_object_of_more_than_max_members_is_refused(size: int) -> None:
+    members = {f"k{i}": i for i in range(jsontext.MAX_MEMBERS)}
+    text = json.dumps({"parameters": members, "pad": "x" * size}).encode()
+    assert jsontext.loads(text) == {"parameters": members, "pad": "x" * size}
+    members["one more"] = 0
+    with pytest.raises(errors.InvalidInput, match=f"an object of 4097 members; at most {jsontext.MAX_MEMBERS}"):
+        jsontext.loads(json.dumps({"parameters": members, "pad": "x" * size}).encode())
+
+
+def test_a_large_body_is_decoded_with_the_collector_off_and_freed_before_an_error_leaves() -> None:
+    class Parsed:
+        """Stands for what json made of a body: a weak reference tells when it is freed."""
+
+    seen: list[weakref.ref[Parsed]] = []
+    collector_on: list[bool] = []
+
+    def decode(fail: bool) -> Parsed:
+        parsed = Parsed()
+        seen.append(weakref.ref(parsed))
+        collector_on.append(gc.isenabled())
+        if fail:
+            raise errors.InvalidInput("refused")
+        return parsed
+
+    assert gc.isenabled()
+    large = jsontext._C_DECODE_MAX + 1
+    assert isinstance(jsontext.decoded(large, decode, False), Parsed) and collector_on == [False]
+    with pytest.raises(errors.InvalidInput, match="refused") as refused:
+        jsontext.decoded(large, decode, True)
+    assert seen[-1]() is None  # the frame holding it went with the traceback, before the error left
+    assert refused.value.__context__ is None and collector_on == [False, False] and gc.isenabled()
+    jsontext.decoded(10, decode, False)
+    assert collector_on[-1]  # a small body changes nothing
