@@ -150,15 +150,15 @@ _JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     else ((int, float), "numbers") if dtype.kind == "f" else ((int,), "integers")
     for datatype, dtype in NUMPY_DTYPES.items()
 }  # fmt: skip
-# JSON values checked and converted at a time: each step is one C call holding the GIL (10 M values at once held
-# it ~0.3 s), and between steps other threads get their turn.
-_SLICE = 1 << 16
+# Values checked and converted at a time (JSON data here, gRPC's typed contents in grpc_service): each step is
+# one C call holding the GIL (10 M values at once held it ~0.3 s), and between steps other threads get their turn.
+SLICE_VALUES = 1 << 16
 
 
 def json_values(name: str, datatype: str, data: list[object]) -> Array:
     """JSON values (flat or nested, row-major) as a flat array of the datatype, every value checked to be one the
-    datatype takes, _SLICE values at a time. Nesting is flattened as far as it is regular (the shape decides, as
-    on the fast path); a list left among the values means it was not."""
+    datatype takes, SLICE_VALUES values at a time. Nesting is flattened as far as it is regular (the shape
+    decides, as on the fast path); a list left among the values means it was not."""
     allowed, wanted = _JSON_TYPES[datatype]
     parts: list[Array] = []
     try:
@@ -187,11 +187,11 @@ def json_values(name: str, datatype: str, data: list[object]) -> Array:
 
 
 def _slices(data: list[object]) -> Iterator[list[object]]:
-    """data's items in runs of about _SLICE values: whole items when they are small, an item's own items when
-    one holds more (its size read down its first elements)."""
+    """data's items in runs of about SLICE_VALUES values: whole items when they are small, an item's own items
+    when one holds more (its size read down its first elements)."""
     size = math.prod(nested_shape(data[0])) if data else 1
-    if size <= _SLICE:
-        step = _SLICE // max(size, 1)  # an empty item: size 0
+    if size <= SLICE_VALUES:
+        step = SLICE_VALUES // max(size, 1)  # an empty item: size 0
         for at in range(0, len(data), step):
             yield data[at : at + step]
         return

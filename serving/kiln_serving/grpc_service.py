@@ -49,8 +49,6 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 # protobuf's parser holds the GIL (a thread does not keep the loop free), and an empty entry costs 2 bytes on the
 # wire but ~100 in memory: 60 MB of them took 2.9 GB and stalled the server; 5 MB of an input's parameters, 70 ms.
 MAX_INFER_FIELDS = 4096
-# Typed contents (fp32_contents, ...) are converted to an array this many values at a time.
-_SLICE = 1 << 16
 _INFER_FIELDS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name
 _RAW_INPUT_CONTENTS = _INFER_FIELDS["raw_input_contents"].number
 _TENSORS = {_INFER_FIELDS["inputs"].number, _INFER_FIELDS["outputs"].number}
@@ -75,17 +73,17 @@ def _parameters(params: Any) -> dict[str, object]:
 
 
 def _typed(name: str, datatype: str, values: Any) -> np.ndarray:
-    """Typed contents as an array, converted _SLICE values at a time: numpy converts a protobuf repeated field
-    holding the GIL throughout (a second for 15 M floats, on a codec thread yet stalling the event loop), and
-    between slices the loop gets its turn. Slices are also twice as fast as one np.asarray. A value the datatype
-    cannot hold (an INT8 of 300: the field is an int32) is the client's error."""
+    """Typed contents as an array, converted codec.SLICE_VALUES values at a time: numpy converts a protobuf
+    repeated field holding the GIL throughout (a second for 15 M floats, on a codec thread yet stalling the event
+    loop), and between slices the loop gets its turn. Slices are also twice as fast as one np.asarray. A value the
+    datatype cannot hold (an INT8 of 300: the field is an int32) is the client's error."""
     dtype = codec.NUMPY_DTYPES[datatype]
     try:
-        if len(values) <= _SLICE:
+        if len(values) <= codec.SLICE_VALUES:
             return np.asarray(values, dtype=dtype)
         out = np.empty(len(values), dtype=dtype)
-        for start in range(0, len(values), _SLICE):
-            out[start : start + _SLICE] = values[start : start + _SLICE]
+        for start in range(0, len(values), codec.SLICE_VALUES):
+            out[start : start + codec.SLICE_VALUES] = values[start : start + codec.SLICE_VALUES]
         return out
     except OverflowError as err:
         raise errors.InvalidInput(f"input '{name}': contents are not {datatype} values ({err})") from None
