@@ -8,9 +8,9 @@
 - Past max_connections (capped below the process's file-descriptor limit) a new connection is answered 503
   at once and closed, so the server stays reachable for probes as soon as any connection ends.
 Idle keep-alive connections are closed by uvicorn after keep_alive_timeout_seconds.
-- A response's head and body leave in one send (_HeadWithBody). A request sent with `Expect: 100-continue` waits
-  for its body with no timeout until the server asks for it (100 Continue); answered without asking, it closes
-  the connection (its client may never send the body, so the next request's start is unknown).
+- A response's head and body leave in one send (transport_views.HeadWithBody). A request sent with `Expect:
+  100-continue` waits for its body with no timeout until the server asks for it (100 Continue); answered without
+  asking, it closes the connection (its client may never send the body, so the next request's start is unknown).
 - Each request is answered at most once: a timeout after the answer closes the connection without a second one,
   and when the connection is lost every request on it, the one being answered and those pipelined behind it,
   sees the hang-up. A transfer coding other than chunked gets 501, an HTTP/1.1 Upgrade (kiln upgrades to
@@ -19,6 +19,10 @@ Idle keep-alive connections are closed by uvicorn after keep_alive_timeout_secon
   a transfer coding or Upgrade kiln does not take) is answered and the connection closed only after the answers
   of the requests pipelined before it (as nginx and h11 do; refused at once, those answers were lost and the
   requests counted as client hang-ups). Nothing after it is parsed.
+- A connection the server closes (a refusal, an answer with `connection: close`) is closed lingering, as nginx
+  and RFC 9112 9.6 do: the answer out, the server's side shut (FIN), and what the client still sends read and
+  dropped until it closes too or for _LINGER_SECONDS; closed at once, its unread bytes made the kernel send an RST
+  that could discard the answer before the client read it (a 64 MB head got a reset, not its 431).
 - A binary inference request skips ASGI: its cycle is a direct.DirectCycle (see direct.py).
 - Each request's scope carries, under extensions[HANG_UP], a future of its connection that is done once the
   connection is lost, so the app learns of a client hanging up without a watcher task per request.
@@ -26,19 +30,16 @@ Idle keep-alive connections are closed by uvicorn after keep_alive_timeout_secon
 
 import asyncio
 import functools
-import json
 import logging
 import resource
 import socket
 import urllib.parse
-from collections.abc import Callable
 from typing import Any
 
 import httptools
-from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from kiln_serving import direct
+from kiln_serving import direct, transport_views
 from kiln_serving.config import ServingConfig
 
 log = logging.getLogger(__name__)
@@ -48,87 +49,8 @@ HANG_UP = "kiln.hang_up"
 
 # File descriptors kept free for the listening socket, model files, logs and the gRPC service.
 _SPARE_FDS = 64
-
-
-def _response(status: int, reason: str, message: str | None = None) -> bytes:
-    body = json.dumps({"error": message or reason}).encode()
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n").encode() + body  # fmt: skip
-
-
-# What uvicorn writes when an ASGI app first asks for the body of a request that expects 100-continue.
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-class _HeadWithBody:
-    """A response's view of the transport: its head (uvicorn's first write: status line and headers) is held
-    until the body's first write and both leave in one send, so a small answer is one TCP segment and one
-    wake-up of the client rather than two. A head with no body by the end of this loop turn (HEAD) goes alone.
-
-    A 100 Continue goes out at once and starts the body's timeout (`continued`); a final answer to a request
-    that expected it, sent before it and before the body, says `connection: close` and closes the connection."""
-
-    def __init__(
-        self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, cycle: RequestResponseCycle,
-        continued: Callable[[], None] | None,
-    ) -> None:  # fmt: skip
-        self._transport = transport
-        self._loop = loop
-        self._head: bytes | None = None
-        self._first = True
-        self._cycle = cycle
-        self._continued = continued  # None: no 100 Continue expected, or already sent
-
-    def write(self, data: bytes) -> None:
-        if self._continued is not None:
-            if data == _CONTINUE:
-                continued: Callable[[], None] = self._continued
-                self._continued = None
-                self._transport.write(data)
-                continued()
-                return
-            self._continued = None
-            if self._cycle.more_body and self._cycle.keep_alive:  # the head of an answer sent without asking
-                self._cycle.keep_alive = False  # uvicorn closes the connection after the body
-                data = data[:-2] + b"connection: close\r\n\r\n"
-        if self._first:
-            self._first, self._head = False, data
-            self._loop.call_soon(self.flush)
-        elif self._head is not None:
-            head, self._head = self._head, None
-            direct.send(self._transport, head, data)
-        else:
-            self._transport.write(data)
-
-    def flush(self) -> None:
-        if self._head is not None:
-            head, self._head = self._head, None
-            self._transport.write(head)
-
-    def close(self) -> None:
-        self.flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-class _Flow(FlowControl):
-    """uvicorn's flow control, telling the connection when the server pauses and resumes reading it."""
-
-    def __init__(self, transport: asyncio.Transport, reading_paused: Callable[[bool], None]) -> None:
-        super().__init__(transport)
-        self._reading_paused = reading_paused
-
-    def pause_reading(self) -> None:
-        if not self.read_paused:
-            super().pause_reading()
-            self._reading_paused(True)
-
-    def resume_reading(self) -> None:
-        if self.read_paused:
-            super().resume_reading()
-            self._reading_paused(False)
+# Longest a closed connection lingers for its client to stop sending (see the module docstring).
+_LINGER_SECONDS = 2.0
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -170,6 +92,8 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             self._refused = (
                 False  # a request was refused: nothing after it is parsed, and what the client sends is dropped
             )
+            self._lingering: asyncio.TimerHandle | None = None  # closing: our side shut, the client's awaited
+            self._quiet = False
 
         def _arm(self, seconds: float) -> None:
             self._disarm()
@@ -194,6 +118,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def _expire(self) -> None:
             self._timer = None
+            self._quiet = True  # its client went quiet: nothing to linger for
             if self._in_head:
                 self._refuse_head(408, "Request Timeout")
             else:
@@ -206,16 +131,44 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 self._hang_up.set_result(status)
             self._refuse(status, reason, message)
 
-        def _refuse(self, status: int, reason: str, message: str | None = None) -> None:
+        def _refuse(self, status: int, reason: str, message: str | None = None, linger: bool = True) -> None:
             """Answer `status` and close the connection; a request already answered gets no second answer."""
             answered = self.cycle is not None and self.cycle.response_started
             if not self._hang_up.done():
                 self._hang_up.set_result(None)
             self._hang_up_cycles()  # the app, if it already runs, sees a disconnect
-            if not self.transport.is_closing():
+            if not self.transport.is_closing() and self._lingering is None:
                 if not answered:
-                    self.transport.write(_response(status, reason, message))
+                    self.transport.write(transport_views.response(status, reason, message))
+                if linger:
+                    self._close()
+                else:
+                    self.transport.close()
+
+        def _close(self) -> None:
+            """Close lingering (see the module docstring): write_eof now, close once the client has closed its
+            side (the transport closes itself on EOF) or after _LINGER_SECONDS. Nothing is parsed or answered
+            meanwhile."""
+            if self.transport.is_closing() or self._lingering is not None:
+                return
+            if self._quiet:
                 self.transport.close()
+                return
+            self._disarm()
+            self._refused = True  # what still arrives is dropped (data_received)
+            try:
+                self.transport.write_eof()
+            except (NotImplementedError, RuntimeError, OSError):
+                self.transport.close()
+                return
+            self._lingering = self.loop.call_later(_LINGER_SECONDS, self.transport.close)
+            self.flow.resume_reading()
+
+        def on_response_complete(self) -> None:
+            if self._lingering is not None:  # answered and closing: nothing pipelined is started
+                self.server_state.total_requests += 1
+                return
+            super().on_response_complete()
 
         def _hang_up_cycles(self) -> None:
             """Every request on this connection that is not yet answered sees it gone: uvicorn tells only the
@@ -250,7 +203,9 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             if last is None or last.response_complete:
                 self._refuse(status, reason, message)
             else:
-                last.on_response = functools.partial(self._answer_after, last, _response(status, reason, message))
+                last.on_response = functools.partial(
+                    self._answer_after, last, transport_views.response(status, reason, message)
+                )
 
         def _answer_after(self, cycle: RequestResponseCycle, refusal: bytes) -> None:
             """The on_response of the last request before a refused one: its answer is out, now the refusal's turn.
@@ -269,15 +224,17 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self.flow = _Flow(transport, self._reading_paused)
+            self.flow = transport_views.Flow(transport, self._reading_paused)
             if len(self.connections) > cap:
                 log.warning("refusing a connection: %d open, the limit is %d", len(self.connections) - 1, cap)
-                self._refuse(503, "Service Unavailable")
+                self._refuse(503, "Service Unavailable", linger=False)  # its descriptor is what is short
             else:
                 self._arm(config.header_timeout_seconds)  # a connection that never sends a byte times out too
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._lingering is not None:
+                self._lingering.cancel()
             if not self._hang_up.done():
                 self._hang_up.set_result(None)
             self._hang_up_cycles()
@@ -321,7 +278,9 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 cycle = self.cycle
                 if cycle is not None and cycle is not previous:
                     continued = self._body_timeout if self.expect_100_continue else None
-                    cycle.transport = _HeadWithBody(self.transport, self.loop, cycle, continued)  # type: ignore[assignment]
+                    cycle.transport = transport_views.HeadWithBody(  # type: ignore[assignment]
+                        self.transport, self.loop, cycle, continued, self._close
+                    )
             if self.expect_100_continue:
                 self._disarm()  # the client waits for 100 Continue, which the server sends when it wants the body
             else:
@@ -374,7 +333,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 default_headers=self.server_state.default_headers, message_event=asyncio.Event(),
                 expect_100_continue=False, keep_alive=http_version != "1.0" and self.parser.should_keep_alive(),
                 on_response=self.on_response_complete, route=route, params=params, length=length,
-                header_length=header_length, hang_up=self._hang_up,
+                header_length=header_length, hang_up=self._hang_up, close=self._close,
             )  # fmt: skip
             if existing is None or existing.response_complete:
                 self._start_asgi_task(self.cycle, self.app)

@@ -99,9 +99,10 @@ class DirectCycle(RequestResponseCycle):
 
     def __init__(
         self, *args: Any, route: Route, params: dict[str, Any], length: int, header_length: int,
-        hang_up: asyncio.Future[int | None], **kwargs: Any,
+        hang_up: asyncio.Future[int | None], close: Callable[[], None], **kwargs: Any,
     ) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
+        self.close = close  # the connection's (lingering) close
         self.length, self.header_length = length, header_length
         self.buffer: memoryview | None = None  # allocated once the handler asks for the body (see feed)
         self.filled = 0
@@ -172,5 +173,5 @@ class DirectCycle(RequestResponseCycle):
         self.response_complete = True
         self.message_event.set()
         if not self.keep_alive:
-            self.transport.close()
+            self.close()
         self.on_response()

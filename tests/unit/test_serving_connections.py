@@ -155,3 +155,31 @@ def test_an_answer_without_a_body_write_still_goes_out_before_the_next_one(serve
         head, _, rest = answers.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and b"content-length: 13" in head
         assert rest.startswith(b"HTTP/1.1 200") and b'"name":"kiln"' in rest
+
+
+@pytest.mark.parametrize(
+    ("request_head", "answer"),
+    [
+        (b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 20_000 + b"\r\n\r\n", b"431"),
+        (
+            b"POST /v2/models/nope/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 4000000\r\n\r\n",
+            b"404",
+        ),
+        (
+            b"POST /v2/models/nope/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Inference-Header-Content-Length: 2\r\nContent-Length: 4000000\r\n\r\n",
+            b"404",
+        ),
+    ],
+    ids=["a head too large", "an answer before the body, connection: close", "the same, binary (direct.py)"],
+)
+def test_a_client_still_sending_when_the_server_closes_gets_its_answer_not_a_reset(
+    server: Server, request_head: bytes, answer: bytes
+) -> None:
+    # As clients send: the whole request first, then read. Closed at once with 4 MB unread, the server's kernel
+    # sent an RST: the client's send failed and the answer was lost. Lingering, the server reads on until the
+    # client is done.
+    with connect(server) as sock:
+        sock.sendall(request_head + b"x" * 4_000_000)
+        assert until_closed(sock).startswith(b"HTTP/1.1 " + answer), answer

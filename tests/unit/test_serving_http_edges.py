@@ -274,7 +274,7 @@ def test_a_health_probe_before_unparsable_bytes_is_answered_then_400_closes_the_
 
 
 def test_a_head_request_before_unparsable_bytes_gets_its_head_before_the_400(server: Server) -> None:
-    # A HEAD answer's head is held for a body that never comes (connections._HeadWithBody): it must still leave
+    # A HEAD answer's head is held for a body that never comes (transport_views.HeadWithBody): it must still leave
     # first. (Answers would frame the 400 as the HEAD's body, so the bytes are read to the end.)
     with connect(server) as sock:
         sock.sendall(b"HEAD /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n" + UNPARSABLE[0])
