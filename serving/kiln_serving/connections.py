@@ -89,11 +89,11 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             # when it closed the connection (a timeout's 408), which the request metrics then record.
             self._hang_up: asyncio.Future[int | None] = self.loop.create_future()
             self._answering: RequestResponseCycle | None = None  # the cycle whose task runs (self.cycle: the newest)
-            self._refused = (
-                False  # a request was refused: nothing after it is parsed, and what the client sends is dropped
-            )
+            # A request was refused (or the connection is closing): nothing after it is parsed, and what the client
+            # sends is dropped.
+            self._refused = False
             self._lingering: asyncio.TimerHandle | None = None  # closing: our side shut, the client's awaited
-            self._quiet = False
+            self._close_at_once = False  # nothing to linger for (a quiet client), or no descriptor to spare
 
         def _arm(self, seconds: float) -> None:
             self._disarm()
@@ -118,7 +118,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def _expire(self) -> None:
             self._timer = None
-            self._quiet = True  # its client went quiet: nothing to linger for
+            self._close_at_once = True  # its client went quiet
             if self._in_head:
                 self._refuse_head(408, "Request Timeout")
             else:
@@ -131,7 +131,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 self._hang_up.set_result(status)
             self._refuse(status, reason, message)
 
-        def _refuse(self, status: int, reason: str, message: str | None = None, linger: bool = True) -> None:
+        def _refuse(self, status: int, reason: str, message: str | None = None) -> None:
             """Answer `status` and close the connection; a request already answered gets no second answer."""
             answered = self.cycle is not None and self.cycle.response_started
             if not self._hang_up.done():
@@ -140,10 +140,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             if not self.transport.is_closing() and self._lingering is None:
                 if not answered:
                     self.transport.write(transport_views.response(status, reason, message))
-                if linger:
-                    self._close()
-                else:
-                    self.transport.close()
+                self._close()
 
         def _close(self) -> None:
             """Close lingering (see the module docstring): write_eof now, close once the client has closed its
@@ -151,7 +148,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             meanwhile."""
             if self.transport.is_closing() or self._lingering is not None:
                 return
-            if self._quiet:
+            if self._close_at_once:
                 self.transport.close()
                 return
             self._disarm()
@@ -227,7 +224,8 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             self.flow = transport_views.Flow(transport, self._reading_paused)
             if len(self.connections) > cap:
                 log.warning("refusing a connection: %d open, the limit is %d", len(self.connections) - 1, cap)
-                self._refuse(503, "Service Unavailable", linger=False)  # its descriptor is what is short
+                self._close_at_once = True  # its descriptor is what is short
+                self._refuse(503, "Service Unavailable")
             else:
                 self._arm(config.header_timeout_seconds)  # a connection that never sends a byte times out too
 
