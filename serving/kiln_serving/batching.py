@@ -117,7 +117,7 @@ class Batcher:
         first_dims = {a.shape[0] if a.ndim else -1 for a in inputs.values()}
         rows = first_dims.pop() if len(first_dims) == 1 else -1
         signature = None
-        if self.enabled and 1 <= rows <= self.max_batch_size:
+        if self.enabled and 1 <= rows <= self.max_batch_size and _string_rows(inputs) is None:
             signature = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items()))
         request = _Request(inputs, max(rows, 1), signature, asyncio.get_running_loop().create_future())
         self._pending.append(request)
@@ -155,7 +155,7 @@ class Batcher:
             self.metrics.queued(started - r.enqueued)
         self._running = True
         assert self._executor is not None
-        work = asyncio.get_running_loop().run_in_executor(self._executor, self._execute, batch)
+        work = asyncio.get_running_loop().run_in_executor(self._executor, self._work, batch)
         work.add_done_callback(lambda done: self._finished(batch, done))
 
     def _next_batch(self) -> tuple[list[_Request], bool]:
@@ -191,6 +191,13 @@ class Batcher:
 
     # -- inference (worker thread) ---------------------------------------------------------------------------
 
+    def _work(self, batch: list[_Request]) -> list[Result]:
+        """Run the batch, then let go of the strings its inputs hold here (codec.release), not on the loop."""
+        results = self._execute(batch)
+        for request in batch:
+            codec.release(request.inputs.values())
+        return results
+
     def _execute(self, batch: list[_Request]) -> list[Result]:
         if len(batch) == 1:
             return [self._run_alone(batch[0])]
@@ -216,7 +223,7 @@ class Batcher:
     def _run_alone(self, request: _Request) -> Result:
         started = time.perf_counter()
         try:
-            outputs = self.model.predict(request.inputs)
+            outputs = self._predict(request.inputs)
         except errors.ServingError as err:
             return err
         except Exception as err:
@@ -224,3 +231,41 @@ class Batcher:
             return errors.InferenceFailed(f"inference failed: {err}")
         self.metrics.batch(request.rows, time.perf_counter() - started)
         return outputs
+
+    def _predict(self, inputs: Mapping[str, codec.Array]) -> Outputs:
+        """model.predict, a slice of rows at a time when string inputs are large (_string_rows): onnxruntime turns
+        numpy's strings into its own, and its string outputs back, holding the GIL (5 M strings: 0.22 s). The rows
+        are split as the batcher merges them, so the answer is the same; if the outputs do not follow the rows,
+        the whole batch runs at once after all."""
+        step = _string_rows(inputs) if self.model.batchable else None
+        if step is None:
+            return self.model.predict(inputs)
+        rows = next(iter(inputs.values())).shape[0]
+        pieces: dict[str, list[codec.Array]] = {}
+        for at in range(0, rows, step):
+            outputs = self.model.predict({name: array[at : at + step] for name, array in inputs.items()})
+            if any(o.ndim == 0 or o.shape[0] != min(step, rows - at) for o in outputs.values()):
+                break
+            for name, array in outputs.items():
+                pieces.setdefault(name, []).append(array)
+            del outputs
+        else:
+            with contextlib.suppress(ValueError):  # outputs of other inner shapes in other slices
+                return {name: codec.joined(parts) for name, parts in pieces.items()}
+        log.warning("model outputs do not follow the rows of its string inputs; running them all at once")
+        return self.model.predict(inputs)
+
+
+def _string_rows(inputs: Mapping[str, codec.Array]) -> int | None:
+    """How many rows to run at a time so that no string input has more than codec.SLICE_VALUES elements in one
+    call; None when one call is fine, or the inputs share no first dimension to split."""
+    strings = [a for a in inputs.values() if a.dtype.kind == "O"]
+    if not strings or max(a.size for a in strings) <= codec.SLICE_VALUES:
+        return None
+    first = {a.shape[0] if a.ndim else -1 for a in inputs.values()}
+    rows = first.pop()
+    if first or rows < 2:
+        return None
+    per_row = max(a.size // rows for a in strings)
+    step = max(1, codec.SLICE_VALUES // max(per_row, 1))
+    return step if step < rows else None

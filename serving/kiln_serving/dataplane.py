@@ -191,7 +191,9 @@ class DataPlane:
 
     @staticmethod
     def _encode(model: Model, request: protocol.Request, outputs: dict[str, codec.Array]) -> InferResponse:
+        """The answer; large string outputs are let go here, a slice at a time, not on the loop."""
         header, chunks = protocol.answer(model, request, outputs)
+        codec.release(outputs.values())
         return InferResponse(*binary.join(header, chunks))
 
     async def predict_v1(self, name: str, body: bytes) -> dict[str, object]:

@@ -12,22 +12,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
-from kiln_serving import codec, connections, errors, grpc_wire, http2, http2_wire, metrics, protobuf_walk, protocol
+from kiln_serving import connections, errors, grpc_tensors, grpc_wire, http2, http2_wire, metrics
 from kiln_serving.config import ServingConfig
 from kiln_serving.dataplane import DataPlane, large, weight
 from kiln_serving.http_body import ENCODINGS, inflate
-from kiln_serving.model import Model, TensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -36,174 +33,10 @@ T = TypeVar("T")
 # Room for the message's own fields on top of the tensors (max_body_bytes) in the receive limit.
 _ENVELOPE_BYTES = 64 * 1024
 
-# OIP datatype -> the InferTensorContents field holding it (FP16 and BF16 only travel raw).
-_CONTENTS = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
-}  # fmt: skip
-
 _SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-# The most fields a large ModelInferRequest may have, at its top level (inputs, outputs, parameters, raw contents,
-# ...) and in its inputs and outputs (name, shape, parameters, ...): past it the message is refused unparsed.
-# protobuf's parser holds the GIL (a thread does not keep the loop free), and an empty entry costs 2 bytes on the
-# wire but ~100 in memory: 60 MB of them took 2.9 GB and stalled the server; 5 MB of an input's parameters, 70 ms.
-MAX_INFER_FIELDS = 4096
-_INFER_FIELDS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name
-_RAW_INPUT_CONTENTS = _INFER_FIELDS["raw_input_contents"].number
-_TENSORS = {_INFER_FIELDS["inputs"].number, _INFER_FIELDS["outputs"].number}
-# What a large message's inputs have lifted out unparsed: their contents (see _contents), and a packed shape of
-# more bytes than MAX_DIMS dimensions can take (10 bytes a varint at most): refused by its length alone.
-_INPUT_FIELDS = pb.ModelInferRequest.InferInputTensor.DESCRIPTOR.fields_by_name
-_CONTENTS_FIELD, _SHAPE_FIELD = _INPUT_FIELDS["contents"].number, _INPUT_FIELDS["shape"].number
-_LIFTED = (_INFER_FIELDS["inputs"].number, {_CONTENTS_FIELD: 0, _SHAPE_FIELD: codec.MAX_DIMS * 10 + 1})
-_CONTENTS_FIELDS = pb.InferTensorContents.DESCRIPTOR.fields_by_number
 # Set while a call holds its admission: the transport admits a call by its length prefix before reading its body,
 # and the Dispatcher admits by the (inflated) message's size; one call takes one place, never two.
 _ADMITTED: ContextVar[bool] = ContextVar("kiln_grpc_admitted", default=False)
-
-
-def _parameters(params: Any) -> dict[str, object]:
-    """A protobuf map<string, InferParameter> as plain values."""
-    out: dict[str, object] = {}
-    for key, value in params.items():
-        choice = value.WhichOneof("parameter_choice")
-        out[key] = getattr(value, choice) if choice else None
-    return out
-
-
-def _typed(name: str, datatype: str, values: Any) -> np.ndarray:
-    """Typed contents as an array, converted codec.SLICE_VALUES values at a time: numpy converts a protobuf
-    repeated field holding the GIL throughout (a second for 15 M floats, on a codec thread yet stalling the event
-    loop), and between slices the loop gets its turn. Slices are also twice as fast as one np.asarray. A value the
-    datatype cannot hold (an INT8 of 300: the field is an int32) is the client's error."""
-    dtype = codec.NUMPY_DTYPES[datatype]
-    try:
-        if len(values) <= codec.SLICE_VALUES:
-            return np.asarray(values, dtype=dtype)
-        out = np.empty(len(values), dtype=dtype)
-        for start in range(0, len(values), codec.SLICE_VALUES):
-            out[start : start + codec.SLICE_VALUES] = values[start : start + codec.SLICE_VALUES]
-        return out
-    except OverflowError as err:
-        raise errors.InvalidInput(f"input '{name}': contents are not {datatype} values ({err})") from None
-
-
-def _check_contents(spec: TensorInfo, field: str, present: list[str]) -> None:
-    """InvalidInput for contents in a field other than the datatype's (else the count would be 0 and the error a
-    puzzling "needs 6 elements, got 0")."""
-    elsewhere = [name for name in present if name != field]
-    if elsewhere:
-        raise errors.InvalidInput(f"input '{spec.name}': {spec.datatype} values go in contents.{field}, "
-                                  f"not contents.{elsewhere[0]}")  # fmt: skip
-
-
-def _contents(spec: TensorInfo, field: str, pieces: list[memoryview]) -> Any:
-    """A large message's input contents, parsed only once known to be in the field the input's datatype uses.
-
-    BYTES elements are a field each, and protobuf parses them holding the GIL: 60 MB of empty strings sent for an
-    FP32 input were parsed whole before the datatype was checked (probes waited 0.65 s; 1.2 GB). A numeric
-    datatype's values come packed in one field or a few, so its contents are walked (up to MAX_INFER_FIELDS
-    fields, stopping at the first in another field) before protobuf sees them; only an input that takes BYTES gets
-    its elements parsed."""
-    limit = 1 if spec.datatype == "BYTES" else MAX_INFER_FIELDS + 1
-    try:
-        walked = 0
-        for piece in pieces:
-            for number in protobuf_walk.numbers(piece, limit - walked):
-                walked += 1
-                if number in _CONTENTS_FIELDS:  # an unknown field is kept aside by protobuf, as here
-                    _check_contents(spec, field, [_CONTENTS_FIELDS[number].name])
-        if walked > MAX_INFER_FIELDS:
-            raise errors.InvalidInput(f"input '{spec.name}': contents of more than {MAX_INFER_FIELDS} fields")
-        contents = pb.InferTensorContents()
-        for piece in pieces:
-            contents.MergeFromString(piece)
-    except DecodeError as err:
-        raise errors.InvalidInput(f"input '{spec.name}': cannot parse its contents: {err}") from None
-    return contents
-
-
-class _LongShape(Sequence[int]):
-    """A shape lifted out of a large message unparsed: more dimensions than MAX_DIMS for sure, which
-    codec.parse_shape refuses by its length alone (a 7 MB shape held the GIL 88 ms in protobuf's parse)."""
-
-    def __init__(self, dims: int) -> None:
-        self.dims = dims
-
-    def __len__(self) -> int:
-        return self.dims
-
-    def __getitem__(self, index: Any) -> Any:
-        raise AssertionError("a shape this long is refused by its length")
-
-
-def _varints(view: memoryview) -> int:
-    """How many varints packed data holds: its bytes that end one (high bit clear), counted 1 MiB at a time."""
-    data = np.frombuffer(view, np.uint8)
-    return sum(int(np.count_nonzero(data[at : at + (1 << 20)] < 0x80)) for at in range(0, len(data), 1 << 20))
-
-
-@dataclass(frozen=True)
-class InferCall:
-    """A ModelInferRequest as parsed: the message less its raw_input_contents, which travel beside it (read
-    once, or for a large message never copied: see protobuf_walk), and the message's size on the wire. For a
-    large message `inner` holds what its inputs had lifted out, not parsed yet (see _LIFTED)."""
-
-    request: Any
-    raw: list[bytes] | list[memoryview]
-    size: int
-    inner: list[list[tuple[int, memoryview]]] | None = None
-
-
-def decode(model: Model, call: InferCall, allow_non_finite: bool) -> protocol.Request:
-    """A ModelInferRequest (and its raw_input_contents) -> the protocol's Request (checked exactly like an HTTP
-    one)."""
-    request, raw = call.request, call.raw
-    if not request.inputs:
-        raise errors.InvalidInput("request needs 'inputs': a non-empty list of tensors")
-    if raw and len(raw) != len(request.inputs):
-        raise errors.InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
-    tensors: dict[str, codec.Array] = {}
-    for i, tensor in enumerate(request.inputs):
-        lifted = call.inner[i] if call.inner is not None else []
-        long_shape = [view for number, view in lifted if number == _SHAPE_FIELD]
-        dims = _LongShape(len(tensor.shape) + sum(map(_varints, long_shape))) if long_shape else tensor.shape
-        if long_shape and len(dims) <= codec.MAX_DIMS:  # so many bytes, so few varints: not protobuf's encoding
-            raise errors.InvalidInput(f"input '{tensor.name}': cannot parse its shape")
-        spec, shape = protocol.input_spec(model, tensor.name, tensor.datatype, dims)
-        if spec.name in tensors:
-            raise errors.InvalidInput(f"input '{spec.name}' is given twice")
-        protocol.no_shared_memory(f"input '{spec.name}'", tensor.parameters)
-        if raw:
-            tensors[spec.name] = codec.from_bytes(spec.name, spec.datatype, shape, memoryview(raw[i]))
-            continue
-        field = _CONTENTS.get(spec.datatype)
-        if field is None:
-            raise errors.InvalidInput(f"input '{spec.name}': {spec.datatype} must be sent as raw_input_contents")
-        if call.inner is None:
-            contents = tensor.contents
-            _check_contents(spec, field, [f.name for f, _ in contents.ListFields()])
-        else:
-            contents = _contents(spec, field, [view for number, view in lifted if number == _CONTENTS_FIELD])
-        values = getattr(contents, field)
-        if spec.datatype == "BYTES":
-            flat = np.array([codec.text(v) for v in values], dtype=np.object_)
-        else:
-            flat = _typed(spec.name, spec.datatype, values)
-        tensors[spec.name] = codec.sized(spec.name, shape, flat)
-    requested = [(o.name, _parameters(o.parameters)) for o in request.outputs]
-    chosen = protocol.wanted(model, requested, binary_default=True)
-    return protocol.Request(protocol.complete(model, tensors, allow_non_finite), chosen, request.id or None)
-
-
-def encode(model: Model, request: protocol.Request, outputs: dict[str, codec.Array]) -> Any:
-    """The ModelInferResponse, every output as raw_output_contents (what tritonclient.grpc reads)."""
-    response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id or "")
-    for want, array in protocol.results(model, request, outputs):
-        response.outputs.add(name=want.name, datatype=codec.datatype_of(array), shape=list(array.shape))
-        response.raw_output_contents.append(codec.to_bytes(array))
-    return response
 
 
 class Service:
@@ -231,19 +64,17 @@ class Service:
 
         return parsed
 
-    async def _parse_infer(self, message: bytes | memoryview) -> InferCall:
+    async def _parse_infer(self, message: bytes | memoryview) -> grpc_tensors.InferCall:
         """A small ModelInferRequest is parsed here, whatever it holds (milliseconds at most; the common call is
         not walked twice). A large one is walked first (protobuf_walk): refused unparsed past MAX_INFER_FIELDS
-        fields, its raw_input_contents lifted out uncopied, and only the rest left to protobuf."""
+        fields, its raw_input_contents lifted out uncopied, and only the rest left to protobuf (grpc_tensors.walk)."""
         if not large(len(message)):
             request = pb.ModelInferRequest.FromString(message)
-            return InferCall(request, list(request.raw_input_contents), len(message))  # a read copies: once
-        walked = protobuf_walk.split(message, _RAW_INPUT_CONTENTS, MAX_INFER_FIELDS, _TENSORS, _LIFTED)
-        if walked.fields > MAX_INFER_FIELDS:
-            raise grpc_wire.Abort("INVALID_ARGUMENT", f"a ModelInferRequest of more than {MAX_INFER_FIELDS} fields "
-                                  "(inputs, outputs, parameters, and theirs) is refused unparsed")  # fmt: skip
+            raw = list(request.raw_input_contents)  # a read copies: once
+            return grpc_tensors.InferCall(request, raw, len(message))
+        walked = grpc_tensors.walk(message)
         request = await self.dataplane.offload(len(walked.rest), pb.ModelInferRequest.FromString, walked.rest)
-        return InferCall(request, walked.lifted, len(message), walked.inner)
+        return grpc_tensors.InferCall(request, walked.lifted, len(message), walked.inner)
 
     def admit(self, size: int) -> AbstractAsyncContextManager[None]:
         """DataPlane.admit for a call of `size` bytes, unless the call already holds its admission or is small
@@ -315,7 +146,7 @@ class Service:
 
         return await self._call(work)
 
-    async def ModelInfer(self, call: InferCall) -> Any:  # noqa: N802
+    async def ModelInfer(self, call: grpc_tensors.InferCall) -> Any:  # noqa: N802
         dataplane, model_metrics = self.dataplane, self.dataplane.model_metrics
         request, raw = call.request, call.raw
         raw_bytes = sum(map(len, raw))
@@ -326,10 +157,10 @@ class Service:
             with dataplane.batcher.arriving():
                 model = dataplane.require_ready(request.model_name, request.model_version or None)
                 heavy, allow = weight(call.size - raw_bytes, raw_bytes), dataplane.config.allow_non_finite
-                decoded = await dataplane.offload(heavy, decode, model, call, allow)
+                decoded = await dataplane.offload(heavy, grpc_tensors.decode, model, call, allow)
                 outputs = await dataplane.run(decoded)
                 out_bytes = sum(a.nbytes for a in outputs.values())  # raw_output_contents: only copied
-                return await dataplane.offload(weight(0, out_bytes), encode, model, decoded, outputs)
+                return await dataplane.offload(weight(0, out_bytes), grpc_tensors.framed, model, decoded, outputs)
         except errors.ServingError as err:
             status, code = errors.status(err)
             raise grpc_wire.Abort(code, str(err)) from None

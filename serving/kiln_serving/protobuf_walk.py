@@ -59,6 +59,27 @@ def numbers(data: memoryview, limit: int) -> Iterator[int]:
         yield number
 
 
+def pieces(data: memoryview, fields: int) -> list[memoryview]:
+    """data (a message's fields) cut at field boundaries into pieces of at most `fields` fields, which protobuf
+    merges one after another into what it parses from data whole; each merge is one call holding the GIL, where
+    data whole may hold millions of fields (a repeated bytes field's elements). DecodeError where the wire format
+    breaks. A field of a one-byte tag and length, as short strings are, is stepped over here without _fields."""
+    cuts, pos, count, size = [0], 0, 0, len(data)
+    while pos < size:
+        if count == fields:
+            cuts.append(pos)
+            count = 0
+        tag = data[pos]
+        if tag < 0x80 and tag & 7 == _LEN and pos + 1 < size and data[pos + 1] < 0x80:
+            pos += 2 + data[pos + 1]
+        else:
+            pos += next(_fields(data[pos:]))[4]
+        count += 1
+    if pos > size:
+        raise DecodeError("a field runs past the end of the message")
+    return [data[start:end] for start, end in zip(cuts, [*cuts[1:], size], strict=True)]
+
+
 def encode_varint(value: int) -> bytes:
     """value as a protobuf varint (a length, a field's tag)."""
     out = bytearray()

@@ -1,6 +1,6 @@
 """One inference request in Open Inference Protocol terms, wire format aside: check the tensors against the
 model, pick the outputs, build the answer (classification extension included). The HTTP/JSON decoding here
-and the gRPC one (grpc_service.py) both end in a `Request`, so both refuse the same requests the same way.
+and the gRPC one (grpc_tensors.py) both end in a `Request`, so both refuse the same requests the same way.
 """
 
 from collections.abc import Container, Mapping, Sequence

@@ -3,6 +3,7 @@ client over a plain socket, a reader of the server's raw frames, and gRPC calls'
 
 import contextlib
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,21 @@ def output(body: bytes) -> np.ndarray:
     """The first output of a ModelInferResponse in its gRPC framing."""
     assert body[0] == 0 and int.from_bytes(body[1:5], "big") == len(body) - 5
     return first_output(body[5:])
+
+
+_SEND = """
+import sys, grpc
+message = open(sys.argv[2], "rb").read()
+limits = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+with grpc.insecure_channel(sys.argv[1], options=limits) as channel:
+    sys.stdout.buffer.write(channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(message))
+"""
+
+
+def send_message(address: str, message: Path) -> list[str]:
+    """The command that sends a serialized ModelInferRequest (a file) with grpcio and writes the answer to stdout:
+    a process of its own, so that a test's probes share no GIL with the client."""
+    return [sys.executable, "-c", _SEND, address, str(message)]
 
 
 def first_output(message: bytes) -> np.ndarray:

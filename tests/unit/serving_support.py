@@ -79,6 +79,15 @@ def classifier(path: Path, batch: int | None = None, seed: int = 0) -> Path:
     return _save(graph, path)
 
 
+def text_model(path: Path) -> Path:
+    """Text in, numbers out (Cast string -> float): the warm-up must give it text it can read."""
+    node = helper.make_node("Cast", ["text"], ["value"], to=TensorProto.FLOAT)
+    graph = helper.make_graph([node], "text-to-number",
+                              [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch"])],
+                              [helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch"])])  # fmt: skip
+    return _save(graph, path)
+
+
 def all_datatypes(path: Path, datatypes: Sequence[str] = DATATYPES) -> Path:
     """One Identity per OIP datatype (of `datatypes`): input `in_<TYPE>` [N,3] -> output `out_<TYPE>`."""
     nodes = [helper.make_node("Identity", [f"in_{t}"], [f"out_{t}"]) for t in datatypes]

@@ -12,9 +12,8 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from onnx import TensorProto, helper
 from PIL import Image
-from serving_support import CLASSES, SIZE, _save, all_datatypes, config, images_batch, reference, serving
+from serving_support import CLASSES, SIZE, all_datatypes, config, images_batch, reference, serving, text_model
 from serving_support import trained_folder as make_trained_folder
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as service_grpc
@@ -122,15 +121,6 @@ def test_non_finite_inputs_are_accepted_with_the_flag_and_answered_in_valid_json
         assert [o["data"][:3] for o in answer["outputs"]] == [[None, None, 1.5]] * 2
 
 
-def text_model(path: Path) -> Path:
-    """Text in, numbers out (Cast string -> float): the warm-up must give it text it can read."""
-    node = helper.make_node("Cast", ["text"], ["value"], to=TensorProto.FLOAT)
-    graph = helper.make_graph([node], "text-to-number",
-                              [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch"])],
-                              [helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch"])])  # fmt: skip
-    return _save(graph, path)
-
-
 def test_a_text_model_becomes_ready_and_reads_its_bytes_input(tmp_path: Path) -> None:
     model = text_model(tmp_path / "text" / "model.onnx")
     with serving(config(model.parent, grpc_port=free_port())) as running:
@@ -140,7 +130,7 @@ def test_a_text_model_becomes_ready_and_reads_its_bytes_input(tmp_path: Path) ->
         tensor.set_data_from_numpy(np.array([b"1.5", b"-2"], dtype=np.object_))
         assert client.infer("text", [tensor]).as_numpy("value").tolist() == [1.5, -2.0]
         # Over gRPC as bytes_contents, in a message large enough that its contents are lifted out unparsed until
-        # the input is known to take BYTES (grpc_service._contents).
+        # the input is known to take BYTES (grpc_tensors._contents).
         values = [f"{i % 1000}.5".encode() for i in range(60_000)]
         request = pb.ModelInferRequest(model_name="text")
         request.inputs.add(name="text", datatype="BYTES", shape=[len(values)]).contents.bytes_contents.extend(values)

@@ -4,7 +4,6 @@ HTTP/2's first window; a ModelInferRequest whose structure is absurd is refused 
 large tensor is never copied (raw) or converted in one stretch holding the GIL (typed)."""
 
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
-from http2_support import LIVE, Answer, Client, first_output, framed, infer_body, output, request_fields
+from http2_support import LIVE, Answer, Client, first_output, framed, infer_body, output, request_fields, send_message
 from serving_support import config, images_batch, kiln_serve, longest_health_wait, reference, serving
 from serving_support import trained_folder as make_trained_folder
 from tritonclient.grpc import service_pb2 as pb
@@ -113,15 +112,6 @@ def test_a_long_shape_is_refused_by_its_length_unparsed(one_at_a_time: Server, p
 
 # A gRPC client of its own process (grpcio, the message already serialized): sending from a thread of this one
 # would make the health probes here wait for the GIL, not for the server.
-_SEND = """
-import sys, grpc
-message = open(sys.argv[2], "rb").read()
-limits = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-with grpc.insecure_channel(sys.argv[1], options=limits) as channel:
-    sys.stdout.buffer.write(channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(message))
-"""
-
-
 def typed_message(x: np.ndarray) -> bytes:
     """A ModelInferRequest with x as fp32_contents (what KServe's InferenceGRPCClient sends)."""
     request = pb.ModelInferRequest(model_name="tiny")
@@ -144,7 +134,7 @@ def test_a_large_typed_tensor_call_never_holds_the_event_loop(folder: Path, tmp_
     (tmp_path / "message").write_bytes(message)
     sent: list[subprocess.CompletedProcess[bytes]] = []
     with kiln_serve(folder, grpc=True) as server:
-        command = [sys.executable, "-c", _SEND, f"127.0.0.1:{server.grpc_port}", str(tmp_path / "message")]
+        command = send_message(f"127.0.0.1:{server.grpc_port}", tmp_path / "message")
         longest = longest_health_wait(server.url, lambda: sent.append(subprocess.run(command, capture_output=True)))
     assert sent[0].returncode == 0, sent[0].stderr.decode()
     assert longest < reference_seconds / 2, f"a probe waited {longest:.3f}s; the GIL was held {reference_seconds:.3f}s"

@@ -1,0 +1,129 @@
+"""Text models' large string (BYTES) tensors. numpy, protobuf and onnxruntime each turn millions of strings into
+their own in one call holding the GIL, and the cyclic collector walks a list of them whole at each collection, so
+the server gathers, parses, runs and lets go of them a slice at a time: probes stay fast, and the answer is what
+one call gives."""
+
+import gc
+import json
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as triton
+from http2_support import first_output, send_message
+from onnx import TensorProto, helper
+from serving_support import _save, config, kiln_serve, longest_health_wait, serving, text_model
+from tritonclient.grpc import service_pb2 as pb
+
+COUNT = 4_000_000  # strings of three digits: 28 MB as binary data, 20 MB as gRPC's bytes_contents
+PERIOD = [f"{i:03d}" for i in range(1000)]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return text_model(tmp_path_factory.mktemp("strings") / "text" / "model.onnx").parent
+
+
+def longest_hold(work: Callable[[], object]) -> float:
+    """The longest another thread of this process waited for the GIL while work() ran."""
+    gaps: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    gc.disable()
+    thread = threading.Thread(target=probe)
+    thread.start()
+    try:
+        time.sleep(0.01)
+        work()
+    finally:
+        done.set()
+        thread.join()
+        gc.enable()
+    return max(gaps)
+
+
+def post_binary(port: int, count: int) -> np.ndarray:
+    """count strings as the binary extension carries them, on a raw socket (no client library holding this
+    process's GIL); the one FP32 output of the answer."""
+    raw = b"".join(len(v).to_bytes(4, "little") + v.encode() for v in PERIOD) * (count // len(PERIOD))
+    header = json.dumps({"inputs": [{"name": "text", "shape": [count], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "outputs": [{"name": "value", "parameters": {"binary_data": True}}]}).encode()  # fmt: skip
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        head = (f"POST /v2/models/text/infer HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: {len(header)}"
+                f"\r\nContent-Length: {len(header) + len(raw)}\r\n\r\n").encode()  # fmt: skip
+        sock.sendall(head + header)
+        sock.sendall(raw)
+        data = bytearray()
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(1 << 16)
+        answer, _, rest = bytes(data).partition(b"\r\n\r\n")
+        fields = dict(line.split(": ", 1) for line in answer.decode().lower().split("\r\n")[1:])
+        body = bytearray(rest)
+        while len(body) < int(fields["content-length"]):
+            body += sock.recv(1 << 20)
+    assert answer.startswith(b"HTTP/1.1 200"), bytes(body[:300])
+    return np.frombuffer(bytes(body[int(fields["inference-header-content-length"]) :]), dtype="<f4")
+
+
+@pytest.mark.parametrize("protocol", ["binary", "grpc"])
+def test_a_large_string_tensor_never_holds_the_event_loop(folder: Path, tmp_path: Path, protocol: str) -> None:
+    # Reference: onnxruntime turning the strings into its own, in one run holding the GIL, as the server's one run
+    # did while probes waited (numpy gathering and freeing them, and protobuf parsing them, held it too).
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"text": np.array(PERIOD * (COUNT // len(PERIOD)), dtype=np.object_)}
+    reference_seconds = longest_hold(lambda: session.run(None, feed))
+    feed.clear()
+    answers: list[np.ndarray] = []
+    with kiln_serve(folder, grpc=protocol == "grpc") as server:
+        if protocol == "binary":
+            longest = longest_health_wait(server.url, lambda: answers.append(post_binary(server.port, COUNT)))
+        else:
+            period = pb.InferTensorContents(bytes_contents=[v.encode() for v in PERIOD]).SerializeToString()
+            request = pb.ModelInferRequest(model_name="text")
+            tensor = request.inputs.add(name="text", datatype="BYTES", shape=[COUNT])
+            tensor.contents.MergeFromString(period * (COUNT // len(PERIOD)))  # repeated fields merge: appended
+            (tmp_path / "message").write_bytes(request.SerializeToString())
+            command = send_message(f"127.0.0.1:{server.grpc_port}", tmp_path / "message")
+
+            def call() -> None:
+                answers.append(first_output(subprocess.run(command, capture_output=True, check=True).stdout))
+
+            longest = longest_health_wait(server.url, call)
+    assert longest < reference_seconds / 2, f"a probe waited {longest:.3f}s; one run held {reference_seconds:.3f}s"
+    expected = np.tile(np.arange(len(PERIOD), dtype=np.float32), COUNT // len(PERIOD))
+    assert np.array_equal(answers[0].reshape(-1), expected)
+
+
+def counter_model(path: Path) -> Path:
+    """Text in, its element count out (Shape): an output that does not follow the input's rows."""
+    node = helper.make_node("Shape", ["text"], ["count"])
+    graph = helper.make_graph([node], "text-count",
+                              [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch"])],
+                              [helper.make_tensor_value_info("count", TensorProto.INT64, ["dims"])])  # fmt: skip
+    return _save(graph, path)
+
+
+def test_string_rows_run_a_slice_at_a_time_only_where_the_outputs_follow_them(tmp_path: Path) -> None:
+    # 100,000 strings: two slices of rows. The first slice's output is not a slice of rows, so all rows run at
+    # once after all, and the answer is the count of them all.
+    model = counter_model(tmp_path / "count" / "model.onnx")
+    with serving(config(model.parent)) as running:
+        client = triton.InferenceServerClient(running.address)
+        tensor = triton.InferInput("text", [100_000], "BYTES")
+        tensor.set_data_from_numpy(np.array(PERIOD * 100, dtype=np.object_))
+        assert client.infer("count", [tensor]).as_numpy("count").tolist() == [100_000]
