@@ -282,8 +282,17 @@ def text(value: object) -> str:
     return str(value)
 
 
-def _elements(name: str, raw: memoryview) -> Iterator[str]:
-    """The BYTES elements of raw binary data (each a 4-byte length + UTF-8 bytes), as str."""
+def texts(name: str, values: Iterable[object]) -> Iterator[str]:
+    """BYTES elements as str (text), an element that is not UTF-8 named by its index."""
+    for index, value in enumerate(values):
+        try:
+            yield text(value)
+        except ValueError as err:
+            raise errors.InvalidInput(f"input '{name}': BYTES element {index}: {err}") from None
+
+
+def _elements(name: str, raw: memoryview) -> Iterator[bytes]:
+    """The BYTES elements of raw binary data, each a 4-byte length and its bytes."""
     offset = index = 0
     while offset < len(raw):
         if offset + 4 > len(raw):
@@ -292,10 +301,7 @@ def _elements(name: str, raw: memoryview) -> Iterator[str]:
         offset += 4
         if offset + length > len(raw):
             raise errors.InvalidInput(f"input '{name}': BYTES element {index} runs past the end of the data")
-        try:
-            yield text(bytes(raw[offset : offset + length]))
-        except ValueError as err:
-            raise errors.InvalidInput(f"input '{name}': BYTES element {index}: {err}") from None
+        yield bytes(raw[offset : offset + length])
         offset += length
         index += 1
 
@@ -303,7 +309,7 @@ def _elements(name: str, raw: memoryview) -> Iterator[str]:
 def from_bytes(name: str, datatype: str, shape: Sequence[int], raw: memoryview) -> Array:
     """A tensor from the binary extension's raw bytes (BYTES: each element is a 4-byte length + bytes)."""
     if datatype == "BYTES":
-        return sized(name, shape, object_array(_elements(name, raw)))
+        return sized(name, shape, object_array(texts(name, _elements(name, raw))))
     count = _count(shape)
     dtype = NUMPY_DTYPES[datatype]
     if len(raw) != count * dtype.itemsize:
@@ -319,14 +325,17 @@ def from_bytes(name: str, datatype: str, shape: Sequence[int], raw: memoryview) 
     return array.reshape(shape)
 
 
-def to_json(array: Array) -> Array | list[object]:
-    """A tensor as flat row-major JSON `data`, for orjson (which writes numpy arrays itself, NaN as null)."""
+def to_json(array: Array) -> object:
+    """A tensor as flat row-major JSON `data`, for jsontext.dumps (orjson writes numpy arrays itself, NaN as null);
+    written here a slice at a time when it holds more than SLICE_VALUES values (jsontext.dumps_sliced)."""
+    values: Array | list[str]
     if datatype_of(array) == "BYTES":
-        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
-    flat = np.ascontiguousarray(array.reshape(-1))
-    if flat.dtype == np.float16:  # orjson writes float32/64 arrays, not float16
-        return flat.astype(np.float32)
-    return flat
+        values = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
+    else:
+        values = np.ascontiguousarray(array.reshape(-1))
+        if values.dtype == np.float16:  # orjson writes float32/64 arrays, not float16
+            values = values.astype(np.float32)
+    return values if len(values) <= SLICE_VALUES else jsontext.dumps_sliced(values, SLICE_VALUES)
 
 
 def to_bytes(array: Array) -> bytes:

@@ -106,12 +106,12 @@ def _contents(spec: TensorInfo, field: str, pieces: list[memoryview]) -> list[An
     return [contents]
 
 
-def _texts(parts: list[Any], field: str) -> Iterator[str]:
-    """The BYTES elements of the parts (_contents) as str; each part is let go once read."""
+def _values(parts: list[Any], field: str) -> Iterator[Any]:
+    """The values of the parts (_contents) in order; each part is let go once read."""
     parts.reverse()
     while parts:
         part = parts.pop()
-        yield from map(codec.text, getattr(part, field))
+        yield from getattr(part, field)
 
 
 class _LongShape(Sequence[int]):
@@ -187,7 +187,7 @@ def decode(model: Model, call: InferCall, allow_non_finite: bool) -> protocol.Re
         else:
             parts = _contents(spec, field, [view for number, view in lifted if number == _CONTENTS_FIELD])
         if spec.datatype == "BYTES":
-            flat = codec.object_array(_texts(parts, field))
+            flat = codec.object_array(codec.texts(spec.name, _values(parts, field)))
         else:
             flat = _typed(spec.name, spec.datatype, getattr(parts[0], field))
         tensors[spec.name] = codec.sized(spec.name, shape, flat)

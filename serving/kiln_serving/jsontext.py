@@ -107,8 +107,17 @@ def _integers(values: list[Any], dtype: np.dtype[Any]) -> np.ndarray[Any, Any] |
 
 
 def dumps(content: object) -> bytes:
-    """Compact JSON of dicts, lists, scalars and numpy arrays."""
+    """Compact JSON of dicts, lists, scalars and numpy arrays (and what dumps_sliced wrote)."""
     return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def dumps_sliced(values: list[Any] | np.ndarray[Any, Any], size: int) -> orjson.Fragment:
+    """values (a list, or a flat numpy array) as a JSON array written `size` values at a time, to go in a document
+    dumps writes: orjson writes an array in one call holding the GIL (5 M floats: 0.14 s)."""
+    texts = [dumps(values[at : at + size]) for at in range(0, len(values), size)]
+    if len(texts) > 1:  # one array of their insides, copied once (a "[" + ... + "]" would copy it twice more)
+        texts = [texts[0][:-1], *(text[1:-1] for text in texts[1:-1]), texts[-1][1:]]
+    return orjson.Fragment(b",".join(texts))
 
 
 def _slices(text: bytes, start: int, stop: int) -> Iterator[bytes]:

@@ -17,6 +17,7 @@ import uvicorn
 from serving_support import (
     SIZE,
     GatedModel,
+    all_datatypes,
     binary_body,
     config,
     gauge,
@@ -30,7 +31,7 @@ from serving_support import (
 )
 from serving_support import trained_folder as make_trained_folder
 
-from kiln_serving import Server, ServingConfig
+from kiln_serving import Server, ServingConfig, jsontext
 from kiln_serving.app import build_app
 from kiln_serving.connections import bind
 from kiln_serving.model import Model
@@ -71,19 +72,19 @@ def raw_post(port: int, path: str, body: bytes, declared: int | None = None, hea
 
 
 def read_response(sock: socket.socket) -> bytes:
-    chunks = []
-    while True:
-        chunk = sock.recv(1 << 16)
+    """One answer (to its Content-Length, or to the connection's end), read in linear time: a test's probes share
+    this process's GIL."""
+    data, end = bytearray(), None
+    while end is None or len(data) < end:
+        chunk = sock.recv(1 << 20)
         if not chunk:
             break
-        chunks.append(chunk)
-        data = b"".join(chunks)
-        head, _, rest = data.partition(b"\r\n\r\n")
-        if _ and b"content-length:" in head.lower():
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            if len(rest) >= length:
-                return data
-    return b"".join(chunks)
+        data += chunk
+        split = data.find(b"\r\n\r\n") if end is None else -1
+        head = bytes(data[:split]).lower() if split >= 0 else b""
+        if b"content-length:" in head:
+            end = split + 4 + int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+    return bytes(data)
 
 
 def big_bodies() -> dict[str, tuple[str, bytes, bytes]]:
@@ -129,6 +130,34 @@ def test_health_never_waits_for_a_big_json_request_to_be_decoded(folder: Path, c
         data = answer_json["outputs"][0]["data"] if case == "v2 numbers" else answer_json["predictions"]
         expected = reference(folder / "models" / "model.onnx", {"input": x})["logits"]
         assert np.abs(np.asarray(data, dtype=np.float32).reshape(len(x), -1) - expected).max() <= 1e-4
+
+
+def test_health_never_waits_for_a_big_json_answer_to_be_written(tmp_path: Path) -> None:
+    # 4.2 M values in as binary data (17 MB), out as JSON (~45 MB of text). Reference: orjson writing them, one
+    # call holding the GIL, as the server's encoding did (on a codec thread, and every probe waited all the same).
+    x = np.random.default_rng(0).normal(size=(1_400_000, 3)).astype(np.float32)
+    started = time.perf_counter()
+    jsontext.dumps({"data": x.reshape(-1)})
+    write_seconds = time.perf_counter() - started
+    model = all_datatypes(tmp_path / "types" / "model.onnx", ["FP32"])
+    raw = x.tobytes()
+    header = json.dumps({"inputs": [{"name": "in_FP32", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "outputs": [{"name": "out_FP32"}]}).encode()  # fmt: skip
+    answered: list[bytes] = []
+    with kiln_serve(model.parent) as server:
+
+        def send_big() -> None:
+            path = "/v2/models/types/infer"
+            with contextlib.closing(raw_post(server.port, path, header + raw, header_length=len(header))) as sock:
+                answered.append(read_response(sock))
+
+        longest = longest_health_wait(server.url, send_big)
+    assert longest < write_seconds / 2, f"a health probe waited {longest:.3f}s; orjson takes {write_seconds:.3f}s"
+    head, _, body = answered[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answered[0][:300]
+    (output,) = json.loads(body)["outputs"]
+    assert np.array_equal(np.asarray(output["data"], dtype=np.float32), x.reshape(-1))
 
 
 def test_a_json_request_peaks_at_under_three_times_its_body_in_memory(server: Server) -> None:

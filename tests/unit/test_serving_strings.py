@@ -12,14 +12,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
+from google.protobuf.message import DecodeError
 from http2_support import first_output, send_message
 from onnx import TensorProto, helper
 from serving_support import _save, config, kiln_serve, longest_health_wait, serving, text_model
 from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as service_grpc
+from tritonclient.utils import InferenceServerException
+
+from kiln_cluster.controlplane import free_port
+from kiln_serving import protobuf_walk
 
 COUNT = 4_000_000  # strings of three digits: 28 MB as binary data, 20 MB as gRPC's bytes_contents
 PERIOD = [f"{i:03d}" for i in range(1000)]
@@ -127,3 +134,37 @@ def test_string_rows_run_a_slice_at_a_time_only_where_the_outputs_follow_them(tm
         tensor = triton.InferInput("text", [100_000], "BYTES")
         tensor.set_data_from_numpy(np.array(PERIOD * 100, dtype=np.object_))
         assert client.infer("count", [tensor]).as_numpy("count").tolist() == [100_000]
+
+
+@pytest.mark.parametrize("count", [3, 100_000])  # a small message, parsed whole; a large one, walked and cut
+def test_a_string_that_is_not_utf8_is_refused_naming_it_over_http_and_grpc(folder: Path, count: int) -> None:
+    values = [b"1.5"] * count
+    values[1] = b"\xff"
+    with serving(config(folder, grpc_port=free_port())) as running:
+        tensor = triton.InferInput("text", [count], "BYTES")
+        tensor.set_data_from_numpy(np.array(values, dtype=np.object_))
+        with pytest.raises(InferenceServerException) as http_error:
+            triton.InferenceServerClient(running.address).infer("text", [tensor])
+        assert http_error.value.status() == "400"
+        assert "input 'text': BYTES element 1: not valid UTF-8" in str(http_error.value)
+        request = pb.ModelInferRequest(model_name="text")
+        request.inputs.add(name="text", datatype="BYTES", shape=[count]).contents.bytes_contents.extend(values)
+        with grpc.insecure_channel(running.grpc_address) as channel, pytest.raises(grpc.RpcError) as grpc_error:
+            service_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert grpc_error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'text': BYTES element 1: not valid UTF-8" in str(grpc_error.value.details())
+
+
+def test_pieces_cut_a_message_where_its_fields_end_and_merge_into_the_whole() -> None:
+    values = [b"", b"7", b"x" * 200, b"y" * 127, b"z" * 128] * 20  # lengths of one byte and of two
+    whole = pb.InferTensorContents(bytes_contents=values, int_contents=[1, -5, 300]).SerializeToString()
+    whole += pb.InferTensorContents(bytes_contents=[b"tail"]).SerializeToString()
+    cut = protobuf_walk.pieces(memoryview(whole), 7)
+    counts = [sum(1 for _ in protobuf_walk.numbers(piece, 1000)) for piece in cut]
+    assert counts == [7] * 14 + [4]  # 100 strings, the packed integers' one field, the tail's string
+    merged = pb.InferTensorContents()
+    for piece in cut:
+        merged.MergeFromString(piece)
+    assert merged == pb.InferTensorContents.FromString(whole)
+    with pytest.raises(DecodeError):
+        protobuf_walk.pieces(memoryview(whole[:-2]), 7)
