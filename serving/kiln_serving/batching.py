@@ -129,6 +129,8 @@ class Batcher:
             with contextlib.suppress(ValueError):
                 self._pending.remove(request)
                 self.metrics.queue_depth.set(len(self._pending))
+                if self._executor is not None:  # never to run: its strings let go on the worker, as _work does
+                    self._executor.submit(codec.release, list(inputs.values()))
             raise
 
     # -- scheduling (event loop) -----------------------------------------------------------------------------

@@ -191,16 +191,25 @@ def json_values(name: str, datatype: str, data: list[object]) -> Array:
 # (5 M strings: ~0.1 s to build from a list, ~0.05 s to free); the three below do it SLICE_VALUES at a time.
 
 
-def object_array(values: Iterable[object]) -> Array:
-    """values as a flat object array, gathered a slice at a time: never one list of them all, which the cyclic
-    collector walks whole at every collection any thread makes (15 M strings: 0.26 s, holding the GIL)."""
+def strings(name: str, shape: Sequence[int], values: Iterable[str]) -> Array:
+    """A BYTES tensor of `shape` from its elements, gathered a slice at a time: never one list of them all, which
+    the cyclic collector walks whole at every collection any thread makes (15 M strings: 0.26 s, holding the GIL).
+    Refused (InvalidInput) when they are not what the shape needs, or values raises it: what was gathered is let go
+    here first, a slice at a time (the error's traceback would keep it until the event loop dropped it)."""
     parts: list[Array] = []
-    iterator = iter(values)
-    while chunk := list(itertools.islice(iterator, SLICE_VALUES)):
-        part = np.empty(len(chunk), dtype=np.object_)
-        part[:] = chunk
-        parts.append(part)
-    return joined(parts) if parts else np.empty(0, dtype=np.object_)
+    try:
+        iterator = iter(values)
+        while chunk := list(itertools.islice(iterator, SLICE_VALUES)):
+            part = np.empty(len(chunk), dtype=np.object_)
+            part[:] = chunk
+            parts.append(part)
+        parts = [joined(parts)] if parts else [np.empty(0, dtype=np.object_)]
+        return sized(name, shape, parts[0])
+    except errors.ServingError:
+        release(parts)
+        while parts:
+            parts.pop()
+        raise
 
 
 def joined(parts: list[Array]) -> Array:
@@ -309,7 +318,7 @@ def _elements(name: str, raw: memoryview) -> Iterator[bytes]:
 def from_bytes(name: str, datatype: str, shape: Sequence[int], raw: memoryview) -> Array:
     """A tensor from the binary extension's raw bytes (BYTES: each element is a 4-byte length + bytes)."""
     if datatype == "BYTES":
-        return sized(name, shape, object_array(texts(name, _elements(name, raw))))
+        return strings(name, shape, texts(name, _elements(name, raw)))
     count = _count(shape)
     dtype = NUMPY_DTYPES[datatype]
     if len(raw) != count * dtype.itemsize:

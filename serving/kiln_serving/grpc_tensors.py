@@ -187,10 +187,10 @@ def decode(model: Model, call: InferCall, allow_non_finite: bool) -> protocol.Re
         else:
             parts = _contents(spec, field, [view for number, view in lifted if number == _CONTENTS_FIELD])
         if spec.datatype == "BYTES":
-            flat = codec.object_array(codec.texts(spec.name, _values(parts, field)))
+            tensors[spec.name] = codec.strings(spec.name, shape, codec.texts(spec.name, _values(parts, field)))
         else:
             flat = _typed(spec.name, spec.datatype, getattr(parts[0], field))
-        tensors[spec.name] = codec.sized(spec.name, shape, flat)
+            tensors[spec.name] = codec.sized(spec.name, shape, flat)
     requested = [(o.name, _parameters(o.parameters)) for o in request.outputs]
     chosen = protocol.wanted(model, requested, binary_default=True)
     return protocol.Request(protocol.complete(model, tensors, allow_non_finite), chosen, request.id or None)

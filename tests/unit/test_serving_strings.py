@@ -5,6 +5,7 @@ one call gives."""
 
 import gc
 import json
+import re
 import socket
 import subprocess
 import threading
@@ -111,7 +112,11 @@ def test_a_large_string_tensor_never_holds_the_event_loop(folder: Path, tmp_path
                 answers.append(first_output(subprocess.run(command, capture_output=True, check=True).stdout))
 
             longest = longest_health_wait(server.url, call)
+        # And no transparent huge pages: where the kernel compacts memory for one, the thread touching it waits,
+        # holding the GIL (numpy asks for them for large arrays; server.no_huge_pages stops it).
+        rollup = Path(f"/proc/{server.process.pid}/smaps_rollup").read_text()
     assert longest < reference_seconds / 2, f"a probe waited {longest:.3f}s; one run held {reference_seconds:.3f}s"
+    assert re.search(r"^AnonHugePages:\s+0 kB$", rollup, re.MULTILINE), rollup
     expected = np.tile(np.arange(len(PERIOD), dtype=np.float32), COUNT // len(PERIOD))
     assert np.array_equal(answers[0].reshape(-1), expected)
 
