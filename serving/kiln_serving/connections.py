@@ -21,7 +21,7 @@ Idle keep-alive connections are closed by uvicorn after keep_alive_timeout_secon
   requests counted as client hang-ups). Nothing after it is parsed.
 - A connection the server closes (a refusal, an answer with `connection: close`) is closed lingering, as nginx
   and RFC 9112 9.6 do: the answer out, the server's side shut (FIN), and what the client still sends read and
-  dropped until it closes too or for _LINGER_SECONDS; closed at once, its unread bytes made the kernel send an RST
+  dropped until it closes too or for LINGER_SECONDS; closed at once, its unread bytes made the kernel send an RST
   that could discard the answer before the client read it (a 64 MB head got a reset, not its 431).
 - A binary inference request skips ASGI: its cycle is a direct.DirectCycle (see direct.py).
 - Each request's scope carries, under extensions[HANG_UP], a future of its connection that is done once the
@@ -50,7 +50,7 @@ HANG_UP = "kiln.hang_up"
 # File descriptors kept free for the listening socket, model files, logs and the gRPC service.
 _SPARE_FDS = 64
 # Longest a closed connection lingers for its client to stop sending (see the module docstring).
-_LINGER_SECONDS = 2.0
+LINGER_SECONDS = 2.0
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -144,7 +144,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def _close(self) -> None:
             """Close lingering (see the module docstring): write_eof now, close once the client has closed its
-            side (the transport closes itself on EOF) or after _LINGER_SECONDS. Nothing is parsed or answered
+            side (the transport closes itself on EOF) or after LINGER_SECONDS. Nothing is parsed or answered
             meanwhile."""
             if self.transport.is_closing() or self._lingering is not None:
                 return
@@ -158,7 +158,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             except (NotImplementedError, RuntimeError, OSError):
                 self.transport.close()
                 return
-            self._lingering = self.loop.call_later(_LINGER_SECONDS, self.transport.close)
+            self._lingering = self.loop.call_later(LINGER_SECONDS, self.transport.close)
             self.flow.resume_reading()
 
         def on_response_complete(self) -> None:

@@ -19,7 +19,9 @@ preface, and every header block once begun, must arrive within header_timeout, e
 progress every body_timeout (other frames do not count), and a connection with no stream open for
 keep_alive_timeout is sent GOAWAY and closed; past max_connections a new connection is closed at once; at most
 http2_wire.MAX_STREAMS streams are open on a connection (more are refused: the client retries). A client that does
-not read what it is sent is not read either (pause_writing): its PINGs and SETTINGS cannot pile up replies.
+not read what it is sent is not read either (pause_writing): its PINGs and SETTINGS cannot pile up replies. One
+that breaks the protocol is sent GOAWAY and closed lingering: what it still sends is read and dropped until it
+closes too, or for connections.LINGER_SECONDS.
 """
 
 import asyncio
@@ -31,14 +33,12 @@ import time
 import hpack
 
 from kiln_serving import http2_answers, http2_bodies, http2_wire
+from kiln_serving.connections import LINGER_SECONDS
 
 log = logging.getLogger(__name__)
 
 # Largest frame kiln accepts (it says so in its SETTINGS): a 400 KB batch arrives in one frame, not 25.
 MAX_FRAME = 1 << 20
-# Open streams a client may cancel (RST_STREAM) at once, and per second after that: streams opened only to be
-# cancelled cost the server work and the client nothing (rapid reset, CVE-2023-44487); nghttp2's numbers.
-RESET_BURST, RESETS_PER_SECOND = 1000, 33
 _CACHED_BLOCKS = 256
 
 
@@ -58,7 +58,7 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
         self.writing_paused = False  # the client does not read: frames in wait, so replies cannot pile up
         self.last_read = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
-        self.resets_allowed, self.resets_counted = float(RESET_BURST), time.monotonic()
+        self.lingering: asyncio.TimerHandle | None = None  # closing: our side shut, the client's awaited (close)
 
     # -- connection ------------------------------------------------------------------------------------------
 
@@ -82,9 +82,14 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.registry.discard(self)
+        if self.lingering is not None:
+            self.lingering.cancel()
+        self._end_streams()  # the client hung up: nobody waits for these answers
+
+    def _end_streams(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        for stream in self.streams.values():  # the client hung up: nobody waits for these answers
+        for stream in self.streams.values():
             if stream.task is not None:
                 stream.task.cancel()
         self.streams.clear()
@@ -136,13 +141,26 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
             due.append(self.idle_since + s.keep_alive_timeout)
         return max(min(when for when in due if when > now), now + shortest / 10)
 
-    def close(self, code: int, message: str) -> None:
-        """GOAWAY with `code`, then close (streams still running are cancelled)."""
-        if self.transport is None or self.transport.is_closing():
+    def close(self, code: int, message: str, linger: bool = False) -> None:
+        """GOAWAY with `code`, then close (streams running are cancelled); `linger` for a client that may still be
+        sending (one that broke the protocol), as connections.py closes HTTP/1.1: else its unread bytes made the
+        kernel send an RST, which could discard the GOAWAY saying why."""
+        if self.transport is None or self.transport.is_closing() or self.lingering is not None:
             return
         goaway = struct.pack(">II", self.last_stream, code) + message.encode()
         self.transport.write(http2_wire.frame(http2_wire.GOAWAY, 0, 0, goaway))
-        self.transport.close()
+        if not linger:
+            self.transport.close()
+            return
+        self._end_streams()
+        self.buffer.clear()
+        try:
+            self.transport.write_eof()
+        except (NotImplementedError, RuntimeError, OSError):
+            self.transport.close()
+            return
+        self.lingering = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        self.transport.resume_reading()  # paused for a client not reading: what it sends is dropped now
 
     def shut_down(self) -> None:
         """Graceful: no new streams (GOAWAY NO_ERROR naming the last one taken); close once the last answer is out."""
@@ -156,7 +174,7 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
     # -- frames in -------------------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing() or self.lingering is not None:
             return
         if data:
             self.last_read = time.monotonic()
@@ -165,7 +183,7 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
             self._frames()
         except http2_wire.ConnectionError_ as err:
             log.info("closing a gRPC connection: %s", err)
-            self.close(err.code, str(err))
+            self.close(err.code, str(err), linger=True)
 
     def _frames(self) -> None:
         buf = self.buffer
@@ -260,15 +278,6 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
             if len(payload) != 5:  # a stream error: only that stream is reset
                 self._reset(stream_id, http2_wire.FRAME_SIZE_ERROR)
         # Unknown frame types are ignored, as RFC 9113 says.
-
-    def _cancelled(self) -> None:
-        """The client reset a stream still open: one of its allowance (RESET_BURST, refilled at RESETS_PER_SECOND),
-        past which the connection ends; opening streams only to cancel them is the rapid-reset attack."""
-        now = time.monotonic()
-        refill = (now - self.resets_counted) * RESETS_PER_SECOND
-        self.resets_allowed, self.resets_counted = min(RESET_BURST, self.resets_allowed + refill) - 1, now
-        if self.resets_allowed < 0:
-            raise http2_wire.ConnectionError_(http2_wire.ENHANCE_YOUR_CALM, "too many streams cancelled")
 
     def _not_idle(self, stream_id: int, kind: str) -> None:
         """RFC 9113 §5.1: RST_STREAM on stream 0, or either frame on a stream the client never opened (idle; even

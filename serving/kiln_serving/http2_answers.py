@@ -1,5 +1,5 @@
-"""The sending half of kiln's HTTP/2 connections (http2.py): stream state, the client's flow-control windows, and
-answers out.
+"""The sending half of kiln's HTTP/2 connections (http2.py): stream state (with the allowance of streams a client
+may cancel), the client's flow-control windows, and answers out.
 
 Why a module of its own: what paces answers is a concern apart from reading frames. Each answer's headers, data
 and trailers go out in one write when the client's windows allow; what does not fit waits on its stream and is
@@ -14,6 +14,10 @@ import time
 from dataclasses import dataclass, field
 
 from kiln_serving import http2_wire
+
+# Open streams a client may cancel (RST_STREAM) at once, and per second after that: streams opened only to be
+# cancelled cost the server work and the client nothing (rapid reset, CVE-2023-44487); nghttp2's numbers.
+RESET_BURST, RESETS_PER_SECOND = 1000, 33
 
 
 @dataclass(eq=False)
@@ -58,6 +62,7 @@ class Answers:
         # Streams this side reset (or ended before the client did), newest last: the client's frames already on
         # the way for them are ignored, not a protocol error (RFC 9113 5.1). Bounded: the oldest are forgotten.
         self.reset_streams: dict[int, None] = {}
+        self.resets_allowed, self.resets_counted = float(RESET_BURST), time.monotonic()  # see _cancelled
 
     # -- flow control: the client's SETTINGS and WINDOW_UPDATE ------------------------------------------------
 
@@ -110,6 +115,15 @@ class Answers:
             if len(self.reset_streams) > http2_wire.MAX_STREAMS:
                 del self.reset_streams[next(iter(self.reset_streams))]
         return self.streams.pop(stream_id, None)
+
+    def _cancelled(self) -> None:
+        """The client reset a stream still open: one of its allowance (RESET_BURST, refilled at RESETS_PER_SECOND),
+        past which the connection ends; opening streams only to cancel them is the rapid-reset attack."""
+        now = time.monotonic()
+        refill = (now - self.resets_counted) * RESETS_PER_SECOND
+        self.resets_allowed, self.resets_counted = min(RESET_BURST, self.resets_allowed + refill) - 1, now
+        if self.resets_allowed < 0:
+            raise http2_wire.ConnectionError_(http2_wire.ENHANCE_YOUR_CALM, "too many streams cancelled")
 
     def _reset(self, stream_id: int, code: int) -> None:
         """A stream error: RST_STREAM, and the stream's task stops (one waiting for its body would hold its

@@ -252,6 +252,17 @@ def test_frames_rfc_9113_forbids_end_the_connection_with_its_error(strict: Serve
         assert goaway_codes(Frames(sock).until_closed()) == [code]
 
 
+def test_a_client_still_sending_when_the_server_ends_the_connection_gets_the_goaway_not_a_reset(
+    strict: Server,
+) -> None:
+    # A forbidden frame, then 4 MB more, sent before reading (as the HTTP/1.1 test of connections.py does). Closed at
+    # once with that unread, the server's kernel sent an RST: the client's send failed, the GOAWAY saying why was
+    # lost. Lingering, the server reads and drops the rest until the client is done.
+    with opened(strict) as sock:
+        sock.sendall(frame(PING, 0, 1, b"12345678") + b"x" * 4_000_000)
+        assert goaway_codes(Frames(sock).until_closed()) == [PROTOCOL_ERROR]
+
+
 @pytest.mark.parametrize(
     ("sent", "code"),
     [
