@@ -53,6 +53,18 @@ _SPARE_FDS = 64
 LINGER_SECONDS = 2.0
 
 
+def linger(transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
+    """Close lingering (see the module docstring): our side shut now (write_eof), the transport closed once the
+    client closes its side (the protocol's default on EOF) or by the timer returned, after LINGER_SECONDS; None
+    where the transport cannot half-close, and was closed at once. The caller drops what still arrives."""
+    try:
+        transport.write_eof()
+    except (NotImplementedError, RuntimeError, OSError):
+        transport.close()
+        return None
+    return loop.call_later(LINGER_SECONDS, transport.close)
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket; port 0 picks a free one, which the caller reads back from the socket."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -153,13 +165,9 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 return
             self._disarm()
             self._refused = True  # what still arrives is dropped (data_received)
-            try:
-                self.transport.write_eof()
-            except (NotImplementedError, RuntimeError, OSError):
-                self.transport.close()
-                return
-            self._lingering = self.loop.call_later(LINGER_SECONDS, self.transport.close)
-            self.flow.resume_reading()
+            self._lingering = linger(self.transport, self.loop)
+            if self._lingering is not None:
+                self.flow.resume_reading()
 
         def on_response_complete(self) -> None:
             if self._lingering is not None:  # answered and closing: nothing pipelined is started

@@ -32,8 +32,7 @@ import time
 
 import hpack
 
-from kiln_serving import http2_answers, http2_bodies, http2_wire
-from kiln_serving.connections import LINGER_SECONDS
+from kiln_serving import connections, http2_answers, http2_bodies, http2_wire
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +153,9 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
             return
         self._end_streams()
         self.buffer.clear()
-        try:
-            self.transport.write_eof()
-        except (NotImplementedError, RuntimeError, OSError):
-            self.transport.close()
-            return
-        self.lingering = self.loop.call_later(LINGER_SECONDS, self.transport.close)
-        self.transport.resume_reading()  # paused for a client not reading: what it sends is dropped now
+        self.lingering = connections.linger(self.transport, self.loop)
+        if self.lingering is not None:
+            self.transport.resume_reading()  # paused for a client not reading: what it sends is dropped now
 
     def shut_down(self) -> None:
         """Graceful: no new streams (GOAWAY NO_ERROR naming the last one taken); close once the last answer is out."""
