@@ -1,5 +1,6 @@
-"""Heavy and hostile requests: health answers while a big JSON request is decoded, a JSON request's memory
-stays within a few times its body, and a client that hangs up is counted as such, not as a server error."""
+"""Heavy and hostile requests: health answers while a big JSON request is decoded or a big JSON answer written, a
+JSON request's memory stays within a few times its body, and a client that hangs up is counted as such, not as a
+server error."""
 
 import contextlib
 import json
