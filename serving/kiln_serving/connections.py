@@ -106,6 +106,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             self._refused = False
             self._lingering: asyncio.TimerHandle | None = None  # closing: our side shut, the client's awaited
             self._close_at_once = False  # nothing to linger for (a quiet client), or no descriptor to spare
+            self._body_in = bytearray()  # an ASGI request's body from the read being parsed (on_body)
 
         def _arm(self, seconds: float) -> None:
             self._disarm()
@@ -264,6 +265,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             elif self.cycle is not None and self.cycle.more_body:
                 self._arm(config.body_timeout_seconds)  # the next body chunk within this
             super().data_received(data)
+            self._hand_body_over()
 
         def _head_done(self, data: bytes) -> bool:
             """Whether this chunk ends the head within the limit (its end is in the last bytes counted)."""
@@ -353,10 +355,17 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 return
             if isinstance(self.cycle, direct.DirectCycle):
                 self.cycle.feed(body)
-            else:
-                super().on_body(body)
+            else:  # handed to the cycle once per read: a body of 1-byte chunks cost a call of uvicorn's each
+                self._body_in += body  # (~2 us: 43,000 of them in one 256 KB read held the loop ~0.1 s)
+
+        def _hand_body_over(self) -> None:
+            if self._body_in:
+                body, self._body_in = self._body_in, bytearray()
+                if not self._refused and not self.transport.is_closing():
+                    super().on_body(body)  # type: ignore[arg-type]  # uvicorn appends it to a bytearray
 
         def on_message_complete(self) -> None:
+            self._hand_body_over()
             self._disarm()
             if not self._refused and not self.transport.is_closing():
                 super().on_message_complete()
