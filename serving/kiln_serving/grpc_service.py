@@ -1,10 +1,10 @@
 """The Open Inference Protocol over gRPC: KServe v2's / Triton's `inference.GRPCInferenceService`.
 
-Runs on the HTTP server's event loop (over kiln's own HTTP/2 connections: http2.py, with http2_answers.py and
-http2_wire.py under it, then grpc_wire.py) and shares its data plane, so gRPC requests batch with HTTP ones and land
-in the same metrics. The message classes are the ones tritonclient ships (generated from Triton's
-grpc_service.proto, a superset of KServe's), so tritonclient.grpc and KServe's InferenceGRPCClient work unchanged.
-Tensors come as raw_input_contents or typed contents and always go back as raw_output_contents. The service's
+Runs on the HTTP server's event loop (over kiln's own HTTP/2 server: http2_server.py and http2.py, with
+http2_answers.py and http2_wire.py under it, then grpc_wire.py) and shares its data plane, so gRPC requests batch
+with HTTP ones and land in the same metrics. The message classes are the ones tritonclient ships (generated from
+Triton's grpc_service.proto, a superset of KServe's), so tritonclient.grpc and KServe's InferenceGRPCClient work
+unchanged. Tensors come as raw_input_contents or typed contents and always go back as raw_output_contents. The service's
 other RPCs (ModelConfig, RepositoryIndex, shared memory, ...) answer UNIMPLEMENTED, naming the ones that are served.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 
-from kiln_serving import connections, errors, grpc_tensors, grpc_wire, http2, http2_wire, metrics
+from kiln_serving import connections, errors, grpc_tensors, grpc_wire, http2_server, http2_wire, metrics
 from kiln_serving.config import ServingConfig
 from kiln_serving.dataplane import DataPlane, large, weight
 from kiln_serving.http_body import ENCODINGS, inflate
@@ -182,7 +182,7 @@ class Service:
 
 @dataclass
 class Running:
-    server: http2.Server
+    server: http2_server.Server
     port: int
 
     async def stop(self, grace_seconds: float) -> None:
@@ -211,7 +211,7 @@ def settings(dataplane: DataPlane) -> http2_wire.Settings:
 async def start(dataplane: DataPlane, host: str, port: int) -> Running:
     """Listen on host:port (0 = any free) on the running event loop."""
     sock = connections.bind(host, port)
-    server = http2.Server(settings(dataplane))
+    server = http2_server.Server(settings(dataplane))
     await server.start(sock)
     bound: int = sock.getsockname()[1]
     log.info("gRPC inference service on %s:%d", host, bound)

@@ -49,6 +49,7 @@ from kiln_serving.http2_wire import (
     HEADERS,
     PREFACE,
     SETTINGS,
+    WINDOW_UPDATE,
     frame,
     header_frames,
 )
@@ -129,6 +130,26 @@ def test_request_trailers_split_over_continuation_frames_end_the_request(server:
         sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + request + split)
         answer = Frames(sock).until(lambda f: f[2] == 1 and bool(f[1] & END_STREAM))
     assert not goaway_codes(answer) and dict(hpack.Decoder().decode(answer[-1][3]))["grpc-status"] == "0"
+
+
+def test_frames_of_one_byte_are_handled_a_turn_at_a_time_in_order_and_the_call_answered(
+    server: Server, folder: Path
+) -> None:
+    # A call's 49 KB body in 1-byte DATA frames (49,000 frames), after 200,000 WINDOW_UPDATEs of 1 (2.6 MB that
+    # wait for their turns with reading paused): handled _FRAMES_PER_TURN at a time (http2.py), all of them, in
+    # order, and the call answered from its whole body.
+    x = images_batch(64, seed=7)
+    body = infer_body(x)
+    updates = frame(WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big")) * 200_000
+    data = b"".join(frame(DATA, 0, 1, body[i : i + 1]) for i in range(len(body) - 1))
+    head = frame(HEADERS, END_HEADERS, 1, hpack.Encoder().encode(request_fields("ModelInfer")))
+    with raw(server) as sock:
+        sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + updates + head + data + frame(DATA, END_STREAM, 1, body[-1:]))
+        answer = Frames(sock).until(lambda f: f[2] == 1 and bool(f[1] & END_STREAM))
+    assert not goaway_codes(answer) and dict(hpack.Decoder().decode(answer[-1][3]))["grpc-status"] == "0"
+    message = b"".join(payload for kind, _, stream, payload in answer if kind == DATA and stream == 1)
+    expected = reference(folder / "models" / "model.onnx", {"input": x})["logits"]
+    assert np.abs(output(message) - expected).max() <= 1e-5
 
 
 def test_a_non_grpc_request_gets_415_and_a_get_gets_405(server: Server) -> None:
