@@ -21,7 +21,7 @@ keep_alive_timeout is sent GOAWAY and closed; past max_connections a new connect
 http2_wire.MAX_STREAMS streams are open on a connection (more are refused: the client retries). A client that does
 not read what it is sent is not read either (pause_writing): its PINGs and SETTINGS cannot pile up replies. One
 that breaks the protocol is sent GOAWAY and closed lingering: what it still sends is read and dropped until it
-closes too, or for connections.LINGER_SECONDS.
+closes too, or for transport_views.LINGER_SECONDS.
 """
 
 import asyncio
@@ -31,7 +31,7 @@ import time
 
 import hpack
 
-from kiln_serving import connections, http2_answers, http2_bodies, http2_wire
+from kiln_serving import http2_answers, http2_bodies, http2_wire, transport_views
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
             return
         self._end_streams()
         self.buffer.clear()
-        self.lingering = connections.linger(self.transport, self.loop)
+        self.lingering = transport_views.linger(self.transport, self.loop)
         if self.lingering is not None:
             self.transport.resume_reading()  # paused for a client not reading: what it sends is dropped now
 

@@ -1,6 +1,6 @@
 """What connections.py puts between uvicorn and a connection's transport: the answer it writes itself, a
-response's view of the transport (head and body in one send, 100 Continue, closing through the connection), and
-flow control that tells the connection when reading pauses."""
+response's view of the transport (head and body in one send, 100 Continue, closing through the connection), flow
+control that tells the connection when reading pauses, and the lingering close (HTTP/2's connections' too)."""
 
 import asyncio
 import json
@@ -18,6 +18,22 @@ def response(status: int, reason: str, message: str | None = None) -> bytes:
     body = json.dumps({"error": message or reason}).encode()
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             "connection: close\r\n\r\n").encode() + body  # fmt: skip
+
+
+# Longest a closed connection lingers for its client to stop sending (see connections.py's docstring).
+LINGER_SECONDS = 2.0
+
+
+def linger(transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
+    """Close lingering (see connections.py's docstring): our side shut now (write_eof), the transport closed once the
+    client closes its side (the protocol's default on EOF) or by the timer returned, after LINGER_SECONDS; None
+    where the transport cannot half-close, and was closed at once. The caller drops what still arrives."""
+    try:
+        transport.write_eof()
+    except (NotImplementedError, RuntimeError, OSError):
+        transport.close()
+        return None
+    return loop.call_later(LINGER_SECONDS, transport.close)
 
 
 # What uvicorn writes when an ASGI app first asks for the body of a request that expects 100-continue.
@@ -79,11 +95,14 @@ class HeadWithBody:
 
 
 class Flow(FlowControl):
-    """uvicorn's flow control, telling the connection when the server pauses and resumes reading it."""
+    """uvicorn's flow control, telling the connection when the server pauses and resumes reading it, and resuming
+    only while the connection holds no bytes read earlier that wait to be parsed (`holding`)."""
 
-    def __init__(self, transport: asyncio.Transport, reading_paused: Callable[[bool], None]) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, reading_paused: Callable[[bool], None], holding: Callable[[], bool]
+    ) -> None:
         super().__init__(transport)
-        self._reading_paused = reading_paused
+        self._reading_paused, self._holding = reading_paused, holding
 
     def pause_reading(self) -> None:
         if not self.read_paused:
@@ -91,6 +110,6 @@ class Flow(FlowControl):
             self._reading_paused(True)
 
     def resume_reading(self) -> None:
-        if self.read_paused:
+        if self.read_paused and not self._holding():
             super().resume_reading()
             self._reading_paused(False)
