@@ -156,7 +156,8 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 self.transport.close()
                 return
             self._disarm()
-            self._refused = True  # what still arrives is dropped (data_received)
+            self._refused = True  # what still arrives is dropped (data_received), pipelined bytes held too
+            self._held = b""
             self._lingering = transport_views.linger(self.transport, self.loop)
             if self._lingering is not None:
                 self.flow.resume_reading()
