@@ -203,7 +203,7 @@ class Routes:
             name = request.path_params["name"]
             self.dataplane.require_ready(name, None)
             body = await read_body(request, self.dataplane)
-            return _answer(await self.dataplane.predict_v1(name, body))
+            return Answer(200, await self.dataplane.predict_v1(name, body))
 
         return await self._instrumented(request, handle)
 

@@ -339,12 +339,31 @@ def to_json(array: Array) -> object:
     written here a slice at a time when it holds more than SLICE_VALUES values (jsontext.dumps_sliced)."""
     values: Array | list[str]
     if datatype_of(array) == "BYTES":
-        values = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
+        values = [_text_of(v) for v in array.reshape(-1)]
     else:
-        values = np.ascontiguousarray(array.reshape(-1))
-        if values.dtype == np.float16:  # orjson writes float32/64 arrays, not float16
-            values = values.astype(np.float32)
-    return values if len(values) <= SLICE_VALUES else jsontext.dumps_sliced(values, SLICE_VALUES)
+        values = _json_numbers(np.ascontiguousarray(array.reshape(-1)))
+    if len(values) <= SLICE_VALUES:
+        return values
+    return jsontext.dumps_sliced(len(values), SLICE_VALUES, lambda start, stop: values[start:stop])
+
+
+def rows_json(array: Array, start: int, stop: int) -> object:
+    """Rows start:stop of a tensor for jsontext.dumps, nested as the tensor is (KServe v1's predictions)."""
+    rows = array[start:stop]
+    if datatype_of(array) == "BYTES":
+        texts = np.array([_text_of(v) for v in rows.reshape(-1)], dtype=np.object_)
+        return texts.reshape(rows.shape).tolist()
+    return _json_numbers(np.ascontiguousarray(rows))
+
+
+def _text_of(value: object) -> str:
+    """A BYTES value as JSON text: UTF-8, what is not UTF-8 replaced (JSON strings are Unicode)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _json_numbers(values: Array) -> Array:
+    """Numbers as orjson writes them: it takes float32/64, not float16."""
+    return values.astype(np.float32) if values.dtype == np.float16 else values
 
 
 def to_bytes(array: Array) -> bytes:

@@ -88,6 +88,18 @@ def text_model(path: Path) -> Path:
     return _save(graph, path)
 
 
+def labelled(path: Path) -> Path:
+    """Numbers in, two outputs: the numbers and the same as text (Cast float -> string), [N,3] each."""
+    nodes = [
+        helper.make_node("Identity", ["x"], ["value"]),
+        helper.make_node("Cast", ["x"], ["label"], to=TensorProto.STRING),
+    ]
+    graph = helper.make_graph(nodes, "labelled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch", 3]),
+                               helper.make_tensor_value_info("label", TensorProto.STRING, ["batch", 3])])  # fmt: skip
+    return _save(graph, path)
+
+
 def all_datatypes(path: Path, datatypes: Sequence[str] = DATATYPES) -> Path:
     """One Identity per OIP datatype (of `datatypes`): input `in_<TYPE>` [N,3] -> output `out_<TYPE>`."""
     nodes = [helper.make_node("Identity", [f"in_{t}"], [f"out_{t}"]) for t in datatypes]

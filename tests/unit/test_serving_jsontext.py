@@ -152,3 +152,18 @@ def test_a_large_body_is_decoded_with_the_collector_off_and_freed_before_an_erro
     assert refused.value.__context__ is None and collector_on == [False, False] and gc.isenabled()
     jsontext.decoded(10, decode, False)
     assert collector_on[-1]  # a small body changes nothing
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 6, 7, 23])
+def test_arrays_written_in_slices_make_the_document_json_makes(count: int) -> None:
+    # Slices of 3 items, arrays beside text holding escaped NUL bytes (the mark dumps puts sliced arrays in by).
+    rng = random.Random(count)
+    items = [document(rng) for _ in range(count)]
+    numbers = np.arange(count * 2, dtype=np.float32).reshape(count, 2) / 4
+    content = {
+        "a\0": "\0[\0]",
+        "items": jsontext.dumps_sliced(count, 3, lambda start, stop: items[start:stop]),
+        "rows": [jsontext.dumps_sliced(count, 3, lambda start, stop: numbers[start:stop]), None],
+    }
+    expected = {"a\0": "\0[\0]", "items": items, "rows": [numbers.tolist(), None]}
+    assert json.loads(jsontext.dumps(content)) == expected

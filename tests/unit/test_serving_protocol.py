@@ -12,7 +12,18 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
-from serving_support import CLASSES, DATATYPES, SIZE, all_datatypes, config, images_batch, png, reference, serving
+from serving_support import (
+    CLASSES,
+    DATATYPES,
+    SIZE,
+    all_datatypes,
+    config,
+    images_batch,
+    labelled,
+    png,
+    reference,
+    serving,
+)
 from serving_support import trained_folder as make_trained_folder
 
 from kiln_serving import Server, images
@@ -202,6 +213,19 @@ def test_kserve_v1_predict_answers_one_prediction_per_instance(server: Server, f
     expected = reference(fp32_model(folder), {"input": x})["logits"]
     assert predictions.shape == (3, len(CLASSES))
     assert np.abs(predictions - expected).max() <= 1e-5
+
+
+def test_kserve_v1_predict_answers_an_object_per_instance_for_several_outputs_text_included(tmp_path: Path) -> None:
+    # Two outputs, one of them text (BYTES): each prediction is an object of the outputs' rows, text as strings.
+    model = labelled(tmp_path / "labelled" / "model.onnx")
+    x = np.array([[1.5, -2.0, 0.25], [3.0, 4.0, 5.0]], dtype=np.float32)
+    with serving(config(model.parent)) as running:
+        response = httpx.post(f"{running.url}/v1/models/labelled:predict", json={"instances": x.tolist()})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["value"] for p in predictions] == x.tolist()
+    labels = [[float(v) for v in p["label"]] for p in predictions]  # onnxruntime's own number text, read back
+    assert labels == x.tolist() and all(isinstance(v, str) for p in predictions for v in p["label"])
 
 
 def test_classify_applies_the_cards_preprocessing_to_a_png_and_returns_top_k_softmax(
