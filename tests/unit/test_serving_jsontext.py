@@ -3,9 +3,13 @@ holds the GIL across a large body: they find what one expression over the whole 
 quadratic on strings that do not end."""
 
 import gc
+import itertools
 import json
 import random
 import re
+import sys
+import threading
+import time
 import weakref
 
 import numpy as np
@@ -167,3 +171,39 @@ def test_arrays_written_in_slices_make_the_document_json_makes(count: int) -> No
     }
     expected = {"a\0": "\0[\0]", "items": items, "rows": [numbers.tolist(), None]}
     assert json.loads(jsontext.dumps(content)) == expected
+
+
+def test_a_refused_large_document_is_taken_apart_while_other_threads_take_turns() -> None:
+    # A million strings (the pure-Python decoder's case) freed in one call hold the GIL throughout (~15 ms here,
+    # 70 ms for 5 M): no other thread runs. Taken apart a slice at a time, another thread gets turns in between.
+    text = json.dumps({"inputs": [{"name": "x", "data": [f"s{i}" for i in range(1_000_000)]}]}).encode()
+    turns: list[float] = []
+    refused = threading.Event()
+
+    def take_turns() -> None:
+        while not refused.is_set():
+            turns.append(time.perf_counter())
+
+    other_thread = threading.Thread(target=take_turns)
+
+    def decode() -> None:
+        jsontext.loads(text)
+        other_thread.start()
+        window.append(time.perf_counter())
+        raise errors.InvalidInput("refused")
+
+    window: list[float] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    try:
+        with pytest.raises(errors.InvalidInput, match="refused"):
+            jsontext.decoded(len(text), decode)
+        window.append(time.perf_counter())
+    finally:
+        refused.set()
+        sys.setswitchinterval(interval)
+    other_thread.join()
+    during = [t for t in turns if window[0] <= t <= window[1]]
+    # Separate turns: the other thread's stamps follow each other within a microsecond or so while it runs.
+    separate = len(during) and 1 + sum(b - a > 20e-6 for a, b in itertools.pairwise(during))
+    assert separate >= 8, f"{separate} turns of another thread while the document was let go"
