@@ -43,6 +43,8 @@ class _Request:
     # Requests merge only with requests of the same signature; None never merges.
     signature: tuple[object, ...] | None
     future: "asyncio.Future[Outputs]"
+    # Rows run at a time for large string inputs (_string_rows); None: all at once. Such requests never merge.
+    string_rows: int | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -116,10 +118,11 @@ class Batcher:
             )
         first_dims = {a.shape[0] if a.ndim else -1 for a in inputs.values()}
         rows = first_dims.pop() if len(first_dims) == 1 else -1
+        string_rows = _string_rows(inputs) if self.model.batchable else None
         signature = None
-        if self.enabled and 1 <= rows <= self.max_batch_size and _string_rows(inputs) is None:
+        if self.enabled and 1 <= rows <= self.max_batch_size and string_rows is None:
             signature = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items()))
-        request = _Request(inputs, max(rows, 1), signature, asyncio.get_running_loop().create_future())
+        request = _Request(inputs, max(rows, 1), signature, asyncio.get_running_loop().create_future(), string_rows)
         self._pending.append(request)
         self.metrics.queue_depth.set(len(self._pending))
         self._dispatch()
@@ -225,7 +228,7 @@ class Batcher:
     def _run_alone(self, request: _Request) -> Result:
         started = time.perf_counter()
         try:
-            outputs = self._predict(request.inputs)
+            outputs = self._predict(request.inputs, request.string_rows)
         except errors.ServingError as err:
             return err
         except Exception as err:
@@ -234,12 +237,11 @@ class Batcher:
         self.metrics.batch(request.rows, time.perf_counter() - started)
         return outputs
 
-    def _predict(self, inputs: Mapping[str, codec.Array]) -> Outputs:
-        """model.predict, a slice of rows at a time when string inputs are large (_string_rows): onnxruntime turns
-        numpy's strings into its own, and its string outputs back, holding the GIL (5 M strings: 0.22 s). The rows
-        are split as the batcher merges them, so the answer is the same; if the outputs do not follow the rows,
-        the whole batch runs at once after all."""
-        step = _string_rows(inputs) if self.model.batchable else None
+    def _predict(self, inputs: Mapping[str, codec.Array], step: int | None) -> Outputs:
+        """model.predict, `step` rows at a time when string inputs are large (_string_rows; None: all at once):
+        onnxruntime turns numpy's strings into its own, and its string outputs back, holding the GIL (5 M strings:
+        0.22 s). The rows are split as the batcher merges them, so the answer is the same; if the outputs do not
+        follow the rows, the whole batch runs at once after all."""
         if step is None:
             return self.model.predict(inputs)
         rows = next(iter(inputs.values())).shape[0]
