@@ -201,7 +201,13 @@ class DataPlane:
         model = self.require_ready(name, None)
         inputs = await self.offload(len(body), jsontext.decoded, len(body), self._decode_v1, model, body)
         outputs = await self.batcher.submit(inputs)
+        rows = len(next(iter(inputs.values())))
         names = [t.name for t in model.outputs]
+        if not all(outputs[n].ndim and len(outputs[n]) == rows for n in names):
+            raise errors.InferenceFailed(
+                f"model '{model.name}' answered outputs that do not have a row per instance: "
+                f"{ {n: list(outputs[n].shape) for n in names} } for {rows} instances"
+            )
         return await self.offload(sum(weight(4 * outputs[n].nbytes) for n in names), _predictions, names, outputs)
 
     def _decode_v1(self, model: Model, body: bytes) -> dict[str, codec.Array]:

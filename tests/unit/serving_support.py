@@ -100,6 +100,14 @@ def labelled(path: Path) -> Path:
     return _save(graph, path)
 
 
+def shape_of(path: Path) -> Path:
+    """Numbers [N,3] in, their shape out (Shape): an output that does not follow the input's rows."""
+    graph = helper.make_graph([helper.make_node("Shape", ["x"], ["shape"])], "shape-of",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("shape", TensorProto.INT64, [2])])  # fmt: skip
+    return _save(graph, path)
+
+
 def all_datatypes(path: Path, datatypes: Sequence[str] = DATATYPES) -> Path:
     """One Identity per OIP datatype (of `datatypes`): input `in_<TYPE>` [N,3] -> output `out_<TYPE>`."""
     nodes = [helper.make_node("Identity", [f"in_{t}"], [f"out_{t}"]) for t in datatypes]

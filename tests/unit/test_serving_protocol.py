@@ -23,6 +23,7 @@ from serving_support import (
     png,
     reference,
     serving,
+    shape_of,
 )
 from serving_support import trained_folder as make_trained_folder
 
@@ -226,6 +227,17 @@ def test_kserve_v1_predict_answers_an_object_per_instance_for_several_outputs_te
     assert [p["value"] for p in predictions] == x.tolist()
     labels = [[float(v) for v in p["label"]] for p in predictions]  # onnxruntime's own number text, read back
     assert labels == x.tolist() and all(isinstance(v, str) for p in predictions for v in p["label"])
+
+
+def test_kserve_v1_predict_refuses_to_answer_when_an_output_has_no_row_per_instance(tmp_path: Path) -> None:
+    # Three instances, one output of two values: the rows cannot be told apart (was an IndexError's 500).
+    model = shape_of(tmp_path / "shape" / "model.onnx")
+    with serving(config(model.parent)) as running:
+        response = httpx.post(f"{running.url}/v1/models/shape:predict", json={"instances": [[1.0, 2.0, 3.0]] * 3})
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": "model 'shape' answered outputs that do not have a row per instance: {'shape': [2]} for 3 instances"
+    }
 
 
 def test_classify_applies_the_cards_preprocessing_to_a_png_and_returns_top_k_softmax(
