@@ -214,7 +214,7 @@ class Batcher:
         except Exception as err:  # isolate the request that broke it: run each on its own
             log.warning("batch of %d failed (%s); running its requests one by one", len(batch), err)
             return [self._run_alone(r) for r in batch]
-        if not _follow_rows(outputs, rows):
+        if not follow_rows(outputs, rows):
             log.warning("model outputs do not follow the batch dimension; running requests one by one")
             return [self._run_alone(r) for r in batch]
         self.metrics.batch(rows, time.perf_counter() - started)
@@ -248,7 +248,7 @@ class Batcher:
         pieces: dict[str, list[codec.Array]] = {}
         for at in range(0, rows, step):
             outputs = self.model.predict({name: array[at : at + step] for name, array in inputs.items()})
-            if not _follow_rows(outputs, min(step, rows - at)):
+            if not follow_rows(outputs, min(step, rows - at)):
                 break
             for name, array in outputs.items():
                 pieces.setdefault(name, []).append(array)
@@ -260,7 +260,7 @@ class Batcher:
         return self.model.predict(inputs)
 
 
-def _follow_rows(outputs: Outputs, rows: int) -> bool:
+def follow_rows(outputs: Outputs, rows: int) -> bool:
     """Whether every output has the rows of the inputs that made it (else they cannot be split or joined by row)."""
     return all(o.ndim and o.shape[0] == rows for o in outputs.values())
 

@@ -203,7 +203,7 @@ class DataPlane:
         outputs = await self.batcher.submit(inputs)
         rows = len(next(iter(inputs.values())))
         names = [t.name for t in model.outputs]
-        if not all(outputs[n].ndim and len(outputs[n]) == rows for n in names):
+        if not batching.follow_rows(outputs, rows):
             raise errors.InferenceFailed(
                 f"model '{model.name}' answered outputs that do not have a row per instance: "
                 f"{ {n: list(outputs[n].shape) for n in names} } for {rows} instances"
