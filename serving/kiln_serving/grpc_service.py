@@ -6,6 +6,7 @@ with HTTP ones and land in the same metrics. The message classes are the ones tr
 Triton's grpc_service.proto, a superset of KServe's), so tritonclient.grpc and KServe's InferenceGRPCClient work
 unchanged. Tensors come as raw_input_contents or typed contents and always go back as raw_output_contents. The service's
 other RPCs (ModelConfig, RepositoryIndex, shared memory, ...) answer UNIMPLEMENTED, naming the ones that are served.
+gRPC's standard health Check (grpc.health.v1) is served beside it, as Triton serves it.
 """
 
 import asyncio
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2
 from tritonclient.grpc import service_pb2 as pb
 
 from kiln_serving import connections, errors, grpc_tensors, grpc_wire, http2_server, http2_wire, metrics
@@ -34,6 +36,9 @@ T = TypeVar("T")
 _ENVELOPE_BYTES = 64 * 1024
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+# gRPC's standard health service, served beside the inference one (as Triton serves it) for Kubernetes' grpc probes
+# and grpc-health-probe: its Check only (Watch streams, and kiln's gRPC calls are unary).
+_HEALTH_CHECK = f"/{health_pb2.DESCRIPTOR.services_by_name['Health'].full_name}/Check"
 # Set while a call holds its admission: the transport admits a call by its length prefix before reading its body,
 # and the Dispatcher admits by the (inflated) message's size; one call takes one place, never two.
 _ADMITTED: ContextVar[bool] = ContextVar("kiln_grpc_admitted", default=False)
@@ -54,6 +59,7 @@ class Service:
                 continue
             parse = self._parse_infer if rpc.name == "ModelInfer" else self._parser(getattr(pb, rpc.input_type.name))
             served[f"/{_SERVICE.full_name}/{rpc.name}"] = grpc_wire.Method(parse, call)
+        served[_HEALTH_CHECK] = grpc_wire.Method(self._parser(health_pb2.HealthCheckRequest), self.health_check)
         return served
 
     def _parser(self, message_class: Any) -> Callable[[bytes | memoryview], Awaitable[Any]]:
@@ -96,7 +102,7 @@ class Service:
         """UNIMPLEMENTED for a path kiln does not serve, naming the RPCs it does."""
         served = ", ".join(sorted(rpc.name for rpc in _SERVICE.methods if hasattr(self, rpc.name)))
         name = path.rsplit("/", 1)[-1] if path.startswith(f"/{_SERVICE.full_name}/") else path
-        return grpc_wire.Abort("UNIMPLEMENTED", f"kiln does not serve {name}; it serves {served}")
+        return grpc_wire.Abort("UNIMPLEMENTED", f"kiln does not serve {name}; it serves {served} and {_HEALTH_CHECK}")
 
     async def inflate(self, message: memoryview, encoding: str) -> bytes:
         """A compressed request message, decompressed within max_body_bytes (on a codec thread when large)."""
@@ -108,6 +114,15 @@ class Service:
             return await work()
         except errors.ServingError as err:
             raise grpc_wire.Abort(errors.status(err)[1], str(err)) from None
+
+    async def health_check(self, request: Any) -> Any:
+        """SERVING once the model is ready (Triton's answer: its server readiness), else NOT_SERVING. The service
+        asked about is the server ("") or the inference service; the health protocol answers NOT_FOUND to others."""
+        if request.service not in ("", _SERVICE.full_name):
+            raise grpc_wire.Abort("NOT_FOUND", f"no service {request.service!r} here; ask about \"\" (the server) or "
+                                               f"{_SERVICE.full_name}")  # fmt: skip
+        ready = self.dataplane.ready()
+        return health_pb2.HealthCheckResponse(status="SERVING" if ready else "NOT_SERVING")
 
     async def ServerLive(self, request: Any) -> Any:  # noqa: N802 (the protocol's names)
         return pb.ServerLiveResponse(live=True)
@@ -194,8 +209,10 @@ def settings(dataplane: DataPlane) -> http2_wire.Settings:
     config: ServingConfig = dataplane.config
     service = Service(dataplane)
     too_large = f"request over the {config.max_body_bytes}-byte limit (max_body_bytes)"
+    dispatcher = grpc_wire.Dispatcher(service.methods(), service.unknown, ENCODINGS, service.inflate, service.admit)
     return http2_wire.Settings(
-        handler=grpc_wire.Dispatcher(service.methods(), service.unknown, ENCODINGS, service.inflate, service.admit),
+        handler=dispatcher,
+        refuse=dispatcher.refusal,
         oversize=grpc_wire.error("RESOURCE_EXHAUSTED", too_large, ENCODINGS),
         max_body=config.max_body_bytes + _ENVELOPE_BYTES,
         body_size=grpc_wire.body_size,

@@ -167,17 +167,26 @@ class Dispatcher:
                                          f"(grpc-accept-encoding: {accepted})")  # fmt: skip
         return await self.inflate(payload, encoding)
 
-    async def __call__(self, request: http2_wire.Request) -> http2_wire.Reply:
-        headers = request.headers
+    def refusal(self, headers: Mapping[str, str]) -> http2_wire.Reply | None:
+        """The answer a call gets from its headers alone: not gRPC, or an RPC not served; None for a served one.
+        The connection sends it before the body (http2_wire.Settings.refuse)."""
         if headers.get(":method") != "POST":
             return not_grpc(405, "gRPC calls are POST requests")
         if not headers.get("content-type", "").startswith("application/grpc"):
             return not_grpc(415, "not a gRPC request: content-type must be application/grpc")
         path = headers.get(":path", "")
+        if path not in self.methods:
+            unknown = self.unknown(path)
+            return error(unknown.code, str(unknown), self.encodings)
+        return None
+
+    async def __call__(self, request: http2_wire.Request) -> http2_wire.Reply:
+        headers = request.headers
+        refused = self.refusal(headers)
+        if refused is not None:
+            return refused
+        method = self.methods[headers[":path"]]
         try:
-            method = self.methods.get(path)
-            if method is None:
-                raise self.unknown(path)
             payload = await self._message(request.body, headers.get("grpc-encoding", "identity"))
             async with self.admit(len(payload)):
                 answer = await self._answer(method, payload, headers.get("grpc-timeout"))

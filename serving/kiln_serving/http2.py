@@ -385,5 +385,9 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
         stream = http2_answers.Stream(stream_id, self.peer_window, headers=headers)
         self.streams[stream_id] = stream
         self.idle_since = None
-        if end:
+        refusal = self.settings.refuse(headers)
+        if refusal is not None:  # answered from its headers: the rest of its body is dropped as it comes
+            stream.received = end
+            self._send(stream, refusal)
+        elif end:
             self._received(stream)

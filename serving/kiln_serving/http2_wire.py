@@ -8,7 +8,7 @@ they share holds no state, so it sits below all three and each fact here has thi
 
 import re
 import struct
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -130,6 +130,9 @@ class Settings:
     """What a connection serves and within which limits (the HTTP/1.1 server's settings, for HTTP/2)."""
 
     handler: Handler
+    # The answer to a request its headers alone refuse (an RPC not served, say), sent before its body: a client
+    # streaming a body it will not end would otherwise wait out the body timeout. None: read on.
+    refuse: Callable[[Mapping[str, str]], Reply | None]
     # The answer to a request whose body is over max_body bytes (sent before the rest of it arrives).
     oversize: Reply
     max_body: int

@@ -3,6 +3,7 @@ model, pick the outputs, build the answer (classification extension included). T
 and the gRPC one (grpc_tensors.py) both end in a `Request`, so both refuse the same requests the same way.
 """
 
+import math
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,10 @@ import numpy as np
 
 from kiln_serving import binary, codec, errors
 from kiln_serving.model import Model, TensorInfo
+
+# The output datatypes Triton's classification extension ranks, and the most elements it ranks in one row.
+CLASSIFIABLE = frozenset({"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"})
+MAX_CLASSIFIED = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -77,10 +82,10 @@ def wanted(model: Model, requested: Sequence[tuple[object, Mapping[str, Any]]], 
     """The outputs asked for, in order (all when none are); names must be known and unique."""
     if not requested:
         return [Wanted(t.name, binary_default) for t in model.outputs]
-    known = {t.name for t in model.outputs}
+    datatypes = {t.name: t.datatype for t in model.outputs}
     chosen: list[Wanted] = []
     for name, parameters in requested:
-        if not isinstance(name, str) or name not in known:
+        if not isinstance(name, str) or name not in datatypes:
             raise errors.InvalidInput(f"unknown output '{name}'; model '{model.name}' has {names(model.outputs)}")
         if any(w.name == name for w in chosen):
             raise errors.InvalidInput(f"output '{name}' is requested twice")
@@ -88,6 +93,10 @@ def wanted(model: Model, requested: Sequence[tuple[object, Mapping[str, Any]]], 
         k = parameters.get("classification", 0)
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise errors.InvalidInput(f"output '{name}': classification must be a non-negative integer, got {k!r}")
+        datatype = datatypes[name]
+        if k and datatype not in CLASSIFIABLE:
+            raise errors.InvalidInput(f"output '{name}': class result not available for its type '{datatype}' "
+                                      f"(classification ranks {', '.join(sorted(CLASSIFIABLE))})")  # fmt: skip
         chosen.append(Wanted(name, bool(parameters.get("binary_data", binary_default)), k))
     return chosen
 
@@ -129,37 +138,52 @@ def from_json(model: Model, header: Mapping[str, Any], reader: binary.Reader, al
 
 
 def from_raw(model: Model, body: memoryview, allow_non_finite: bool) -> Request:
-    """A raw binary request (Inference-Header-Content-Length: 0): the body is the only input's tensor; a
-    dynamic first dimension is what the byte count makes it."""
+    """A raw binary request (Inference-Header-Content-Length: 0), as Triton takes one: the body is the only input's
+    tensor, a dynamic first dimension what the byte count makes it; for a BYTES input of one element (a dynamic
+    first dimension taken as 1) the body is that element. Outputs are answered binary, as Triton answers them."""
     if len(model.inputs) != 1:
         raise errors.InvalidInput(f"raw binary requests need a model with one input; '{model.name}' has "
                                   f"{len(model.inputs)}: send a JSON header")  # fmt: skip
     spec = model.inputs[0]
-    dtype = codec.NUMPY_DTYPES.get(spec.datatype)
-    if dtype is None or dtype.kind == "O" or any(d < 0 for d in spec.shape[1:]):
-        raise errors.InvalidInput(f"raw binary requests need a fixed-size numeric input; '{spec.name}' is "
-                                  f"{spec.datatype} {codec.format_shape(spec.shape)}: send a JSON header")  # fmt: skip
-    row = int(np.prod(spec.shape[1:], dtype=np.int64)) * dtype.itemsize
-    first = spec.shape[0] if spec.shape else 1
-    if first < 0:
-        first = len(body) // row if row and len(body) % row == 0 else -1
-    shape = (first, *spec.shape[1:]) if spec.shape else ()
-    if first < 0:
-        raise errors.InvalidInput(f"raw binary request of {len(body)} bytes is not a whole number of "
-                                  f"'{spec.name}' rows of {row} bytes")  # fmt: skip
+    described = f"'{spec.name}' is {spec.datatype} {codec.format_shape(spec.shape)}: send a JSON header"
+    if spec.datatype == "BYTES":
+        shape = tuple(1 if d < 0 and i == 0 else d for i, d in enumerate(spec.shape))
+        if any(d < 0 for d in shape) or math.prod(shape) != 1 or len(body) >= 1 << 32:
+            raise errors.InvalidInput(f"a raw binary request for a BYTES input is its one element (under 4 GiB); "
+                                      f"{described}")  # fmt: skip
+        body = memoryview(len(body).to_bytes(4, "little") + body)  # framed as the binary extension frames one
+    else:
+        dtype = codec.NUMPY_DTYPES.get(spec.datatype)
+        if dtype is None or dtype.kind == "O" or any(d < 0 for d in spec.shape[1:]):
+            raise errors.InvalidInput(f"raw binary requests need a fixed-size numeric or one-element BYTES input; "
+                                      f"{described}")  # fmt: skip
+        row = math.prod(spec.shape[1:]) * dtype.itemsize
+        first = spec.shape[0] if spec.shape else 1
+        if first < 0:
+            first = len(body) // row if row and len(body) % row == 0 else -1
+        if first < 0:
+            raise errors.InvalidInput(f"raw binary request of {len(body)} bytes is not a whole number of "
+                                      f"'{spec.name}' rows of {row} bytes")  # fmt: skip
+        shape = (first, *spec.shape[1:]) if spec.shape else ()
     tensor = codec.from_bytes(spec.name, spec.datatype, shape, body)
-    return Request(complete(model, {spec.name: tensor}, allow_non_finite), wanted(model, [], False))
+    return Request(complete(model, {spec.name: tensor}, allow_non_finite), wanted(model, [], True))
 
 
-def classification(array: codec.Array, k: int, labels: Sequence[str]) -> codec.Array:
-    """Triton's classification extension: per batch row the top k as "score:index[:label]" BYTES."""
-    rows = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+def classification(name: str, array: codec.Array, k: int, labels: Sequence[str], batched: bool) -> codec.Array:
+    """Triton's classification extension: the top k as "score:index[:label]" BYTES (a float score as %f, an integer
+    one as itself), per row for a model that batches (shape [rows, k]), else over the whole tensor (shape [k])."""
+    by_row = batched and array.ndim > 0
+    rows = array.reshape(array.shape[0] if by_row else 1, math.prod(array.shape[1:] if by_row else array.shape))
+    if rows.shape[1] > MAX_CLASSIFIED:
+        raise errors.InvalidInput(f"output '{name}': classification ranks at most {MAX_CLASSIFIED:,} elements a "
+                                  f"row; its rows have {rows.shape[1]:,}")  # fmt: skip
     k = min(k, rows.shape[1])
     order = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :k]
-    texts = [[f"{rows[r, i]:f}:{i}" + (f":{labels[i]}" if i < len(labels) else "") for i in order[r]]
+    score = "{:f}" if array.dtype.kind == "f" else "{:d}"
+    texts = [[f"{score.format(rows[r, i])}:{i}" + (f":{labels[i]}" if i < len(labels) else "") for i in order[r]]
              for r in range(rows.shape[0])]  # fmt: skip
-    result = np.array(texts, dtype=np.object_)
-    return result if array.ndim > 1 else result.reshape(-1)
+    result = np.array(texts, dtype=np.object_).reshape(rows.shape[0], k)
+    return result if by_row else result.reshape(k)
 
 
 def results(model: Model, request: Request, outputs: Mapping[str, codec.Array]) -> list[tuple[Wanted, codec.Array]]:
@@ -168,7 +192,9 @@ def results(model: Model, request: Request, outputs: Mapping[str, codec.Array]) 
     chosen = []
     for want in request.outputs:
         array = outputs[want.name]
-        chosen.append((want, classification(array, want.classification, labels) if want.classification else array))
+        if want.classification:
+            array = classification(want.name, array, want.classification, labels, model.batchable)
+        chosen.append((want, array))
     return chosen
 
 

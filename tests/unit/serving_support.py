@@ -79,12 +79,13 @@ def classifier(path: Path, batch: int | None = None, seed: int = 0) -> Path:
     return _save(graph, path)
 
 
-def text_model(path: Path) -> Path:
-    """Text in, numbers out (Cast string -> float): the warm-up must give it text it can read."""
+def text_model(path: Path, width: int | None = None) -> Path:
+    """Text in, numbers out (Cast string -> float), [N] or [N, width]: the warm-up must give it text it can read."""
     node = helper.make_node("Cast", ["text"], ["value"], to=TensorProto.FLOAT)
+    shape: list[str | int] = ["batch"] if width is None else ["batch", width]
     graph = helper.make_graph([node], "text-to-number",
-                              [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch"])],
-                              [helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch"])])  # fmt: skip
+                              [helper.make_tensor_value_info("text", TensorProto.STRING, shape)],
+                              [helper.make_tensor_value_info("value", TensorProto.FLOAT, shape)])  # fmt: skip
     return _save(graph, path)
 
 

@@ -11,12 +11,26 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
 from PIL import Image
-from serving_support import CLASSES, SIZE, all_datatypes, config, images_batch, reference, serving, text_model
+from serving_support import (
+    CLASSES,
+    SIZE,
+    all_datatypes,
+    binary_output,
+    config,
+    images_batch,
+    labelled,
+    reference,
+    serving,
+    statuses,
+    text_model,
+)
 from serving_support import trained_folder as make_trained_folder
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as service_grpc
+from tritonclient.utils import InferenceServerException
 
 from kiln import api
 from kiln_cluster.controlplane import free_port
@@ -78,15 +92,62 @@ def test_statistics_extension_counts_successes_and_executions(server: Server) ->
     assert httpx.get(f"{server.url}/v2/models/stats").json()["model_stats"][0]["name"] == "tiny"
 
 
-def test_a_raw_binary_request_is_the_single_inputs_tensor(server: Server, folder: Path) -> None:
+def test_a_raw_binary_request_is_the_single_inputs_tensor_and_is_answered_binary(server: Server, folder: Path) -> None:
+    # As Triton's L0_http test_raw_binary reads it: the answer's outputs are binary, after its JSON header.
     x = images_batch(3, seed=23)
     response = httpx.post(f"{server.url}/v2/models/tiny/infer", content=x.astype("<f4").tobytes(),
                           headers={"Inference-Header-Content-Length": "0"})  # fmt: skip
     assert response.status_code == 200, response.text
-    out = response.json()["outputs"][0]
-    assert out["shape"] == [3, len(CLASSES)]
+    out = binary_output(response.content, int(response.headers["Inference-Header-Content-Length"]))
     expected = reference(folder / "models" / "model.onnx", {"input": x})["logits"]
-    assert np.abs(np.asarray(out["data"]).reshape(3, -1) - expected).max() <= 1e-5
+    assert out.shape == (3, len(CLASSES)) and np.abs(out - expected).max() <= 1e-5
+
+
+def test_a_raw_binary_request_to_a_text_model_is_its_one_element(tmp_path: Path) -> None:
+    # Triton's test_byte: the body is the one BYTES element; an input of more elements is refused, naming why.
+    with serving(config(text_model(tmp_path / "text" / "model.onnx").parent)) as running:
+        response = httpx.post(f"{running.url}/v2/models/text/infer", content=b"427",
+                              headers={"Inference-Header-Content-Length": "0"})  # fmt: skip
+    assert response.status_code == 200, response.text
+    header_length = int(response.headers["Inference-Header-Content-Length"])
+    assert np.frombuffer(response.content[header_length:], "<f4").tolist() == [427.0]
+    with serving(config(text_model(tmp_path / "pairs" / "model.onnx", width=2).parent)) as running:
+        response = httpx.post(f"{running.url}/v2/models/pairs/infer", content=b"427",
+                              headers={"Inference-Header-Content-Length": "0"})  # fmt: skip
+    assert response.status_code == 400
+    assert response.json()["error"] == ("a raw binary request for a BYTES input is its one element (under 4 GiB); "
+                                        "'text' is BYTES [-1,2]: send a JSON header")  # fmt: skip
+
+
+def test_classification_ranks_integers_and_batch_rows_as_triton_and_refuses_text_outputs(tmp_path: Path) -> None:
+    with serving(config(all_datatypes(tmp_path / "ints" / "model.onnx", ["INT32"]).parent)) as running:
+        client = triton.InferenceServerClient(running.address)
+        tensor = triton.InferInput("in_INT32", [2, 3], "INT32")
+        tensor.set_data_from_numpy(np.array([[5, 1, 9], [-2, 7, 0]], dtype=np.int32))
+        wanted = [triton.InferRequestedOutput("out_INT32", binary_data=False, class_count=2)]
+        got = client.infer("ints", [tensor], outputs=wanted).as_numpy("out_INT32")
+    assert got.tolist() == [["9:2", "5:0"], ["7:1", "0:2"]]  # an integer score as itself, not 9.000000
+    with serving(config(text_model(tmp_path / "text" / "model.onnx").parent)) as running:
+        client = triton.InferenceServerClient(running.address)
+        tensor = triton.InferInput("text", [3], "BYTES")
+        tensor.set_data_from_numpy(np.array([b"1.5", b"-2", b"8"], dtype=np.object_))
+        wanted = [triton.InferRequestedOutput("value", binary_data=False, class_count=3)]
+        got = client.infer("text", [tensor], outputs=wanted).as_numpy("value")
+    assert got.tolist() == [["1.500000:0"], ["-2.000000:0"], ["8.000000:0"]]  # each batch row ranked alone
+    with serving(config(labelled(tmp_path / "labelled" / "model.onnx").parent, grpc_port=free_port())) as running:
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}],
+                "outputs": [{"name": "label", "parameters": {"classification": 2}}]}  # fmt: skip
+        response = httpx.post(f"{running.url}/v2/models/labelled/infer", json=body)
+        tensor = triton_grpc.InferInput("x", [1, 3], "FP32")
+        tensor.set_data_from_numpy(np.array([[1, 2, 3]], dtype=np.float32))
+        with pytest.raises(InferenceServerException) as refused:
+            triton_grpc.InferenceServerClient(running.grpc_address).infer(
+                "labelled", [tensor], outputs=[triton_grpc.InferRequestedOutput("label", class_count=2)]
+            )
+        assert statuses(running, "labelled").get("500", 0.0) == 0.0
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("output 'label': class result not available for its type 'BYTES'")
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and "'BYTES'" in str(refused.value.message())
 
 
 def test_get_root_answers_kserve_liveness(server: Server) -> None:

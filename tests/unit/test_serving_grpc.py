@@ -1,6 +1,8 @@
 """The Open Inference Protocol over gRPC, as tritonclient.grpc speaks it: same model, batching, metrics and
 errors as HTTP, on the gRPC port beside the HTTP one."""
 
+import contextlib
+import queue
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving_support import CLASSES, all_datatypes, config, images_batch, reference, serving, statuses
 from serving_support import trained_folder as make_trained_folder
 from tritonclient.grpc import service_pb2 as pb
@@ -19,6 +22,8 @@ from tritonclient.utils import triton_to_np_dtype as triton_np_dtype
 
 from kiln_cluster.controlplane import free_port
 from kiln_serving import Server
+
+PATIENCE = 30
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +165,44 @@ def test_a_model_that_cannot_load_answers_unavailable_over_grpc(tmp_path: Path) 
             channel.infer("empty", [tensor])
         assert err.value.status() == "StatusCode.UNAVAILABLE"
         channel.close()
+        with grpc.insecure_channel(running.grpc_address) as plain:
+            health = health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=PATIENCE)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_the_standard_grpc_health_check_answers_as_kubernetes_grpc_probes_ask(server: Server) -> None:
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=PATIENCE)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as unknown:
+            health.Check(health_pb2.HealthCheckRequest(service="resnet"), timeout=PATIENCE)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND and "resnet" in str(unknown.value.details())
+        with pytest.raises(grpc.RpcError) as watch:
+            next(health.Watch(health_pb2.HealthCheckRequest(), timeout=PATIENCE))
+        assert watch.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_an_unserved_rpc_is_refused_from_its_headers_while_its_client_still_streams(folder: Path) -> None:
+    # A streaming call (tritonclient's stream_infer) keeps its request open: refused only once its body ended, it
+    # waited out the body timeout (here far longer than this test waits) and then lost its connection.
+    answers: queue.Queue[object] = queue.Queue()
+    with serving(config(folder, grpc_port=free_port(), body_timeout_seconds=600)) as running:
+        client = triton_grpc.InferenceServerClient(running.grpc_address)
+        client.start_stream(callback=lambda result, error: answers.put(error or result))
+        x = images_batch(1)
+        tensor = triton_grpc.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        with contextlib.suppress(InferenceServerException):  # the client's own, once the refusal has come
+            client.async_stream_infer("tiny", [tensor])
+        try:
+            refused = answers.get(timeout=PATIENCE)
+        finally:
+            client.stop_stream(cancel_requests=True)
+            client.close()
+    assert isinstance(refused, InferenceServerException), refused
+    assert refused.status() == "StatusCode.UNIMPLEMENTED" and "ModelStreamInfer" in str(refused.message())
 
 
 def test_grpc_port_zero_turns_grpc_off(folder: Path) -> None:
