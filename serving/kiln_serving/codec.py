@@ -158,8 +158,9 @@ SLICE_VALUES = 1 << 16
 
 def json_values(name: str, datatype: str, data: list[object]) -> Array:
     """JSON values (flat or nested, row-major) as a flat array of the datatype, every value checked to be one the
-    datatype takes, SLICE_VALUES values at a time. Nesting is flattened as far as it is regular (the shape
-    decides, as on the fast path); a list left among the values means it was not."""
+    datatype takes, SLICE_VALUES values at a time. Nesting is flattened whatever its shape: the tensor's shape
+    decides, as Triton reads JSON data and as the fast path (jsontext) reads numbers of any size, so the same data
+    is taken or refused alike, small or large."""
     allowed, wanted = _JSON_TYPES[datatype]
     parts: list[Array] = []
     try:
@@ -169,12 +170,13 @@ def json_values(name: str, datatype: str, data: list[object]) -> Array:
             if list in kinds:
                 values = np.asarray(rows, dtype=np.object_).reshape(-1).tolist()
                 kinds = set(map(type, values))
+                if list in kinds:  # irregular nesting: read in document order, as Triton and the fast path read it
+                    values = list(_scalars(values))
+                    kinds = set(map(type, values))
             for kind in kinds - set(allowed):
-                if kind is list:
-                    raise errors.InvalidInput(f"input '{name}': 'data' is nested in lists of unequal lengths")
                 value = next(v for v in values if type(v) is kind)
                 raise errors.InvalidInput(
-                    f"input '{name}': {datatype} data holds {_json_name(value)}; it takes {wanted}"
+                    f"input '{name}': {datatype} data holds {json_name(value)}; it takes {wanted}"
                 )
             if datatype == "BYTES":
                 parts.append(np.array([text(v) for v in values], dtype=np.object_))
@@ -255,6 +257,15 @@ def _slices(data: list[object]) -> Iterator[list[object]]:
         yield from _slices(item) if isinstance(item, list) else [[item]]
 
 
+def _scalars(values: list[object]) -> Iterator[object]:
+    """The values of nested lists, in document order (their depth is bounded by jsontext's nesting limit)."""
+    for value in values:
+        if type(value) is list:
+            yield from _scalars(value)
+        else:
+            yield value
+
+
 def nested_shape(value: object) -> tuple[int, ...]:
     """The shape nested lists have, read down their first elements (regular or not)."""
     shape: list[int] = []
@@ -264,13 +275,13 @@ def nested_shape(value: object) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _json_name(value: object) -> str:
+def json_name(value: object) -> str:
     """How the value was written in JSON, or what it was."""
     if value is None or isinstance(value, bool):
         return "null" if value is None else str(value).lower()
     if isinstance(value, int | float):
         return repr(value)
-    return "a string" if isinstance(value, str) else "an object"
+    return "a string" if isinstance(value, str) else "a list" if isinstance(value, list) else "an object"
 
 
 def sized(name: str, shape: Sequence[int], flat: Array) -> Array:
@@ -282,12 +293,18 @@ def sized(name: str, shape: Sequence[int], flat: Array) -> Array:
 
 
 def text(value: object) -> str:
-    """onnxruntime string tensors hold str; the protocol carries UTF-8 bytes."""
+    """onnxruntime string tensors hold str; the protocol carries UTF-8 bytes. JSON text may hold a lone surrogate
+    (an escape such as \\ud800), which no UTF-8 can carry: refused as binary data that is not UTF-8 is."""
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError("not valid UTF-8") from None
+    if isinstance(value, str) and not value.isascii():  # isascii is a flag: the common element costs nothing
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("not valid Unicode text (a lone surrogate)") from None
     return str(value)
 
 

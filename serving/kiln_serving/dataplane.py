@@ -131,9 +131,12 @@ class DataPlane:
         return self.model.reason or "loading"
 
     def check_model(self, name: str, version: str | None) -> None:
-        """ModelNotFound unless name (and version, if given) is what this server serves."""
+        """ModelNotFound unless name (and version, if given) is what this server serves; a version that is not a
+        number is the client's error (400), as Triton answers it."""
         if name != self.model.name:
             raise errors.ModelNotFound(f"model '{name}' not found; this server serves '{self.model.name}'")
+        if version is not None and binary.digits(version) is None:
+            raise errors.InvalidInput(f"model version must be a number, got {version!r}")
         if version is not None and version != self.model.version:
             raise errors.ModelNotFound(f"model '{name}' has no version '{version}' (versions: {self.model.version})")
 
@@ -243,7 +246,7 @@ class DataPlane:
                 f"classify needs a model card (model-card.json with preprocessing and class names); model "
                 f"'{model.name}' was loaded from a plain ONNX file: use /v2/models/{model.name}/infer instead"
             )
-        k = 5 if top_k is None else int(top_k) if top_k.isascii() and top_k.isdigit() else 0
+        k = 5 if top_k is None else binary.digits(top_k) or 0
         if k < 1:
             raise errors.InvalidInput(f"top_k must be a positive integer, got {top_k!r}")
         by_name = {t.name: t for t in model.inputs}

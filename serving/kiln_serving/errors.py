@@ -3,7 +3,12 @@ grpc_service.py read it; nothing else knows either protocol)."""
 
 
 class ServingError(Exception):
-    """Base of every error a client can cause or see; the message is shown to the client as is."""
+    """Base of every error a client can cause or see; the message is shown to the client as is, but for text that
+    is not Unicode, written as its escape: a lone surrogate (a JSON \\ud800 makes one) quoted from a request would
+    leave the answer impossible to encode."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 class InvalidInput(ServingError):
@@ -48,7 +53,7 @@ STATUS: dict[type[ServingError], tuple[int, str]] = {
     ModelNotFound: (404, "NOT_FOUND"),
     PayloadTooLarge: (413, "RESOURCE_EXHAUSTED"),
     UnsupportedMediaType: (415, "INVALID_ARGUMENT"),
-    ServerBusy: (503, "RESOURCE_EXHAUSTED"),
+    ServerBusy: (503, "UNAVAILABLE"),  # as Triton answers a full queue: the code gRPC clients retry
     ModelNotReady: (503, "UNAVAILABLE"),
     ClientClosed: (499, "CANCELLED"),
     ServingError: (500, "INTERNAL"),

@@ -176,6 +176,8 @@ def decode(model: Model, call: InferCall, allow_non_finite: bool) -> protocol.Re
             raise errors.InvalidInput(f"input '{spec.name}' is given twice")
         protocol.no_shared_memory(f"input '{spec.name}'", tensor.parameters)
         if raw:
+            if tensor.HasField("contents") or any(number == _CONTENTS_FIELD for number, _ in lifted):
+                raise errors.InvalidInput(f"input '{spec.name}': contents must not be given with raw_input_contents")
             tensors[spec.name] = codec.from_bytes(spec.name, spec.datatype, shape, memoryview(raw[i]))
             continue
         field = _CONTENTS.get(spec.datatype)
@@ -191,6 +193,7 @@ def decode(model: Model, call: InferCall, allow_non_finite: bool) -> protocol.Re
         else:
             flat = _typed(spec.name, spec.datatype, getattr(parts[0], field))
             tensors[spec.name] = codec.sized(spec.name, shape, flat)
+    protocol.request_options(_parameters(request.parameters))
     requested = [(o.name, _parameters(o.parameters)) for o in request.outputs]
     chosen = protocol.wanted(model, requested, binary_default=True)
     return protocol.Request(protocol.complete(model, tensors, allow_non_finite), chosen, request.id or None)

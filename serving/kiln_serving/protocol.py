@@ -97,7 +97,10 @@ def wanted(model: Model, requested: Sequence[tuple[object, Mapping[str, Any]]], 
         if k and datatype not in CLASSIFIABLE:
             raise errors.InvalidInput(f"output '{name}': class result not available for its type '{datatype}' "
                                       f"(classification ranks {', '.join(sorted(CLASSIFIABLE))})")  # fmt: skip
-        chosen.append(Wanted(name, bool(parameters.get("binary_data", binary_default)), k))
+        binary_data = parameters.get("binary_data", binary_default)
+        if not isinstance(binary_data, bool):
+            raise errors.InvalidInput(f"output '{name}': binary_data must be true or false, got {binary_data!r}")
+        chosen.append(Wanted(name, binary_data, k))
     return chosen
 
 
@@ -123,7 +126,7 @@ def from_json(model: Model, header: Mapping[str, Any], reader: binary.Reader, al
         else:
             raise errors.InvalidInput(f"input '{spec.name}' has neither 'data' nor parameters.binary_data_size")
     reader.finish()
-    request_parameters = _parameters(header, "request")
+    request_parameters = request_options(_parameters(header, "request"))
     raw_outputs = header.get("outputs")
     if raw_outputs is not None and not isinstance(raw_outputs, list):
         raise errors.InvalidInput("'outputs' must be a list of {\"name\": ...} objects")
@@ -132,9 +135,43 @@ def from_json(model: Model, header: Mapping[str, Any], reader: binary.Reader, al
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise errors.InvalidInput("each requested output must be an object with a 'name'")
         requested.append((raw["name"], _parameters(raw, f"output '{raw['name']}'")))
-    chosen = wanted(model, requested, bool(request_parameters.get("binary_data_output", False)))
-    request_id = header.get("id")
-    return Request(complete(model, tensors, allow_non_finite), chosen, None if request_id is None else str(request_id))
+    chosen = wanted(model, requested, request_parameters.get("binary_data_output", False))
+    return Request(complete(model, tensors, allow_non_finite), chosen, _request_id(header.get("id")))
+
+
+def _request_id(value: object) -> str | None:
+    """The id the answer echoes: a string, as Triton takes it, and Unicode text (a lone surrogate cannot be
+    written back)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise errors.InvalidInput(f"'id' must be a string, got {codec.json_name(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.InvalidInput("'id' is not valid Unicode text (a lone surrogate)") from None
+    return value
+
+
+def request_options(parameters: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A request's parameters, checked as Triton checks them (HTTP and gRPC alike): each a string, number or
+    boolean; priority and timeout non-negative integers, binary_data_output true or false; none named triton_*
+    (reserved). kiln reads only binary_data_output; the others are checked so a typo is not silently ignored."""
+    for key, value in parameters.items():
+        if key.startswith("triton_"):
+            raise errors.InvalidInput(f"request parameter '{key}': names starting with 'triton_' are reserved")
+        if key in ("priority", "timeout"):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise errors.InvalidInput(f"request parameter '{key}' must be a non-negative integer, got {value!r}")
+        elif key == "binary_data_output":
+            if not isinstance(value, bool):
+                raise errors.InvalidInput(
+                    f"request parameter 'binary_data_output' must be true or false, got {value!r}"
+                )
+        elif not isinstance(value, str | int | float):  # bool is an int
+            raise errors.InvalidInput(f"request parameter '{key}' must be a string, number or boolean, "
+                                      f"got {codec.json_name(value)}")  # fmt: skip
+    return parameters
 
 
 def from_raw(model: Model, body: memoryview, allow_non_finite: bool) -> Request:
@@ -218,7 +255,9 @@ def answer(model: Model, request: Request, outputs: Mapping[str, codec.Array]) -
 
 
 def _parameters(raw: Mapping[str, Any], what: str) -> Mapping[str, Any]:
-    parameters = raw.get("parameters") or {}
+    parameters = raw.get("parameters")
+    if parameters is None:
+        return {}
     if not isinstance(parameters, dict):
         raise errors.InvalidInput(f"{what}: 'parameters' must be an object")
     return parameters

@@ -10,6 +10,7 @@ import gevent
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 from serving_support import (
@@ -23,7 +24,9 @@ from serving_support import (
     trained_folder,
     wait_until,
 )
+from tritonclient.utils import InferenceServerException
 
+from kiln_cluster.controlplane import free_port
 from kiln_serving import Server, ServingConfig, codec
 from kiln_serving.model import OnnxModel
 
@@ -113,7 +116,7 @@ def test_with_batching_off_or_a_fixed_batch_dimension_every_request_runs_alone(t
 
 def test_a_full_queue_answers_503_with_retry_after_and_the_server_recovers(tmp_path: Path) -> None:
     folder = trained_folder(tmp_path / "tiny")
-    cfg = config(folder, max_queue_size=1, max_queue_delay_microseconds=0)
+    cfg = config(folder, max_queue_size=1, max_queue_delay_microseconds=0, grpc_port=free_port())
     model = GatedModel(cfg)
     with serving(cfg, model) as server, ThreadPoolExecutor(2) as pool:
         x = images_batch(1)
@@ -122,12 +125,19 @@ def test_a_full_queue_answers_503_with_retry_after_and_the_server_recovers(tmp_p
         queued = pool.submit(json_infer, server, x)  # fills the one queue slot
         wait_until(lambda: metric(server, "kiln_serving_queue_depth") == 1, "second request is queued")
 
-        refused = json_infer(server, x)
+        try:
+            refused = json_infer(server, x)
+            # Over gRPC, UNAVAILABLE (what Triton answers when its queue is full): the code clients retry.
+            tensor = triton_grpc.InferInput("input", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            with pytest.raises(InferenceServerException) as busy:
+                triton_grpc.InferenceServerClient(server.grpc_address).infer("tiny", [tensor])
+        finally:
+            model.gate.set()  # a failed check leaves no request held at the gate
         assert refused.status_code == 503
         assert refused.headers["Retry-After"] == "1"
         assert "1 requests already queued; retry later" in refused.json()["error"]
-
-        model.gate.set()
+        assert busy.value.status() == "StatusCode.UNAVAILABLE" and "already queued" in str(busy.value.message())
         assert running.result().status_code == 200
         assert queued.result().status_code == 200
         assert json_infer(server, x).status_code == 200

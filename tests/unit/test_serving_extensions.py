@@ -119,6 +119,19 @@ def test_a_raw_binary_request_to_a_text_model_is_its_one_element(tmp_path: Path)
                                         "'text' is BYTES [-1,2]: send a JSON header")  # fmt: skip
 
 
+def test_text_no_utf8_can_carry_is_refused_as_bytes_that_are_not_utf8_are(tmp_path: Path) -> None:
+    # A JSON string may hold a lone surrogate (the escape \ud800): onnxruntime failed on it, a 500.
+    with serving(config(text_model(tmp_path / "text" / "model.onnx").parent)) as running:
+        for path, body in (("v2/models/text/infer", {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2],
+                                                                 "data": ["fine", "\ud800"]}]}),
+                           ("v1/models/text:predict", {"instances": ["\udfff"]})):  # fmt: skip
+            response = httpx.post(f"{running.url}/{path}", content=json.dumps(body).encode(),
+                                  headers={"content-type": "application/json"})  # fmt: skip
+            assert response.status_code == 400, response.text
+            assert "not valid Unicode text (a lone surrogate)" in response.json()["error"]
+        assert statuses(running, "text").get("500", 0.0) == 0.0
+
+
 def test_classification_ranks_integers_and_batch_rows_as_triton_and_refuses_text_outputs(tmp_path: Path) -> None:
     with serving(config(all_datatypes(tmp_path / "ints" / "model.onnx", ["INT32"]).parent)) as running:
         client = triton.InferenceServerClient(running.address)

@@ -90,6 +90,21 @@ def test_grpc_errors_carry_the_protocols_status_codes(
         client.infer("tiny", [tensor])
     assert not_finite.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert statuses(server).get("400", 0) >= 2
+    # Checked as Triton checks them: typed contents beside raw ones (silently ignored before), and a request
+    # parameter named as Triton's reserved ones.
+    x = images_batch(1)
+    both = pb.ModelInferRequest(model_name="tiny", raw_input_contents=[x.tobytes()])
+    both.inputs.add(name="input", datatype="FP32", shape=list(x.shape)).contents.fp32_contents.extend(x.reshape(-1))
+    reserved = pb.ModelInferRequest(model_name="tiny", raw_input_contents=[x.tobytes()])
+    reserved.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    reserved.parameters["triton_enable_empty_final_response"].bool_param = True
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = service_grpc.GRPCInferenceServiceStub(channel)
+        for request, message in ((both, "input 'input': contents must not be given with raw_input_contents"),
+                                 (reserved, "names starting with 'triton_' are reserved")):  # fmt: skip
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(request, timeout=PATIENCE)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in str(refused.value.details())
 
 
 def test_a_tensor_in_shared_memory_is_refused_not_answered_in_the_response(
