@@ -209,6 +209,7 @@ class Batcher:
         started = time.perf_counter()
         rows = sum(r.rows for r in batch)
         merged = {n: np.concatenate([r.inputs[n] for r in batch], axis=0) for n in batch[0].inputs}
+        inferring = time.perf_counter()
         try:
             outputs = self.model.predict(merged)
         except Exception as err:  # isolate the request that broke it: run each on its own
@@ -217,12 +218,13 @@ class Batcher:
         if not follow_rows(outputs, rows):
             log.warning("model outputs do not follow the batch dimension; running requests one by one")
             return [self._run_alone(r) for r in batch]
-        self.metrics.batch(rows, time.perf_counter() - started)
+        splitting = time.perf_counter()
         results: list[Result] = []
         offset = 0
         for r in batch:
             results.append({n: o[offset : offset + r.rows] for n, o in outputs.items()})
             offset += r.rows
+        self.metrics.batch(rows, splitting - inferring, inferring - started, time.perf_counter() - splitting)
         return results
 
     def _run_alone(self, request: _Request) -> Result:
@@ -234,7 +236,7 @@ class Batcher:
         except Exception as err:
             log.error("inference failed", exc_info=err)
             return errors.InferenceFailed(f"inference failed: {err}")
-        self.metrics.batch(request.rows, time.perf_counter() - started)
+        self.metrics.batch(request.rows, time.perf_counter() - started)  # nothing to merge or split
         return outputs
 
     def _predict(self, inputs: Mapping[str, codec.Array], step: int | None) -> Outputs:

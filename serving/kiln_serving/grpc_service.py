@@ -179,8 +179,8 @@ class Service:
         except errors.ServingError as err:
             status, code = errors.status(err)
             raise grpc_wire.Abort(code, str(err)) from None
-        except asyncio.CancelledError:  # the client cancelled, went away or its deadline passed: no error of ours
-            status = metrics.CLIENT_CLOSED
+        except asyncio.CancelledError:  # the client cancelled or went away (no error of ours), or its deadline passed
+            status = metrics.DEADLINE_EXCEEDED if grpc_wire.past_deadline() else metrics.CLIENT_CLOSED
             raise
         except Exception as err:
             log.exception("unexpected error in ModelInfer")

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +136,17 @@ async def _parsed(method: Method, payload: bytes | memoryview) -> Any:
         raise Abort("INTERNAL", f"cannot parse the request message: {err}") from err
 
 
+# The deadline's timer of the call being answered, for a method that tells a call its deadline ended from one its
+# client cancelled (both cancel the method's task).
+_DEADLINE: ContextVar[asyncio.Timeout | None] = ContextVar("kiln_grpc_deadline", default=None)
+
+
+def past_deadline() -> bool:
+    """Whether the call being answered was cancelled by its deadline."""
+    timer = _DEADLINE.get()
+    return timer is not None and timer.expired()
+
+
 class Dispatcher:
     """The http2 handler: checks the call, finds the method by path, inflates its message, and parses and runs it
     within `admit(size)` and the deadline. `inflate(message, encoding)` decompresses a message compressed with one
@@ -206,7 +218,8 @@ class Dispatcher:
         if seconds > 0:
             parsed = await _parsed(method, payload)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(deadline - time.monotonic()):
+                async with asyncio.timeout(deadline - time.monotonic()) as timer:
+                    _DEADLINE.set(timer)
                     answer = await method.call(parsed)
                 if time.monotonic() < deadline:
                     return answer

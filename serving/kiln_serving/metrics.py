@@ -14,6 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CLIENT_CLOSED = 499
+# A gRPC call whose deadline (grpc-timeout) passed before its answer: what grpc-gateway makes DEADLINE_EXCEEDED in
+# HTTP terms. The server did not answer in time, so unlike CLIENT_CLOSED it counts as a failure.
+DEADLINE_EXCEEDED = 504
 
 
 @dataclass
@@ -31,6 +34,9 @@ class Duration:
         return {"count": self.count, "ns": self.ns}
 
 
+_PHASES = ("compute_input", "compute_infer", "compute_output")
+
+
 @dataclass
 class Statistics:
     """One model's totals for GET /v2/models/{name}/stats (Triton's statistics extension)."""
@@ -38,7 +44,11 @@ class Statistics:
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    # Per runtime call's batch size: its compute_input, compute_infer and compute_output (Triton's batch_stats).
+    batches: dict[int, tuple[Duration, Duration, Duration]] = field(default_factory=dict)
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
@@ -145,13 +155,17 @@ class ModelMetrics:
         self.queue_seconds.observe(seconds)
         self.statistics.queue.add(seconds)
 
-    def batch(self, items: int, seconds: float) -> None:
-        """One runtime call (worker thread)."""
+    def batch(self, items: int, seconds: float, input_seconds: float = 0.0, output_seconds: float = 0.0) -> None:
+        """One runtime call of `seconds` (worker thread), with what merging its requests' inputs and splitting its
+        outputs among them took (Triton's compute_input and compute_output)."""
         self.batch_size.observe(items)
         self.inferences.inc(items)
         self.compute_seconds.observe(seconds)
         stats = self.statistics
-        stats.compute_infer.add(seconds)
+        by_size = stats.batches.setdefault(items, (Duration(), Duration(), Duration()))
+        for durations in ((stats.compute_input, stats.compute_infer, stats.compute_output), by_size):
+            for duration, spent in zip(durations, (input_seconds, seconds, output_seconds), strict=True):
+                duration.add(spent)
         stats.inference_count += items
         stats.execution_count += 1
         stats.last_inference_ms = int(time.time() * 1000)
@@ -170,13 +184,16 @@ class ModelMetrics:
                 "success": stats.success.to_dict(),
                 "fail": stats.fail.to_dict(),
                 "queue": stats.queue.to_dict(),
-                "compute_input": zero,
+                "compute_input": stats.compute_input.to_dict(),
                 "compute_infer": stats.compute_infer.to_dict(),
-                "compute_output": zero,
+                "compute_output": stats.compute_output.to_dict(),
                 "cache_hit": zero,
                 "cache_miss": zero,
             },
-            "batch_stats": [],
+            "batch_stats": [
+                {"batch_size": size, **{k: d.to_dict() for k, d in zip(_PHASES, durations, strict=True)}}
+                for size, durations in sorted(stats.batches.items())  # one C call: the worker adds none meanwhile
+            ],
         }
 
     def loaded(self, ready: bool, provider: str, seconds: float) -> None:

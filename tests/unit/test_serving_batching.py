@@ -93,6 +93,14 @@ def test_200_concurrent_requests_all_succeed_match_unbatched_results_and_are_bat
         buckets = batch_sizes(server)
         assert buckets["1.0"] < buckets["+Inf"] < 200, "every request ran alone: no batch was ever formed"
         assert buckets["16.0"] == buckets["+Inf"]  # never more than max_batch_size
+        # Triton's statistics tell the same, a batch size at a time: runs, and the time merging and splitting took.
+        (stats,) = client.get_inference_statistics("tiny")["model_stats"]
+        runs = {int(b["batch_size"]): b for b in stats["batch_stats"]}
+        assert sum(int(b["compute_infer"]["count"]) for b in runs.values()) == buckets["+Inf"]
+        assert sum(size * int(b["compute_infer"]["count"]) for size, b in runs.items()) == 200
+        merged = [b for size, b in runs.items() if size > 1]
+        assert merged and all(int(b["compute_input"]["ns"]) > 0 and int(b["compute_output"]["ns"]) > 0 for b in merged)
+        assert int(stats["inference_stats"]["compute_input"]["count"]) == buckets["+Inf"]
         assert metric(server, "kiln_serving_inferences_total") == 200  # warm-up runs are not counted
         assert metric(server, "kiln_serving_requests_total") == 200
 
