@@ -3,6 +3,8 @@ and the server stays ready and correct afterwards."""
 
 import gzip
 import json
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +32,13 @@ def binary_request(header: dict[str, object], payload: bytes, header_length: int
     head = json.dumps(header).encode()
     length = len(head) if header_length is None else header_length
     return {"content": head + payload, "headers": {"Inference-Header-Content-Length": str(length)}}
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature, header claiming width x height pixels and end: no pixels."""
+    fields = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + fields + struct.pack(">I", zlib.crc32(fields)) + end
 
 
 def escaped(body: dict[str, object]) -> dict[str, object]:
@@ -108,7 +117,11 @@ CASES: list[tuple[str, str, str, dict[str, object], int, str]] = [
     ("eps never reaches ghostscript", "POST", "/v2/models/tiny/classify",
      {"content": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"}, 415, "unsupported image format"),
     ("broken png", "POST", "/v2/models/tiny/classify", {"content": b"\x89PNG\r\n\x1a\n broken"}, 400,
-     "cannot decode the image"),
+     "cannot decode the image (PNG or JPEG expected): its header is not valid"),
+    ("png over the pixel limit", "POST", "/v2/models/tiny/classify", {"content": png_header(13000, 13000)}, 400,
+     "image of 13000x13000 pixels is over the limit of 40000000 pixels"),
+    ("png past pillow's own limit", "POST", "/v2/models/tiny/classify", {"content": png_header(20000, 20000)}, 400,
+     "image of 20000x20000 pixels is over the limit of 40000000 pixels"),
     ("duplicate output", "POST", "/v2/models/tiny/infer",
      {"json": infer_body() | {"outputs": [{"name": "logits"}, {"name": "logits"}]}}, 400,
      "output 'logits' is requested twice"),
