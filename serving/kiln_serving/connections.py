@@ -332,6 +332,11 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 return head_too_large
             if self.parser.should_upgrade():  # llhttp stops at an upgrade: the body would never be parsed
                 return 400, "Bad Request", "this server does not upgrade HTTP/1.1 connections: send it without Upgrade"
+            if (version := self.parser.get_http_version()) not in ("1.0", "1.1"):
+                return 505, "HTTP Version Not Supported", f"HTTP/{version} is not spoken here: send HTTP/1.1"
+            hosts = sum(name == b"host" for name, _ in self.headers)  # RFC 9112 §3.2: a server MUST refuse these
+            if hosts > 1 or (hosts == 0 and version == "1.1"):
+                return 400, "Bad Request", f"an HTTP/1.1 request needs exactly one Host header; this one has {hosts}"
             for name, value in self.headers:
                 if name == b"transfer-encoding":
                     codings = [coding.strip().lower() for coding in value.split(b",")]

@@ -224,9 +224,14 @@ UNPARSABLE = [
 REFUSED_HEADS = {
     "unparsable": (UNPARSABLE[0], 400),
     "head too large": (b"GET /v2/health/live HTTP/1.1\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\n\r\n", 431),
-    "transfer coding": (b"POST /v2/models/tiny/infer HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    "transfer coding": (b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                        501),
     "upgrade": (b"POST /v2/models/tiny/infer HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
                 b"Content-Length: 0\r\n\r\n", 400),
+    # RFC 9112 §3.2: an HTTP/1.1 request without a Host header, or any with two, MUST get 400.
+    "no host": (b"GET /v2/health/live HTTP/1.1\r\n\r\n", 400),
+    "two hosts": (b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    "http/2.0 request line": (b"GET /v2/health/live HTTP/2.0\r\nHost: x\r\n\r\n", 505),
 }  # fmt: skip
 
 
