@@ -55,6 +55,7 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
         self.decoder = hpack.Decoder(max_header_list_size=settings.max_header_bytes)
         self.blocks: dict[bytes, dict[str, str]] = {}
         self.continuing: tuple[int, bytearray, bool] | None = None  # stream, block so far, END_STREAM
+        self.self_dependent: set[int] = set()  # streams opened depending on themselves, reset once decoded
         self.block_since = 0.0  # when the header block in `continuing` began
         self.writing_paused = False  # the client does not read: frames in wait, so replies cannot pile up
         self.last_read = time.monotonic()
@@ -294,6 +295,8 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
                 raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "PRIORITY on stream 0")
             if len(payload) != 5:  # a stream error: only that stream is reset
                 self._reset(stream_id, http2_wire.FRAME_SIZE_ERROR)
+            elif http2_wire.self_dependent(payload, stream_id):
+                self._reset(stream_id, http2_wire.PROTOCOL_ERROR)
         # Unknown frame types are ignored, as RFC 9113 says.
 
     def _not_idle(self, stream_id: int, kind: str) -> None:
@@ -310,6 +313,8 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
                 short = len(payload) < 5 + bool(flags & http2_wire.PADDED)
                 code = http2_wire.FRAME_SIZE_ERROR if short else http2_wire.PROTOCOL_ERROR
                 raise http2_wire.ConnectionError_(code, "HEADERS too short for its priority fields")
+            if http2_wire.self_dependent(block, stream_id):  # reset once its block is decoded (HPACK's state)
+                self.self_dependent.add(stream_id)
             block = block[5:]
         if stream_id in self.streams:  # trailers after a body: they only end the stream
             if self.streams[stream_id].received:
@@ -376,7 +381,8 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
                     self._received(stream)
             return
         headers = self._decode(block)
-        if headers is None or http2_wire.malformed(headers):  # a stream error (RFC 9113 §8.1.1) only
+        if headers is None or http2_wire.malformed(headers) or stream_id in self.self_dependent:  # stream errors
+            self.self_dependent.discard(stream_id)
             self._reset(stream_id, http2_wire.PROTOCOL_ERROR)
             return
         if self.going_away or len(self.streams) >= http2_wire.MAX_STREAMS:

@@ -157,9 +157,14 @@ class Bodies(http2_answers.Answers):
     # -- requests to the handler -----------------------------------------------------------------------------
 
     def _received(self, stream: http2_answers.Stream) -> None:
-        """The request is whole: hand it to the handler (or to its task, waiting since admission)."""
+        """The request is whole: hand it to the handler (or to its task, waiting since admission); unless its DATA
+        do not add up to its content-length, which makes it malformed (RFC 9113 §8.1.1): a stream error."""
         stream.received = True
         if stream.answered:
+            return
+        declared = http2_wire.declared_length(stream.headers)
+        if declared is not None and declared != stream.size:
+            self._reset(stream.id, http2_wire.PROTOCOL_ERROR)
             return
         if stream.task is None:
             stream.task = self.loop.create_task(self._serve(stream))

@@ -98,11 +98,27 @@ def fields(block: Iterable[tuple[bytes, bytes]]) -> dict[str, str] | None:
 
 def malformed(headers: dict[str, str]) -> bool:
     """Whether a request's well-formed fields still make a malformed request (RFC 9113 §8.2.2, §8.3.1): a
-    connection-specific header, te other than "trailers", or a pseudo-header missing."""
+    connection-specific header, te other than "trailers", a content-length that is not a number, or a pseudo-header
+    missing."""
     for name, value in headers.items():
         if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
             return True
+    length = headers.get("content-length", "0")
+    if not (length.isascii() and length.isdigit()):
+        return True
     return any(name not in headers for name in _REQUIRED)
+
+
+def declared_length(headers: dict[str, str] | None) -> int | None:
+    """A request's content-length (checked a number by `malformed`), which its DATA must add up to (§8.1.1)."""
+    value = headers.get("content-length") if headers else None
+    return None if value is None else int(value)
+
+
+def self_dependent(fields: bytes, stream_id: int) -> bool:
+    """Whether priority fields (a PRIORITY frame's, HEADERS' first five bytes with PRIORITY_FLAG) make the stream
+    depend on itself: a stream error (RFC 9113 §5.3.1). kiln does not prioritise, but checks them."""
+    return int.from_bytes(fields[:4], "big") & 0x7FFFFFFF == stream_id
 
 
 @dataclass

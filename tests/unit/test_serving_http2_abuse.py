@@ -268,6 +268,7 @@ def test_a_client_still_sending_when_the_server_ends_the_connection_gets_the_goa
     [
         pytest.param(frame(WINDOW_UPDATE, 0, 1, bytes(4)), PROTOCOL_ERROR, id="WINDOW_UPDATE of 0"),
         pytest.param(frame(PRIORITY, 0, 1, bytes(4)), FRAME_SIZE_ERROR, id="PRIORITY of 4 bytes"),
+        pytest.param(frame(PRIORITY, 0, 1, struct.pack(">IB", 1, 15)), PROTOCOL_ERROR, id="PRIORITY on itself"),
     ],
 )
 def test_a_stream_error_on_an_open_stream_resets_only_that_stream(strict: Server, sent: bytes, code: int) -> None:
@@ -321,6 +322,11 @@ def test_priority_a_client_may_signal_is_ignored_and_its_call_answered(strict: S
         pytest.param([*request_fields("ServerLive"), ("x-note", "a\t")], id="a value ending with a tab"),
         pytest.param([*request_fields("ServerLive"), (b"x-n\xf6te", b"1")], id="a name of obs-text"),
         pytest.param([*request_fields("ServerLive"), ("x:note", "1")], id="a colon in a name"),
+        pytest.param(
+            [*request_fields("ServerLive"), ("content-length", str(len(LIVE) + 1))],
+            id="a content-length its DATA do not add up to",
+        ),
+        pytest.param([*request_fields("ServerLive"), ("content-length", "5x")], id="a content-length not a number"),
     ],
 )
 def test_a_malformed_request_resets_its_stream_and_the_connection_serves_on(
@@ -332,6 +338,20 @@ def test_a_malformed_request_resets_its_stream_and_the_connection_serves_on(
         frames = Frames(sock)
         assert reset(frames) == (1, PROTOCOL_ERROR)
         serves_on(sock, frames, encoder)
+
+
+def test_a_stream_depending_on_itself_is_reset_and_a_true_content_length_is_served(strict: Server) -> None:
+    # RFC 9113 §5.3.1: a stream error; the header block is still decoded, so HPACK's table stays in step.
+    encoder = hpack.Encoder()
+    itself = struct.pack(">IB", 1, 15) + encoder.encode([*request_fields("ServerLive"), ("x-new", "indexed")])
+    with opened(strict) as sock:
+        sock.sendall(frame(HEADERS, END_HEADERS | PRIORITY_FLAG, 1, itself) + frame(DATA, END_STREAM, 1, LIVE))
+        frames = Frames(sock)
+        assert reset(frames) == (1, PROTOCOL_ERROR)
+        fields = [*request_fields("ServerLive"), ("x-new", "indexed"), ("content-length", str(len(LIVE)))]
+        sock.sendall(frame(HEADERS, END_HEADERS, 3, encoder.encode(fields)) + frame(DATA, END_STREAM, 3, LIVE))
+        assert frames.until(lambda f: ended_by_stream([f], 3))[-1][0] == HEADERS  # its trailers: served
+        serves_on(sock, frames, encoder, stream=5)
 
 
 def test_a_malformed_trailer_resets_its_stream_and_the_connection_serves_on(strict: Server) -> None:
