@@ -307,14 +307,13 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
             raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, f"{kind} on idle stream {stream_id}")
 
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
-        block = self._unpad(flags, payload)
+        block, itself = self._unpad(flags, payload), False
         if flags & http2_wire.PRIORITY_FLAG:  # 5 bytes of priority before the block (RFC 9113 §6.2), ignored
             if len(block) < 5:  # too short for them: FRAME_SIZE_ERROR (§4.2), or its padding covers them
                 short = len(payload) < 5 + bool(flags & http2_wire.PADDED)
                 code = http2_wire.FRAME_SIZE_ERROR if short else http2_wire.PROTOCOL_ERROR
                 raise http2_wire.ConnectionError_(code, "HEADERS too short for its priority fields")
-            if http2_wire.self_dependent(block, stream_id):  # reset once its block is decoded (HPACK's state)
-                self.self_dependent.add(stream_id)
+            itself = http2_wire.self_dependent(block, stream_id)
             block = block[5:]
         if stream_id in self.streams:  # trailers after a body: they only end the stream
             if self.streams[stream_id].received:
@@ -330,6 +329,8 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
         if stream_id % 2 == 0 or stream_id <= self.last_stream:
             raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, f"stream {stream_id} cannot be opened")
         self.last_stream = stream_id
+        if itself:  # reset once its block is decoded (HPACK's table)
+            self.self_dependent.add(stream_id)
         if flags & http2_wire.END_HEADERS:
             self._open(stream_id, block, bool(flags & http2_wire.END_STREAM))
         else:
