@@ -284,6 +284,7 @@ class App(Starlette):
 
     def __init__(self, routes: Routes, **kwargs: Any) -> None:
         super().__init__(routes=routes.routes(), **kwargs)
+        self.router.redirect_slashes = False  # a path with a trailing slash is unknown (404 in JSON), as in Triton
         self.infer = routes.infer
         # The inference routes' own patterns (their parameters are plain strings): one place says the paths.
         self.infer_paths = [r.path_regex for r in self.routes if isinstance(r, Route) and r.endpoint == routes.infer]

@@ -170,6 +170,7 @@ CASES: list[tuple[str, str, str, dict[str, object], int, str]] = [
     # Request fields Triton parses strictly ("Unable to parse 'id'", ...), where kiln read them loosely.
     ("id not a string", "POST", "/v2/models/tiny/infer", {"json": infer_body() | {"id": {"a": 1}}}, 400,
      "'id' must be a string, got an object"),
+    ("trailing slash", "POST", "/v2/models/tiny/infer/", {"json": infer_body()}, 404, "Not Found"),
     ("version not a number", "GET", "/v2/models/tiny/versions/abc", {}, 400,
      "model version must be a number, got 'abc'"),
     ("reserved request parameter", "POST", "/v2/models/tiny/infer",
