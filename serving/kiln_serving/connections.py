@@ -13,12 +13,11 @@ Idle keep-alive connections are closed by uvicorn after keep_alive_timeout_secon
   asking, it closes the connection (its client may never send the body, so the next request's start is unknown).
 - Each request is answered at most once: a timeout after the answer closes the connection without a second one,
   and when the connection is lost every request on it, the one being answered and those pipelined behind it,
-  sees the hang-up. A transfer coding other than chunked gets 501, an HTTP/1.1 Upgrade (kiln upgrades to
-  nothing; gRPC has its own port) 400, each with the connection closed.
+  sees the hang-up.
 - A request refused for its head (bytes the parser cannot parse: 400; a head too large: 431; a head too slow: 408;
-  a transfer coding or Upgrade kiln does not take) is answered and the connection closed only after the answers
-  of the requests pipelined before it (as nginx and h11 do; refused at once, those answers were lost and the
-  requests counted as client hang-ups). Nothing after it is parsed.
+  a transfer coding other than chunked: 501; an Upgrade (gRPC has its own port), or HTTP/1.1 without exactly one
+  Host: 400; an HTTP version but 1.0 and 1.1: 505) is answered and the connection closed only after the answers of
+  the requests pipelined before it (as nginx and h11 do). Nothing after it is parsed.
 - A connection the server closes (a refusal, an answer with `connection: close`) is closed lingering, as nginx
   and RFC 9112 9.6 do: the answer out, the server's side shut (FIN), and what the client still sends read and
   dropped until it closes too or for transport_views.LINGER_SECONDS; closed at once, its unread bytes made the
@@ -296,6 +295,8 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            if self.expect_100_continue and self.parser.get_http_version() == "1.0":  # RFC 9110 §10.1.1: no 1xx
+                self.expect_100_continue = False  # to an HTTP/1.0 client; its expectation is ignored
             if self._refused or self.transport.is_closing():  # pipelined behind a refused request: not served
                 return
             refusal = self._refusal()

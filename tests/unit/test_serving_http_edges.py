@@ -136,6 +136,16 @@ def test_an_expect_100_continue_request_waiting_for_admission_gets_100_then_its_
         assert Answers(holder).next()[0] == b"HTTP/1.1 200 OK"
 
 
+def test_an_http_1_0_client_expecting_100_continue_gets_no_1xx_only_its_answer(server: Server) -> None:
+    # RFC 9110 §10.1.1: the expectation is ignored in an HTTP/1.0 request, and §15.2: no 1xx to an HTTP/1.0 client.
+    request = json_request(images_batch(2), extra="Expect: 100-continue\r\n").replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    with connect(server) as sock:
+        sock.sendall(request)
+        status, _, body = Answers(sock).next()
+    assert status == b"HTTP/1.1 200 OK", status
+    assert json.loads(body)["outputs"][0]["shape"][0] == 2
+
+
 def test_an_expect_100_continue_request_answered_without_its_body_closes_the_connection(server: Server) -> None:
     # Its client need not send the body after a final answer (RFC 9110 §10.1.1), so where the next request would
     # start is unknown: the answer says connection: close, and the connection closes.
