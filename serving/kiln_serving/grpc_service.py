@@ -215,7 +215,7 @@ def settings(dataplane: DataPlane) -> http2_wire.Settings:
         refuse=dispatcher.refusal,
         oversize=grpc_wire.error("RESOURCE_EXHAUSTED", too_large, ENCODINGS),
         max_body=config.max_body_bytes + _ENVELOPE_BYTES,
-        body_size=grpc_wire.body_size,
+        body_size=grpc_wire.call_size,
         admit=service.admit,
         max_header_bytes=config.max_header_bytes,
         header_timeout=config.header_timeout_seconds,

@@ -92,6 +92,11 @@ def body_size(first: bytes) -> int | None:
     return None if len(first) < _PREFIX else _PREFIX + int.from_bytes(first[1:_PREFIX], "big")
 
 
+def call_size(headers: Mapping[str, str], first: bytes) -> int | None:
+    """body_size for a gRPC call; None for a request that is not one (its body has no length prefix to read)."""
+    return body_size(first) if headers.get("content-type", "").startswith("application/grpc") else None
+
+
 def message(body: bytes) -> tuple[bool, memoryview]:
     """The one message of a unary request body, and whether it is compressed."""
     if len(body) < _PREFIX:
@@ -180,20 +185,22 @@ class Dispatcher:
         return await self.inflate(payload, encoding)
 
     def refusal(self, headers: Mapping[str, str]) -> http2_wire.Reply | None:
-        """The answer a call gets from its headers alone: not gRPC, or an RPC not served; None for a served one.
-        The connection sends it before the body (http2_wire.Settings.refuse)."""
+        """The answer a gRPC call gets from its headers alone, sent before its body (http2_wire.Settings.refuse):
+        UNIMPLEMENTED for an RPC not served, whose client may stream a body it never ends. None for a served one,
+        and for a request that is not gRPC at all: that one is read whole, as any HTTP/2 request, then answered."""
+        path = headers.get(":path", "")
+        grpc = headers.get(":method") == "POST" and headers.get("content-type", "").startswith("application/grpc")
+        if not grpc or path in self.methods:
+            return None
+        unknown = self.unknown(path)
+        return error(unknown.code, str(unknown), self.encodings)
+
+    async def __call__(self, request: http2_wire.Request) -> http2_wire.Reply:
+        headers = request.headers
         if headers.get(":method") != "POST":
             return not_grpc(405, "gRPC calls are POST requests")
         if not headers.get("content-type", "").startswith("application/grpc"):
             return not_grpc(415, "not a gRPC request: content-type must be application/grpc")
-        path = headers.get(":path", "")
-        if path not in self.methods:
-            unknown = self.unknown(path)
-            return error(unknown.code, str(unknown), self.encodings)
-        return None
-
-    async def __call__(self, request: http2_wire.Request) -> http2_wire.Reply:
-        headers = request.headers
         refused = self.refusal(headers)
         if refused is not None:
             return refused

@@ -376,7 +376,7 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
         if stream_id < 0:  # trailers of -stream_id: malformed ones make the request malformed
             trailers = self._decode(block)
             if (stream := self.streams.get(-stream_id)) is not None:
-                if trailers is None:
+                if trailers is None or any(name[:1] == ":" for name in trailers):  # no pseudo-header (§8.1)
                     self._reset(stream.id, http2_wire.PROTOCOL_ERROR)
                 else:
                     self._received(stream)

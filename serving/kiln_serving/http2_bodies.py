@@ -114,8 +114,10 @@ class Bodies(http2_answers.Answers):
         if stream is None:
             if stream_id == 0 or stream_id % 2 == 0 or stream_id > self.last_stream:  # one the client never opened
                 raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
-            self._give_back(n)  # a stream already answered or reset: its late data is dropped
-            return
+            self._give_back(n)
+            if stream_id not in self.reset_streams:  # closed by the client's own END_STREAM or RST_STREAM (§5.1)
+                self._reset(stream_id, http2_wire.STREAM_CLOSED)
+            return  # else kiln reset it (or answered it early): the client's late data is dropped
         if stream.received:
             raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, f"DATA after the end of stream {stream_id}")
         body = self._unpad(flags, payload)
@@ -143,7 +145,7 @@ class Bodies(http2_answers.Answers):
         stream.size += len(body)
         if stream.expected is None and stream.size >= _PREFIX:
             first = stream.chunks[0] if len(stream.chunks[0]) >= _PREFIX else b"".join(stream.chunks)
-            stream.expected = self.settings.body_size(first)
+            stream.expected = self.settings.body_size(stream.headers or {}, first)
         if stream.size > self.settings.max_body or (stream.expected or 0) > self.settings.max_body:
             stream.chunks = []  # answered now (before the rest comes); _finish tells the client to stop sending
             self._release(stream)

@@ -17,7 +17,14 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x6, 0x7, 0x8, 0x9, 0xB
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = (
+    0x5,
+    0x6,
+    0x7,
+    0x8,
+    0x9,
+    0xB,
+)
 # SETTINGS identifiers.
 (SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE,
  SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE) = (0x1, 0x2, 0x3, 0x4, 0x5, 0x6)  # fmt: skip
@@ -34,6 +41,8 @@ _BAD_VALUE = re.compile(rb"[\0\r\n]|\A[ \t]|[ \t]\Z")
 # Headers of HTTP/1.1 connections that HTTP/2 forbids (RFC 9113 §8.2.2); `te` may only say "trailers".
 _CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
 _REQUIRED = (":method", ":scheme", ":path")
+# The pseudo-headers a request may carry (RFC 9113 §8.3.1), each at most once and before every regular field.
+_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 
 
 class ConnectionError_(Exception):
@@ -88,25 +97,31 @@ def fields(block: Iterable[tuple[bytes, bytes]]) -> dict[str, str] | None:
     request malformed, a stream error, while the block decoded and HPACK's table stays in step. A value may hold
     obs-text (0x80-0xFF, which HTTP allows): bytes that are not UTF-8 are kept as surrogate escapes, so a header
     kiln reads as text (grpc-timeout, :path) fails that header's own check and is answered as any bad one."""
-    headers = {}
+    headers: dict[str, str] = {}
+    regular = False
     for name, value in block:
         if _BAD_NAME.search(name) or _BAD_VALUE.search(value):
             return None
-        headers[name.decode()] = value.decode(errors="surrogateescape")
+        text = name.decode()
+        if name[:1] != b":":
+            regular = True
+        elif regular or name not in _PSEUDO or text in headers:  # §8.3: a request's own, once each, first
+            return None
+        headers[text] = value.decode(errors="surrogateescape")
     return headers
 
 
 def malformed(headers: dict[str, str]) -> bool:
     """Whether a request's well-formed fields still make a malformed request (RFC 9113 §8.2.2, §8.3.1): a
     connection-specific header, te other than "trailers", a content-length that is not a number, or a pseudo-header
-    missing."""
+    missing or (:path) empty."""
     for name, value in headers.items():
         if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
             return True
     length = headers.get("content-length", "0")
     if not (length.isascii() and length.isdigit()):
         return True
-    return any(name not in headers for name in _REQUIRED)
+    return any(not headers.get(name) for name in _REQUIRED)
 
 
 def declared_length(headers: dict[str, str] | None) -> int | None:
@@ -152,8 +167,9 @@ class Settings:
     # The answer to a request whose body is over max_body bytes (sent before the rest of it arrives).
     oversize: Reply
     max_body: int
-    # The whole body's size from its first bytes (gRPC's length prefix), None while too few have come.
-    body_size: Callable[[bytes], int | None]
+    # The whole body's size from the request's headers and its first bytes (gRPC's length prefix), None while too
+    # few have come or where they do not tell.
+    body_size: Callable[[Mapping[str, str], bytes], int | None]
     # Held while a body larger than a stream's first window is read and answered: bodies are read only once
     # admitted, as the HTTP/1.1 server reads large ones (DataPlane.admit).
     admit: Callable[[int], AbstractAsyncContextManager[None]]

@@ -47,6 +47,7 @@ from kiln_serving.http2_wire import (
     PROTOCOL_ERROR,
     RST_STREAM,
     SETTINGS,
+    STREAM_CLOSED,
     WINDOW_UPDATE,
     frame,
 )
@@ -327,6 +328,15 @@ def test_priority_a_client_may_signal_is_ignored_and_its_call_answered(strict: S
             id="a content-length its DATA do not add up to",
         ),
         pytest.param([*request_fields("ServerLive"), ("content-length", "5x")], id="a content-length not a number"),
+        # RFC 9113 §8.3: a request's own pseudo-headers only, each once, before the regular fields; :path not empty.
+        pytest.param(
+            [*request_fields("ServerLive")[:4], (":foo", "1"), *request_fields("ServerLive")[4:]],
+            id="an unknown pseudo-header",
+        ),
+        pytest.param([(":status", "200"), *request_fields("ServerLive")], id="a response's pseudo-header"),
+        pytest.param([("x-note", "1"), *request_fields("ServerLive")], id="a pseudo-header after a regular field"),
+        pytest.param([(":method", "POST"), *request_fields("ServerLive")], id="a duplicated :method"),
+        pytest.param(request_fields("ServerLive", (":path", "")), id="an empty :path"),
     ],
 )
 def test_a_malformed_request_resets_its_stream_and_the_connection_serves_on(
@@ -338,6 +348,47 @@ def test_a_malformed_request_resets_its_stream_and_the_connection_serves_on(
         frames = Frames(sock)
         assert reset(frames) == (1, PROTOCOL_ERROR)
         serves_on(sock, frames, encoder)
+
+
+@pytest.mark.parametrize("closed_by", ["its END_STREAM, then the answer", "its RST_STREAM"])
+def test_data_on_a_stream_the_client_closed_is_a_stream_closed_error_and_the_connection_serves_on(
+    strict: Server, closed_by: str
+) -> None:
+    # RFC 9113 §5.1: a client that ended or reset a stream knows it is closed; data after that is its error. Data
+    # on a stream the server reset is ignored instead (it may have been sent before the reset arrived).
+    encoder = hpack.Encoder()
+    with opened(strict) as sock:
+        frames = Frames(sock)
+        sock.sendall(frame(HEADERS, END_HEADERS, 1, encoder.encode(request_fields("ServerLive"))))
+        if closed_by == "its RST_STREAM":
+            sock.sendall(frame(RST_STREAM, 0, 1, struct.pack(">I", CANCEL)))
+        else:
+            sock.sendall(frame(DATA, END_STREAM, 1, LIVE))
+            assert frames.until(lambda f: ended_by_stream([f], 1))[-1][0] == HEADERS
+        sock.sendall(frame(DATA, 0, 1, LIVE))
+        assert reset(frames) == (1, STREAM_CLOSED)
+        serves_on(sock, frames, encoder)
+
+
+def test_a_request_that_is_not_grpc_is_read_whole_then_answered_and_not_read_as_a_grpc_message(
+    strict: Server,
+) -> None:
+    # Its first bytes are no gRPC length prefix: read as one, "xxxxx" claimed 2 GB and got RESOURCE_EXHAUSTED
+    # before its end; and a path kiln does not serve is refused early only for a gRPC call (which may stream).
+    encoder = hpack.Encoder()
+    fields = request_fields("Nothing", ("content-type", "text/plain"))
+    with opened(strict) as sock:
+        sock.sendall(frame(HEADERS, END_HEADERS, 1, encoder.encode(fields)) + frame(DATA, 0, 1, b"x" * 1000))
+        sock.sendall(frame(DATA, END_STREAM, 1, b"x" * 1000))
+        frames = Frames(sock)
+        answer = frames.until(lambda f: ended_by_stream([f], 1))
+        heads = [dict(hpack.Decoder().decode(p)) for kind, _, _, p in answer if kind == HEADERS]
+        assert heads[0][":status"] == "415", heads
+        sock.sendall(frame(HEADERS, END_HEADERS, 3, encoder.encode(request_fields("ServerLive"))))
+        sock.sendall(frame(DATA, END_STREAM, 3, LIVE))
+        later = frames.until(lambda f: ended_by_stream([f], 3))
+        # Answered once whole: no RST_STREAM telling the client to stop sending a body it had already ended.
+        assert not [f for f in answer + later if f[0] == RST_STREAM and f[2] == 1], answer + later
 
 
 def test_a_stream_depending_on_itself_is_reset_and_a_true_content_length_is_served(strict: Server) -> None:
@@ -354,11 +405,14 @@ def test_a_stream_depending_on_itself_is_reset_and_a_true_content_length_is_serv
         serves_on(sock, frames, encoder, stream=5)
 
 
-def test_a_malformed_trailer_resets_its_stream_and_the_connection_serves_on(strict: Server) -> None:
+@pytest.mark.parametrize("trailer", [("x-note", "\0"), (":path", "/")], ids=["a NUL", "a pseudo-header"])
+def test_a_malformed_trailer_resets_its_stream_and_the_connection_serves_on(
+    strict: Server, trailer: tuple[str, str]
+) -> None:
     encoder = hpack.Encoder()
     with opened(strict) as sock:
         sock.sendall(frame(HEADERS, END_HEADERS, 1, encoder.encode(request_fields("ServerLive"))))
-        trailers = encoder.encode([("x-note", "\0")])
+        trailers = encoder.encode([trailer])
         sock.sendall(frame(DATA, 0, 1, LIVE) + frame(HEADERS, END_HEADERS | END_STREAM, 1, trailers))
         frames = Frames(sock)
         assert reset(frames) == (1, PROTOCOL_ERROR)
