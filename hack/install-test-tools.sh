@@ -2,10 +2,10 @@
 # Builds the real cluster the integration and e2e tests run — the control plane (kube-apiserver,
 # kube-controller-manager, kube-scheduler, etcd), the node (kubelet, kube-proxy; containerd, CNI plugins, crictl,
 # CoreDNS and the pause binary through hack/install-node-tools.sh, which also installs runc, podman, debootstrap,
-# iptables, nftables and Prometheus from Debian), a matching kubectl and helm, and Kueue's controller with its CRDs
-# (hack/install-kueue.sh) — from the Go module proxy, and
-# caches them per version so later runs on the same machine skip the build. Prints the folder holding (links to)
-# every binary on its last line.
+# iptables, nftables and Prometheus from Debian), a matching kubectl and helm, Kueue's controller with its CRDs
+# (hack/install-kueue.sh), and h2spec (the HTTP/2 conformance suite the serving tests run) — from the Go module
+# proxy, and caches them per version so later runs on the same machine skip the build. Prints the folder holding
+# (links to) every binary on its last line.
 #
 # Kubernetes' own go.mod replaces its staging modules with local folders, so `go install` is refused;
 # a stub module that pins every staging module to its v0.X.Y tag builds the commands instead.
@@ -14,6 +14,7 @@ set -euo pipefail
 KUBE_VERSION="${KILN_KUBE_VERSION:-1.36.3}"
 ETCD_VERSION="${KILN_ETCD_VERSION:-3.6.14}"
 HELM_VERSION="${KILN_HELM_VERSION:-3.22.0}"
+H2SPEC_VERSION="2.2.1"
 
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/kiln"
 bin="$cache/bin/k8s-$KUBE_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION"
@@ -99,9 +100,23 @@ build_helm() {
   mv "$bin/helm.tmp" "$bin/helm"
 }
 
+build_h2spec() {
+  # h2spec has no go.mod: a stub module pins what it imports, or `go install` would take their newest releases.
+  local work="$cache/build/h2spec-$H2SPEC_VERSION"
+  rm -rf "$work" && mkdir -p "$work" && cd "$work"
+  go mod init kiln.local/h2specbuild >/dev/null 2>&1
+  say "building h2spec v$H2SPEC_VERSION"
+  go get "github.com/summerwind/h2spec@v$H2SPEC_VERSION+incompatible" github.com/fatih/color@v1.19.0 \
+    github.com/mattn/go-colorable@v0.1.14 github.com/mattn/go-isatty@v0.0.20 github.com/spf13/cobra@v1.10.2 \
+    github.com/spf13/pflag@v1.0.9 golang.org/x/net@v0.63.0 golang.org/x/sys@v0.50.0 golang.org/x/text@v0.44.0
+  go build -trimpath -o "$bin/h2spec.tmp" -ldflags "-s -w" github.com/summerwind/h2spec/cmd/h2spec
+  mv "$bin/h2spec.tmp" "$bin/h2spec"
+}
+
 start=$(date +%s)
 [ -x "$bin/etcd" ] || (build_etcd)
 [ -x "$bin/helm" ] || (build_helm)
+[ -x "$bin/h2spec" ] || (build_h2spec)
 for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
   if [ ! -x "$bin/$cmd" ]; then
     (build_kube)

@@ -282,12 +282,9 @@ class Connection(http2_bodies.Bodies, asyncio.Protocol):
                 if stream.task is not None:
                     stream.task.cancel()
             self._maybe_idle()
-        elif kind == http2_wire.GOAWAY:
-            if stream_id:
+        elif kind == http2_wire.GOAWAY:  # the client's asks kiln to open no streams, and kiln opens none: the
+            if stream_id:  # connection serves on (a PING after it is answered) until the client closes or it idles
                 raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "GOAWAY on a stream")
-            self.going_away = True
-            if not self.streams and self.transport is not None:
-                self.transport.close()
         elif kind == http2_wire.PUSH_PROMISE:
             raise http2_wire.ConnectionError_(http2_wire.PROTOCOL_ERROR, "a client cannot push")
         elif kind == http2_wire.PRIORITY:  # kiln does not prioritise, but checks it as RFC 9113 §6.3 says

@@ -6,15 +6,13 @@ rendered ConfigMap, and its builders produce the children whose permissions the 
 """
 
 import functools
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+from tool_support import find_tool, needs
 
 from kiln import api
 from kiln.api import constants
@@ -28,17 +26,8 @@ NAMESPACE = "kiln-system"
 Obj = dict[str, Any]
 
 
-def _find_helm() -> str | None:
-    test_bin = os.environ.get("KILN_TEST_BIN")
-    if test_bin and (Path(test_bin) / "helm").is_file():
-        return str(Path(test_bin) / "helm")
-    return shutil.which("helm")
-
-
-HELM = _find_helm()
-needs_helm = pytest.mark.skipif(
-    HELM is None, reason="helm not found: run `make test` (sets KILN_TEST_BIN) or put helm on PATH"
-)
+HELM = find_tool("helm")
+needs_helm = needs("helm")
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
