@@ -40,7 +40,7 @@ import httptools
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from kiln_serving import direct, transport_views
+from kiln_serving import direct, http_heads, transport_views
 from kiln_serving.config import ServingConfig
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def connection_cap(configured: int) -> int:
 def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[HttpToolsProtocol]:
     """The protocol class for uvicorn.Config(http=...), with config's limits; requests `route` wants skip ASGI."""
     cap = connection_cap(config.max_connections)
-    head_too_large = 431, "Request Header Fields Too Large", f"request head over {config.max_header_bytes} bytes"
+    head_too_large = http_heads.too_large(config.max_header_bytes)
 
     class GuardedHttp(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -285,8 +285,20 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                     return
             elif self.cycle is not None and self.cycle.more_body:
                 self._arm(config.body_timeout_seconds)  # the next body chunk within this
-            super().data_received(data)
+            self._feed(data)
             self._hand_body_over()
+
+        def _feed(self, data: bytes) -> None:
+            """uvicorn's data_received, but a parse error's 400 says what the parser found ("Content-Length can't be
+            present with Transfer-Encoding"), where uvicorn's says only "Invalid HTTP request received."."""
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as err:
+                self.logger.warning("invalid HTTP request: %s", err)
+                self.send_400_response(f"not valid HTTP/1.1: {err}")
+            except httptools.HttpParserUpgrade:
+                pass  # refused in on_headers_complete: kiln upgrades no connection
 
         def _head_done(self, data: bytes) -> bool:
             """Whether this chunk ends the head within the limit (its end is in the last bytes counted)."""
@@ -324,27 +336,9 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             else:
                 self._disarm()
 
-        def _refusal(self) -> tuple[int, str, str] | None:
-            """What a request head kiln cannot serve gets instead, before any of its body is parsed. The head's size
-            is counted again from its fields: data_received counts bytes as they come, but part of a head pipelined
-            behind another request came with that request's bytes."""
-            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-            if size > config.max_header_bytes:
-                return head_too_large
-            if self.parser.should_upgrade():  # llhttp stops at an upgrade: the body would never be parsed
-                return 400, "Bad Request", "this server does not upgrade HTTP/1.1 connections: send it without Upgrade"
-            if (version := self.parser.get_http_version()) not in ("1.0", "1.1"):
-                return 505, "HTTP Version Not Supported", f"HTTP/{version} is not spoken here: send HTTP/1.1"
-            hosts = sum(name == b"host" for name, _ in self.headers)  # RFC 9112 §3.2: a server MUST refuse these
-            if hosts > 1 or (hosts == 0 and version == "1.1"):
-                return 400, "Bad Request", f"an HTTP/1.1 request needs exactly one Host header; this one has {hosts}"
-            for name, value in self.headers:
-                if name == b"transfer-encoding":
-                    codings = [coding.strip().lower() for coding in value.split(b",")]
-                    if any(coding != b"chunked" for coding in codings):
-                        given = value.decode("latin-1")[:40]
-                        return 501, "Not Implemented", f"transfer coding {given!r} is not supported (only chunked)"
-            return None
+        def _refusal(self) -> http_heads.Refusal | None:
+            version, upgrade = self.parser.get_http_version(), self.parser.should_upgrade()
+            return http_heads.refusal(self.url, self.headers, version, upgrade, config.max_header_bytes)
 
         def _direct(self) -> bool:
             """Start a DirectCycle for this request if `route` wants it, as uvicorn starts its ASGI cycle."""
