@@ -92,9 +92,14 @@ def body_size(first: bytes) -> int | None:
     return None if len(first) < _PREFIX else _PREFIX + int.from_bytes(first[1:_PREFIX], "big")
 
 
+def grpc_content(headers: Mapping[str, str]) -> bool:
+    """Whether a request's content-type says it carries gRPC (application/grpc, +proto or others after it)."""
+    return headers.get("content-type", "").startswith("application/grpc")
+
+
 def call_size(headers: Mapping[str, str], first: bytes) -> int | None:
     """body_size for a gRPC call; None for a request that is not one (its body has no length prefix to read)."""
-    return body_size(first) if headers.get("content-type", "").startswith("application/grpc") else None
+    return body_size(first) if grpc_content(headers) else None
 
 
 def message(body: bytes) -> tuple[bool, memoryview]:
@@ -189,8 +194,7 @@ class Dispatcher:
         UNIMPLEMENTED for an RPC not served, whose client may stream a body it never ends. None for a served one,
         and for a request that is not gRPC at all: that one is read whole, as any HTTP/2 request, then answered."""
         path = headers.get(":path", "")
-        grpc = headers.get(":method") == "POST" and headers.get("content-type", "").startswith("application/grpc")
-        if not grpc or path in self.methods:
+        if headers.get(":method") != "POST" or not grpc_content(headers) or path in self.methods:
             return None
         unknown = self.unknown(path)
         return error(unknown.code, str(unknown), self.encodings)
@@ -199,7 +203,7 @@ class Dispatcher:
         headers = request.headers
         if headers.get(":method") != "POST":
             return not_grpc(405, "gRPC calls are POST requests")
-        if not headers.get("content-type", "").startswith("application/grpc"):
+        if not grpc_content(headers):
             return not_grpc(415, "not a gRPC request: content-type must be application/grpc")
         refused = self.refusal(headers)
         if refused is not None:

@@ -147,10 +147,9 @@ def _request_id(value: object) -> str | None:
     if not isinstance(value, str):
         raise errors.InvalidInput(f"'id' must be a string, got {codec.json_name(value)}")
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise errors.InvalidInput("'id' is not valid Unicode text (a lone surrogate)") from None
-    return value
+        return codec.text(value)  # as BYTES data is checked
+    except ValueError as err:
+        raise errors.InvalidInput(f"'id' is {err}") from None
 
 
 def request_options(parameters: Mapping[str, Any]) -> Mapping[str, Any]:
