@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from kiln_serving import binary, direct, errors, grpc_service, jsontext, metrics
+from kiln_serving import binary, direct, errors, grpc_service, jsonwrite, metrics
 from kiln_serving.config import ServingConfig
 from kiln_serving.dataplane import DataPlane, InferResponse
 from kiln_serving.direct import Answer
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def _answer(content: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Answer:
-    return Answer(status, jsontext.dumps(content), headers=headers)
+    return Answer(status, jsonwrite.dumps(content), headers=headers)
 
 
 def _json(content: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:

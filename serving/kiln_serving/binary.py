@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln_serving import errors, jsontext
+from kiln_serving import errors, jsontext, jsonwrite
 
 HEADER = "Inference-Header-Content-Length"
 # Longer numbers are past any body limit (and int() refuses over 4300 digits).
@@ -94,7 +94,7 @@ class Reader:
 
 def join(header: dict[str, Any], chunks: Sequence[bytes]) -> tuple[bytes, int | None]:
     """The response body and the value of its Inference-Header-Content-Length (None: plain JSON)."""
-    head = jsontext.dumps(header)
+    head = jsonwrite.dumps(header)
     if not chunks:
         return head, None
     return b"".join([head, *chunks]), len(head)

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from kiln_serving import errors, jsontext
+from kiln_serving import errors, jsontext, jsonwrite
 
 Array = npt.NDArray[np.generic]
 
@@ -352,8 +352,8 @@ def from_bytes(name: str, datatype: str, shape: Sequence[int], raw: memoryview) 
 
 
 def to_json(array: Array) -> object:
-    """A tensor as flat row-major JSON `data`, for jsontext.dumps (orjson writes numpy arrays itself, NaN as null);
-    written here a slice at a time when it holds more than SLICE_VALUES values (jsontext.dumps_sliced)."""
+    """A tensor as flat row-major JSON `data`, for jsonwrite.dumps (orjson writes numpy arrays itself, NaN as null);
+    written here a slice at a time when it holds more than SLICE_VALUES values (jsonwrite.dumps_sliced)."""
     values: Array | list[str]
     if datatype_of(array) == "BYTES":
         values = [_text_of(v) for v in array.reshape(-1)]
@@ -361,11 +361,11 @@ def to_json(array: Array) -> object:
         values = _json_numbers(np.ascontiguousarray(array.reshape(-1)))
     if len(values) <= SLICE_VALUES:
         return values
-    return jsontext.dumps_sliced(len(values), SLICE_VALUES, lambda start, stop: values[start:stop])
+    return jsonwrite.dumps_sliced(len(values), SLICE_VALUES, lambda start, stop: values[start:stop])
 
 
 def rows_json(array: Array, start: int, stop: int) -> object:
-    """Rows start:stop of a tensor for jsontext.dumps, nested as the tensor is (KServe v1's predictions)."""
+    """Rows start:stop of a tensor for jsonwrite.dumps, nested as the tensor is (KServe v1's predictions)."""
     rows = array[start:stop]
     if datatype_of(array) == "BYTES":
         texts = np.array([_text_of(v) for v in rows.reshape(-1)], dtype=np.object_)

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 import kiln
 from kiln import api
-from kiln_serving import batching, binary, codec, errors, images, jsontext, metrics, protocol
+from kiln_serving import batching, binary, codec, errors, images, jsontext, jsonwrite, metrics, protocol
 from kiln_serving.config import ServingConfig
 from kiln_serving.model import Model, OnnxModel, TensorInfo
 
@@ -285,7 +285,7 @@ def _predictions(names: list[str], outputs: Mapping[str, codec.Array]) -> bytes:
         return [{n: values[n][i] for n in names} for i in range(stop - start)]
 
     count = len(outputs[names[0]])
-    return jsontext.dumps({"predictions": jsontext.dumps_sliced(count, max(1, codec.SLICE_VALUES // per_row), rows)})
+    return jsonwrite.dumps({"predictions": jsonwrite.dumps_sliced(count, max(1, codec.SLICE_VALUES // per_row), rows)})
 
 
 def _image_tensor(image: bytes, card: api.ModelCard, dtype: np.dtype[np.generic]) -> codec.Array:

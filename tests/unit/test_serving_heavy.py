@@ -32,7 +32,7 @@ from serving_support import (
 )
 from serving_support import trained_folder as make_trained_folder
 
-from kiln_serving import Server, ServingConfig, jsontext
+from kiln_serving import Server, ServingConfig, jsonwrite
 from kiln_serving.app import build_app
 from kiln_serving.connections import bind
 from kiln_serving.model import Model
@@ -146,7 +146,7 @@ def test_health_never_waits_for_a_big_json_answer_to_be_written(tmp_path: Path) 
     # call holding the GIL, as the server's encoding did (on a codec thread, and every probe waited all the same).
     x = np.random.default_rng(0).normal(size=(1_400_000, 3)).astype(np.float32)
     started = time.perf_counter()
-    jsontext.dumps({"data": x.reshape(-1)})
+    jsonwrite.dumps({"data": x.reshape(-1)})
     write_seconds = time.perf_counter() - started
     model = all_datatypes(tmp_path / "types" / "model.onnx", ["FP32"])
     raw = x.tobytes()

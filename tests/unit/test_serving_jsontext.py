@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 import pytest
 
-from kiln_serving import errors, jsontext
+from kiln_serving import errors, jsontext, jsonwrite
 
 
 def document(rng: random.Random, depth: int = 0) -> object:
@@ -166,11 +166,11 @@ def test_arrays_written_in_slices_make_the_document_json_makes(count: int) -> No
     numbers = np.arange(count * 2, dtype=np.float32).reshape(count, 2) / 4
     content = {
         "a\0": "\0[\0]",
-        "items": jsontext.dumps_sliced(count, 3, lambda start, stop: items[start:stop]),
-        "rows": [jsontext.dumps_sliced(count, 3, lambda start, stop: numbers[start:stop]), None],
+        "items": jsonwrite.dumps_sliced(count, 3, lambda start, stop: items[start:stop]),
+        "rows": [jsonwrite.dumps_sliced(count, 3, lambda start, stop: numbers[start:stop]), None],
     }
     expected = {"a\0": "\0[\0]", "items": items, "rows": [numbers.tolist(), None]}
-    assert json.loads(jsontext.dumps(content)) == expected
+    assert json.loads(jsonwrite.dumps(content)) == expected
 
 
 def test_a_refused_large_document_is_taken_apart_while_other_threads_take_turns() -> None:
