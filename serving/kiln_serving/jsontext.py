@@ -14,10 +14,12 @@ parse made on the decoding thread.
 """
 
 import contextlib
+import functools
 import gc
 import json
 import json.decoder
 import json.scanner
+import operator
 import re
 import secrets
 import threading
@@ -91,7 +93,7 @@ class Deferred:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def value(self) -> object:
-        return loads(self.text[self.start : self.end])
+        return loads(self.text[self.start : self.end], (self.text, functools.partial(operator.add, self.start)))
 
 
 def _integers(values: list[Any], dtype: np.dtype[Any]) -> np.ndarray[Any, Any] | None:
@@ -140,9 +142,14 @@ def check_depth(text: bytes | str) -> None:
             pos = stop
 
 
-def loads(text: bytes) -> object:
+# Where a text parsed stands in the body: the body, and a map from a byte offset in the text to one in the body.
+Within = tuple[bytes, Callable[[int], int]]
+
+
+def loads(text: bytes, within: Within | None = None) -> object:
     """json.loads with the depth check, objects of at most MAX_MEMBERS members; InvalidInput for anything that is
-    not JSON. Text over _C_DECODE_MAX goes to json's pure-Python decoder (see there)."""
+    not JSON, placed in the body when the text stands for part of it (`within`: a skeleton, a run). Text over
+    _C_DECODE_MAX goes to json's pure-Python decoder (see there)."""
     check_depth(text)
     try:
         if len(text) <= _C_DECODE_MAX:
@@ -153,11 +160,26 @@ def loads(text: bytes) -> object:
         decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
         document = decoder.decode(text.decode(json.detect_encoding(text), "surrogatepass"))  # as json.loads does
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise errors.InvalidInput(f"request body is not valid JSON: {err}") from None
+        raise errors.InvalidInput(f"request body is not valid JSON: {_placed(err, text, within)}") from None
     parsed: list[object] | None = getattr(_parsed, "documents", None)
     if parsed is not None:
         parsed.append(document)
     return document
+
+
+def _placed(err: Exception, text: bytes, within: Within | None) -> str:
+    """err's message, with the position json gives in `text` moved to where it is in the body, in json's words."""
+    if within is None:
+        return str(err)
+    body, at = within
+    if isinstance(err, json.JSONDecodeError):  # err.pos counts characters, decoded as json.loads decodes bytes
+        before = body[: at(len(err.doc[: err.pos].encode(json.detect_encoding(text), "surrogatepass")))]
+        chars = before.decode(json.detect_encoding(body), "surrogatepass")
+        line, column = chars.count("\n") + 1, len(chars) - chars.rfind("\n")
+        return f"{err.msg}: line {line} column {column} (char {len(chars)})"
+    if isinstance(err, UnicodeDecodeError):
+        return str(UnicodeDecodeError(err.encoding, body, at(err.start), at(err.end - 1) + 1, err.reason))
+    return str(err)
 
 
 class _NoMemo(dict[str, str]):
@@ -290,11 +312,25 @@ def loads_request(text: bytes, slots: Slots = inputs_data) -> object:
     if not runs:
         return loads(text)
     pieces.append(text[last:])
-    skeleton = loads(b"".join(pieces))
+    markers = [len(piece) for piece in pieces[1::2]]
+    skeleton = loads(b"".join(pieces), (text, functools.partial(_in_text, runs, markers)))
     balanced = all(_count(text, b"[", a, b) == _count(text, b"]", a, b) for a, b in runs)
     if not balanced or not _swap(skeleton, slots, marker, [Deferred(text, a, b) for a, b in runs]):
         return loads(text)
     return skeleton
+
+
+def _in_text(runs: list[tuple[int, int]], markers: list[int], offset: int) -> int:
+    """Where a byte of the skeleton (the text with a marker of markers[i] bytes in place of runs[i]) is in the
+    text; a byte of a marker stands for its run's first."""
+    moved = 0
+    for (start, end), size in zip(runs, markers, strict=True):
+        if offset < start - moved:
+            break
+        if offset < start - moved + size:
+            return start
+        moved += end - start - size
+    return offset + moved
 
 
 def _runs(text: bytes) -> Iterator[tuple[int, int]]:

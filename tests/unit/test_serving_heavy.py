@@ -314,3 +314,20 @@ def test_a_large_body_the_server_holds_back_for_admission_is_not_timed_out(tmp_p
         for sock in (first, held):
             assert read_response(sock).startswith(b"HTTP/1.1 200"), "a request waiting for its turn timed out"
             sock.close()
+
+
+@pytest.mark.parametrize("path", ["/v2/models/tiny/infer", "/v1/models/tiny:predict"], ids=["v2", "kserve v1"])
+def test_a_large_json_body_with_a_syntax_error_gets_a_400_naming_where_json_loads_does(server: Server, path: str
+                                                                                      ) -> None:  # fmt: skip
+    x, body = big_json(200)
+    if path.startswith("/v1"):
+        body = json.dumps({"instances": x.tolist()}).encode()
+    comma = body.rfind(b", ")  # between the last two numbers: the error is inside the numbers, on line 2
+    broken = body[: len(body) // 2] + b"\n" + body[len(body) // 2 : comma] + b" " + body[comma + 2 :]
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(broken)
+    sock = raw_post(server.port, path, broken)
+    head, _, text = read_response(sock).partition(b"\r\n\r\n")
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert json.loads(text)["error"] == f"request body is not valid JSON: {expected.value}"

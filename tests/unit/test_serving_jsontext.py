@@ -207,3 +207,33 @@ def test_a_refused_large_document_is_taken_apart_while_other_threads_take_turns(
     # Separate turns: the other thread's stamps follow each other within a microsecond or so while it runs.
     separate = len(during) and 1 + sum(b - a > 20e-6 for a, b in itertools.pairwise(during))
     assert separate >= 8, f"{separate} turns of another thread while the document was let go"
+
+
+DATA = ",".join(["1.5"] * 50_000)  # one run: well past _MIN_RUN, so the rest is parsed as a skeleton around it
+NOT_JSON = {  # RUN stands for DATA
+    "after a run": '{"inputs":[{"name":"x","data":[RUN]}] "oops"}',
+    "at a run's end": '{"inputs":[{"name":"x","data":[RUN,]}]}',
+    "inside a run, on line 2": '{"inputs":[{"name":"x",\n"data":[RUN,1.5 1.5]}]}',
+    "after two runs and a name not ASCII": '{"inputs":[{"name":"é","data":[RUN]},{"name":"y","data":[RUN]} ,, ]}',
+}
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["utf-8", "utf-8 with BOM"])
+@pytest.mark.parametrize("text", NOT_JSON.values(), ids=NOT_JSON.keys())
+def test_a_large_body_that_is_not_json_is_refused_at_the_place_json_loads_names(text: str, bom: bytes) -> None:
+    body = bom + text.replace("RUN", DATA).encode()
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(body)
+    with pytest.raises(errors.InvalidInput) as refused:
+        request = jsontext.loads_request(body)
+        jsontext.Deferred.value(request["inputs"][0]["data"])  # type: ignore[index]  # the run parsed last
+    assert str(refused.value) == f"request body is not valid JSON: {expected.value}"
+
+
+def test_a_byte_not_utf_8_after_a_run_is_refused_at_its_place_in_the_body() -> None:
+    body = b'{"inputs":[{"name":"x","data":[%s]}],"id":"\xff"}' % DATA.encode()
+    with pytest.raises(UnicodeDecodeError) as expected:
+        json.loads(body)
+    with pytest.raises(errors.InvalidInput) as refused:
+        jsontext.loads_request(body)
+    assert str(refused.value) == f"request body is not valid JSON: {expected.value}"
