@@ -16,10 +16,11 @@ import contextlib
 import contextvars
 import itertools
 import logging
+import queue
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +49,33 @@ class _Request:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+class _Worker:
+    """The one inference thread, running the calls handed to it in order. A ThreadPoolExecutor's future, work item
+    and idle count cost a few more steps holding the GIL around each batch, all of which the loop waited for."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[..., None], tuple[object, ...]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="kiln-inference", daemon=True)
+        self._thread.start()
+
+    def submit(self, call: Callable[..., None], *args: object) -> None:
+        self._calls.put((call, args))
+
+    def shutdown(self) -> None:
+        """Run the calls already handed over, then end the thread."""
+        self._calls.put(None)
+        self._thread.join()
+
+    def _serve(self) -> None:
+        while (item := self._calls.get()) is not None:
+            call, args = item
+            try:
+                call(*args)
+            except Exception:
+                log.exception("inference worker: %s failed", getattr(call, "__qualname__", call))
+            del item, call, args  # the batch is let go now, not when the next one comes
+
+
 class Batcher:
     """The request queue and the worker thread in front of one model."""
 
@@ -65,7 +93,7 @@ class Batcher:
         self.max_delay = max_queue_delay_seconds
         self.max_queue_size = max_queue_size
         self._pending: deque[_Request] = deque()
-        self._executor: ThreadPoolExecutor | None = None
+        self._worker: _Worker | None = None
         self._running = False
         self._timer: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
@@ -78,7 +106,7 @@ class Batcher:
         return self.max_delay > 0 and self.max_batch_size > 1 and self.model.batchable
 
     def start(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-inference")
+        self._worker = _Worker()
 
     async def stop(self) -> None:
         """Refuse new requests, finish the queued ones, then end the worker."""
@@ -87,9 +115,9 @@ class Batcher:
             self._idle.clear()
             self._dispatch(force=True)
             await self._idle.wait()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
@@ -110,7 +138,7 @@ class Batcher:
         if flag is not None and flag[0]:
             flag[0] = False
             self.incoming -= 1
-        if self._closed or self._executor is None:
+        if self._closed or self._worker is None:
             raise errors.ModelNotReady(f"model '{self.model.name}' is not ready: the server is shutting down")
         if len(self._pending) >= self.max_queue_size:
             raise errors.ServerBusy(
@@ -132,8 +160,8 @@ class Batcher:
             with contextlib.suppress(ValueError):
                 self._pending.remove(request)
                 self.metrics.queue_depth.set(len(self._pending))
-                if self._executor is not None:  # never to run: its strings let go on the worker, as _work does
-                    self._executor.submit(codec.release, list(inputs.values()))
+                if self._worker is not None:  # never to run: its strings let go on the worker, as _work does
+                    self._worker.submit(codec.release, list(inputs.values()))
             raise
 
     # -- scheduling (event loop) -----------------------------------------------------------------------------
@@ -159,9 +187,8 @@ class Batcher:
         for r in batch:
             self.metrics.queued(started - r.enqueued)
         self._running = True
-        assert self._executor is not None
-        work = asyncio.get_running_loop().run_in_executor(self._executor, self._work, batch)
-        work.add_done_callback(lambda done: self._finished(batch, done))
+        assert self._worker is not None
+        self._worker.submit(self._work, batch, asyncio.get_running_loop())
 
     def _next_batch(self) -> tuple[list[_Request], bool]:
         """The requests at the head of the queue that can run together, and whether nothing more fits."""
@@ -176,12 +203,8 @@ class Batcher:
             rows += r.rows
         return batch, rows >= self.max_batch_size
 
-    def _finished(self, batch: list[_Request], done: "asyncio.Future[list[Result]]") -> None:
+    def _finished(self, batch: list[_Request], results: list[Result]) -> None:
         self._running = False
-        try:
-            results = done.result()
-        except Exception as err:  # _execute catches everything; this is a safety net
-            results = [errors.InferenceFailed(f"inference failed: {err}")] * len(batch)
         for request, result in zip(batch, results, strict=True):
             if request.future.done():  # the client went away
                 continue
@@ -196,12 +219,18 @@ class Batcher:
 
     # -- inference (worker thread) ---------------------------------------------------------------------------
 
-    def _work(self, batch: list[_Request]) -> list[Result]:
-        """Run the batch, then let go of the strings its inputs hold here (codec.release), not on the loop."""
-        results = self._execute(batch)
+    def _work(self, batch: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
+        """Run the batch, let go of the strings its inputs hold here (codec.release), not on the loop, and hand the
+        results to the loop with one call_soon_threadsafe: run_in_executor's chain of futures cost the loop two
+        more turns per batch, each on caches the run has just cooled."""
+        try:
+            results = self._execute(batch)
+        except Exception as err:  # _execute catches everything; this is a safety net
+            results = [errors.InferenceFailed(f"inference failed: {err}")] * len(batch)
         for request in batch:
             codec.release(request.inputs.values())
-        return results
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits for these results
+            loop.call_soon_threadsafe(self._finished, batch, results)
 
     def _execute(self, batch: list[_Request]) -> list[Result]:
         if len(batch) == 1:

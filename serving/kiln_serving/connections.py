@@ -272,7 +272,9 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                     self.flow.pause_reading()
                     return
                 self._parse(data[at : at + _PIECE])
-            if self.cycle is None or len(self.cycle.body) <= HIGH_WATER_LIMIT:  # else the body's admission resumes
+            cycle = self.cycle
+            held = cycle.early_bytes if isinstance(cycle, direct.DirectCycle) else len(cycle.body) if cycle else 0
+            if held <= HIGH_WATER_LIMIT:  # else the body's admission resumes reading
                 self.flow.resume_reading()
 
         def _parse(self, data: bytes) -> None:

@@ -106,6 +106,8 @@ class DirectCycle(RequestResponseCycle):
         self.length, self.header_length = length, header_length
         self.buffer: memoryview | None = None  # allocated once the handler asks for the body (see feed)
         self.filled = 0
+        self.early: list[bytes] = []  # the body's pieces that came before the buffer
+        self.early_bytes = 0
         self.call = InferCall(self.scope["path"], params["name"], params.get("version"), length, header_length,
                               self._body, hang_up)  # fmt: skip
         self.handler = route.handler
@@ -118,9 +120,10 @@ class DirectCycle(RequestResponseCycle):
         a crowd of clients declaring large bodies costs no more memory than it would through ASGI."""
         if self.response_complete:
             return
-        if self.buffer is None:
-            self.body += chunk
-            if len(self.body) > HIGH_WATER_LIMIT:
+        if self.buffer is None:  # kept as the parser made them: one copy, into the buffer, later
+            self.early.append(chunk)
+            self.early_bytes += len(chunk)
+            if self.early_bytes > HIGH_WATER_LIMIT:
                 self.flow.pause_reading()
             return
         end = self.filled + len(chunk)
@@ -129,9 +132,10 @@ class DirectCycle(RequestResponseCycle):
 
     async def _body(self) -> memoryview:
         self.buffer = binary.aligned_buffer(self.length, self.header_length)
-        self.filled = len(self.body)
-        self.buffer[: self.filled] = self.body
-        self.body = bytearray()
+        for piece in self.early:
+            self.buffer[self.filled : self.filled + len(piece)] = piece
+            self.filled += len(piece)
+        self.early.clear()
         self.flow.resume_reading()
         while self.more_body and not self.disconnected:
             await self.message_event.wait()

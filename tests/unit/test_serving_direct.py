@@ -149,7 +149,7 @@ def test_bodies_waiting_to_be_admitted_are_held_no_further_than_through_asgi(fol
                 sock.setblocking(False)
                 with contextlib.suppress(BlockingIOError):
                     sock.send(whole[:1_000_000])  # as much as the kernel takes, far past what the server holds
-            held = lambda: [len(c.body) for c in open_cycles(server) if c.buffer is None]  # noqa: E731
+            held = lambda: [c.early_bytes for c in open_cycles(server) if c.buffer is None]  # noqa: E731
             wait_until(lambda: len(held()) == 6 and min(held()) > HIGH_WATER_LIMIT, "six bodies held, reading paused")
             assert max(held()) <= HIGH_WATER_LIMIT + READ_BYTES, held()
             admitted.sendall(whole[len(whole) // 2 :])
