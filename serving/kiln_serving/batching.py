@@ -227,10 +227,12 @@ class Batcher:
             results = self._execute(batch)
         except Exception as err:  # _execute catches everything; this is a safety net
             results = [errors.InferenceFailed(f"inference failed: {err}")] * len(batch)
-        for request in batch:
-            codec.release(request.inputs.values())
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits for these results
-            loop.call_soon_threadsafe(self._finished, batch, results)
+        try:
+            for request in batch:
+                codec.release(request.inputs.values())
+        finally:  # whatever happens here, the loop learns the batch ended (else no other batch would start)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits for these results
+                loop.call_soon_threadsafe(self._finished, batch, results)
 
     def _execute(self, batch: list[_Request]) -> list[Result]:
         if len(batch) == 1:
