@@ -27,7 +27,8 @@ def refusal(
         return 505, "HTTP Version Not Supported", f"HTTP/{version} is not spoken here: send HTTP/1.1"
     hosts = sum(name == b"host" for name, _ in headers)  # RFC 9112 §3.2: a server MUST refuse both
     if hosts > 1 or (hosts == 0 and version == "1.1"):
-        return 400, "Bad Request", f"an HTTP/1.1 request needs exactly one Host header; this one has {hosts}"
+        wanted = "needs exactly one" if version == "1.1" else "may have at most one"
+        return 400, "Bad Request", f"an HTTP/{version} request {wanted} Host header; this one has {hosts}"
     for name, value in headers:
         if name == b"transfer-encoding":
             codings = [coding.strip().lower() for coding in value.split(b",")]

@@ -30,7 +30,7 @@ from serving_support import (
 )
 from serving_support import trained_folder as make_trained_folder
 
-from kiln_serving import Server
+from kiln_serving import Server, http_heads
 from kiln_serving.dataplane import LARGE_BYTES
 
 PATIENCE = 30
@@ -246,6 +246,17 @@ REFUSED_HEADS = {
     "two hosts": (b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     "http/2.0 request line": (b"GET /v2/health/live HTTP/2.0\r\nHost: x\r\n\r\n", 505),
 }  # fmt: skip
+
+
+@pytest.mark.parametrize(("version", "hosts", "message"), [
+    ("1.1", 0, "an HTTP/1.1 request needs exactly one Host header; this one has 0"),
+    ("1.1", 2, "an HTTP/1.1 request needs exactly one Host header; this one has 2"),
+    ("1.0", 2, "an HTTP/1.0 request may have at most one Host header; this one has 2"),
+])  # fmt: skip
+def test_a_host_refusal_says_what_the_request_s_own_version_asks(version: str, hosts: int, message: str) -> None:
+    headers = [(b"host", b"x")] * hosts
+    assert http_heads.refusal(b"/v2/health/live", headers, version, False, 8192) == (400, "Bad Request", message)
+    assert http_heads.refusal(b"/v2/health/live", [(b"host", b"x")], version, False, 8192) is None
 
 
 @pytest.mark.parametrize("refused", list(REFUSED_HEADS))
