@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 import kiln
 from kiln import api
-from kiln_serving import batching, binary, codec, errors, images, jsontext, jsonwrite, metrics, protocol
+from kiln_serving import batching, binary, codec, errors, images, jsontext, jsonwrite, layouts, metrics, protocol
 from kiln_serving.config import ServingConfig
 from kiln_serving.model import Model, OnnxModel, TensorInfo
 
@@ -81,6 +81,7 @@ class DataPlane:
         self.shutting_down = False
         self._codec = ThreadPoolExecutor(config.max_concurrent_large_requests, thread_name_prefix="kiln-codec")
         self._large: asyncio.Semaphore | None = None
+        self.layouts = layouts.Layouts()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -189,8 +190,14 @@ class DataPlane:
         return jsontext.decoded(text, self._decode_json, model, body, header_length)
 
     def _decode_json(self, model: Model, body: bytes | memoryview, header_length: int | None) -> protocol.Request:
+        known = self.layouts.get(body, header_length)
+        if known is not None:
+            return known.request(model, memoryview(body)[header_length:], self.config.allow_non_finite)
         header, rest = binary.split(body, header_length)
-        return protocol.from_json(model, header, binary.Reader(rest), self.config.allow_non_finite)
+        request = protocol.from_json(model, header, binary.Reader(rest), self.config.allow_non_finite)
+        if header_length is not None:
+            self.layouts.remember(body, header_length, layouts.layout(header, request))
+        return request
 
     @staticmethod
     def _encode(model: Model, request: protocol.Request, outputs: dict[str, codec.Array]) -> InferResponse:

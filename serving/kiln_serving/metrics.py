@@ -141,11 +141,17 @@ class ModelMetrics:
     in_flight: Gauge
     queue_depth: Gauge
     statistics: Statistics = field(default_factory=Statistics)
+    # The requests counter's series by (status, known model), bound once: labels() per request was a lock and a
+    # few dict operations on every request's path.
+    _requests: dict[tuple[int, bool], Counter] = field(default_factory=dict)
 
     def request(self, status: int, seconds: float | None, known_model: bool = True) -> None:
         """Count one inference request; unknown model names are counted under empty labels, not their own."""
-        model, version = (self.name, self.version) if known_model else ("", "")
-        self.parent.requests.labels(model=model, version=version, status=str(status)).inc()
+        series = self._requests.get((status, known_model))
+        if series is None:
+            model, version = (self.name, self.version) if known_model else ("", "")
+            series = self._requests[status, known_model] = self.parent.requests.labels(model, version, str(status))
+        series.inc()
         if seconds is not None and known_model:
             self.request_seconds.observe(seconds)
             if status != CLIENT_CLOSED:
