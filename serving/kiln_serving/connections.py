@@ -86,7 +86,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             super().__init__(*args, **kwargs)
             self._head_bytes = 0
             self._in_head = True  # between requests the next bytes start a head
-            self._timer: asyncio.TimerHandle | None = None
+            self._timeout = transport_views.Timeout(self.loop, self._expire)  # the head's or the body's
             # Done once the connection is lost: None when its client left, else the status the server answered
             # when it closed the connection (a timeout's 408), which the request metrics then record.
             self._hang_up: asyncio.Future[int | None] = self.loop.create_future()
@@ -99,29 +99,19 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             self._body_in = bytearray()  # an ASGI request's body from the read being parsed (on_body)
             self._held = b""  # pipelined bytes read but not parsed yet, reading paused meanwhile (_parse_paced)
 
-        def _arm(self, seconds: float) -> None:
-            self._disarm()
-            self._timer = self.loop.call_later(seconds, self._expire)
-
-        def _disarm(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-
         def _reading_paused(self, paused: bool) -> None:
             """While the server keeps a request waiting (a body held until the request is admitted, a pipelined
             request behind another), its client is not slow: the head and body timeouts stop, and restart when
             reading does."""
             if paused or self._refused:  # no request is read any more, only answered
-                self._disarm()
+                self._timeout.disarm()
             elif not self._in_head and self.cycle is not None and self.cycle.more_body:
                 if not self.cycle.waiting_for_100_continue:  # else: the body's clock starts with the 100
-                    self._arm(config.body_timeout_seconds)
+                    self._timeout.arm(config.body_timeout_seconds)
             elif self._in_head and self._head_bytes:
-                self._arm(config.header_timeout_seconds)
+                self._timeout.arm(config.header_timeout_seconds)
 
         def _expire(self) -> None:
-            self._timer = None
             self._close_at_once = True  # its client went quiet
             if self._in_head:
                 self._refuse_head(408, "Request Timeout")
@@ -154,7 +144,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             if self._close_at_once:
                 self.transport.close()
                 return
-            self._disarm()
+            self._timeout.disarm()
             self._refused = True  # what still arrives is dropped (data_received), pipelined bytes held too
             self._held = b""
             self._lingering = transport_views.linger(self.transport, self.loop)
@@ -201,7 +191,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             if self.transport.is_closing() or self._refused:
                 return
             self._refused = True
-            self._disarm()  # the answers before the refusal take what they take; no head or body is awaited
+            self._timeout.disarm()  # the answers before the refusal take what they take; no head or body is awaited
             last = self.pipeline[0][0] if self.pipeline else self._answering
             if last is None or last.response_complete:
                 self._refuse(status, reason, message)
@@ -233,10 +223,10 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 self._close_at_once = True  # its descriptor is what is short
                 self._refuse(503, "Service Unavailable")
             else:
-                self._arm(config.header_timeout_seconds)  # a connection that never sends a byte times out too
+                self._timeout.arm(config.header_timeout_seconds)  # a connection that never sends a byte times out too
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
+            self._timeout.cancel()
             if self._lingering is not None:
                 self._lingering.cancel()
             if not self._hang_up.done():
@@ -279,14 +269,14 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def _parse(self, data: bytes) -> None:
             if self._in_head:
-                if self._head_bytes == 0 and self._timer is None:
-                    self._arm(config.header_timeout_seconds)  # the whole head within this, however slow
+                if self._head_bytes == 0 and not self._timeout.armed:
+                    self._timeout.arm(config.header_timeout_seconds)  # the whole head within this, however slow
                 self._head_bytes += len(data)
                 if self._head_bytes > config.max_header_bytes and not self._head_done(data):
                     self._refuse_head(*head_too_large)
                     return
             elif self.cycle is not None and self.cycle.more_body:
-                self._arm(config.body_timeout_seconds)  # the next body chunk within this
+                self._timeout.arm(config.body_timeout_seconds)  # the next body chunk within this
             self._feed(data)
             self._hand_body_over()
 
@@ -327,16 +317,16 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                         self.transport, self.loop, cycle, continued, self._close
                     )
             if self.expect_100_continue:
-                self._disarm()  # the client waits for 100 Continue, which the server sends when it wants the body
+                self._timeout.disarm()  # the client waits for 100 Continue, sent when the server wants the body
             else:
                 self._body_timeout()
 
         def _body_timeout(self) -> None:
             """Time the body from now, unless none is coming or the server itself holds it back (read_paused)."""
             if self.cycle is not None and self.cycle.more_body and not self.flow.read_paused:
-                self._arm(config.body_timeout_seconds)
+                self._timeout.arm(config.body_timeout_seconds)
             else:
-                self._disarm()
+                self._timeout.disarm()
 
         def _refusal(self) -> http_heads.Refusal | None:
             version, upgrade = self.parser.get_http_version(), self.parser.should_upgrade()
@@ -390,7 +380,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def on_message_complete(self) -> None:
             self._hand_body_over()
-            self._disarm()
+            self._timeout.disarm()
             if not self._refused and not self.transport.is_closing():
                 super().on_message_complete()
             self._in_head, self._head_bytes = True, 0

@@ -2,6 +2,7 @@
 keep-alive connections are closed, and past the connection cap new connections are refused at once while
 the server stays reachable, also as a process at its file-descriptor limit."""
 
+import asyncio
 import contextlib
 import socket
 import time
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving_support import config, kiln_serve, serving
+from serving_support import Answers, binary_request, config, images_batch, kiln_serve, serving
 from serving_support import trained_folder as make_trained_folder
 
-from kiln_serving import Server
+from kiln_serving import Server, transport_views
 
 # Generous: the server closes after 0.5 s; a loaded machine may take far longer to get there.
 PATIENCE = 30
@@ -78,6 +79,46 @@ def test_a_body_that_stops_halfway_is_answered_408_and_closed(server: Server) ->
         sock.sendall(b'POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"inp')
         assert until_closed(sock).startswith(b"HTTP/1.1 408 ")
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
+def test_a_slow_body_is_served_while_each_piece_comes_within_the_body_timeout(folder: Path) -> None:
+    request = binary_request(images_batch(2))
+    pieces = [request[i : i + len(request) // 10 + 1] for i in range(0, len(request), len(request) // 10 + 1)]
+    with serving(config(folder, header_timeout_seconds=PATIENCE, body_timeout_seconds=2)) as slow:
+        with connect(slow) as sock:
+            for piece in pieces:  # 2.5 s in all, past the body timeout; each piece 0.25 s after the last
+                sock.sendall(piece)
+                time.sleep(0.25)
+            status, _, _ = Answers(sock).next()
+    assert status.startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_read_timeout_fires_at_its_newest_deadline_and_never_once_disarmed() -> None:
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        fired: list[float] = []
+        timeout = transport_views.Timeout(loop, lambda: fired.append(loop.time()))
+
+        async def next_firing() -> float:
+            while not fired:
+                await asyncio.sleep(0.01)
+            return fired.pop()
+
+        start = loop.time()
+        timeout.arm(0.05)
+        timeout.arm(0.3)  # later: the timer set for 0.05 s looks again when it fires
+        assert await asyncio.wait_for(next_firing(), PATIENCE) - start >= 0.3
+        start = loop.time()
+        timeout.arm(PATIENCE)
+        timeout.arm(0.05)  # sooner: a new timer
+        assert 0.05 <= await asyncio.wait_for(next_firing(), PATIENCE) - start < PATIENCE
+        for stop in (timeout.disarm, timeout.cancel):
+            timeout.arm(0.05)
+            stop()
+            await asyncio.sleep(0.3)
+            assert not fired and not timeout.armed
+
+    asyncio.run(run())
 
 
 def test_an_idle_keep_alive_connection_is_closed_after_its_answer(server: Server) -> None:
