@@ -81,7 +81,7 @@ class DataPlane:
         self.shutting_down = False
         self._codec = ThreadPoolExecutor(config.max_concurrent_large_requests, thread_name_prefix="kiln-codec")
         self._large: asyncio.Semaphore | None = None
-        self.layouts = layouts.Layouts()
+        self.layouts = layouts.Layouts()  # HTTP and gRPC requests' descriptions seen before, checked
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -190,13 +190,16 @@ class DataPlane:
         return jsontext.decoded(text, self._decode_json, model, body, header_length)
 
     def _decode_json(self, model: Model, body: bytes | memoryview, header_length: int | None) -> protocol.Request:
-        known = self.layouts.get(body, header_length)
+        key = layouts.header_key(body, header_length)
+        known = self.layouts.get(key)
         if known is not None:
-            return known.request(model, memoryview(body)[header_length:], self.config.allow_non_finite)
+            parts = known.split(memoryview(body)[header_length or 0 :])
+            request = known.request(model, parts, self.config.allow_non_finite)
+            if request is not None:
+                return request
         header, rest = binary.split(body, header_length)
         request = protocol.from_json(model, header, binary.Reader(rest), self.config.allow_non_finite)
-        if header_length is not None:
-            self.layouts.remember(body, header_length, layouts.layout(header, request))
+        self.layouts.remember(key, layouts.json_layout(header, request))
         return request
 
     @staticmethod

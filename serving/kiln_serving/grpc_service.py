@@ -77,7 +77,7 @@ class Service:
         if not large(len(message)):
             request = pb.ModelInferRequest.FromString(message)
             raw = list(request.raw_input_contents)  # a read copies: once
-            return grpc_tensors.InferCall(request, raw, len(message))
+            return grpc_tensors.InferCall(request, raw, len(message), key=grpc_tensors.layout_key(message, raw))
         walked = grpc_tensors.walk(message)
         request = await self.dataplane.offload(len(walked.rest), pb.ModelInferRequest.FromString, walked.rest)
         return grpc_tensors.InferCall(request, walked.lifted, len(message), walked.inner)
@@ -172,7 +172,8 @@ class Service:
             with dataplane.batcher.arriving():
                 model = dataplane.require_ready(request.model_name, request.model_version or None)
                 heavy, allow = weight(call.size - raw_bytes, raw_bytes), dataplane.config.allow_non_finite
-                decoded = await dataplane.offload(heavy, grpc_tensors.decode, model, call, allow)
+                seen = dataplane.layouts  # requests' descriptions seen before
+                decoded = await dataplane.offload(heavy, grpc_tensors.decode_known, model, call, allow, seen)
                 outputs = await dataplane.run(decoded)
                 out_bytes = sum(a.nbytes for a in outputs.values())  # raw_output_contents: only copied
                 return await dataplane.offload(weight(0, out_bytes), grpc_tensors.framed, model, decoded, outputs)

@@ -10,7 +10,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
-from kiln_serving import codec, errors, grpc_wire, protobuf_walk, protocol
+from kiln_serving import codec, errors, grpc_wire, layouts, protobuf_walk, protocol
 from kiln_serving.model import Model, TensorInfo
 
 # OIP datatype -> the InferTensorContents field holding it (FP16 and BF16 only travel raw).
@@ -144,6 +144,49 @@ class InferCall:
     raw: list[bytes] | list[memoryview]
     size: int
     inner: list[list[tuple[int, memoryview]]] | None = None
+    key: bytes | None = None  # the message up to its raw_input_contents, which describes them (see layout_key)
+
+
+def layout_key(message: bytes | memoryview, raw: list[bytes]) -> bytes | None:
+    """The message less its raw_input_contents, if it ends with them (protobuf writes fields in their numbers'
+    order, and theirs is the last), as the key of its layout (layouts.py); None where it cannot be one. That the
+    rest before them is whole fields, none of them raw contents, is checked once, when a layout is remembered
+    (_describes): then the same bytes before the same count of contents' bytes describe the same request."""
+    tail = sum(1 + _varint_size(len(r)) + len(r) for r in raw)
+    if not raw or len(message) - tail > layouts.MAX_KEY_BYTES:
+        return None
+    return layouts.GRPC + message[: len(message) - tail]
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _describes(key: bytes, request: Any) -> bool:
+    """Whether the key's message bytes parse to the request less its raw_input_contents (whole fields, none of
+    them those)."""
+    described = pb.ModelInferRequest()
+    described.CopyFrom(request)
+    described.ClearField("raw_input_contents")
+    try:
+        return bool(pb.ModelInferRequest.FromString(key[len(layouts.GRPC) :]) == described)
+    except DecodeError:
+        return False
+
+
+def decode_known(model: Model, call: InferCall, allow_non_finite: bool, known: layouts.Layouts) -> protocol.Request:
+    """decode, for a small message whose description (`call.key`) was seen before straight from its layout: only
+    its raw contents are checked again."""
+    found = known.get(call.key)
+    if found is not None:
+        request = found.request(model, [memoryview(r) for r in call.raw], allow_non_finite)
+        if request is not None:
+            return request
+    decoded = decode(model, call, allow_non_finite)
+    if call.key is not None and _describes(call.key, call.request):
+        names = [(tensor.name, tensor.datatype) for tensor in call.request.inputs]
+        known.remember(call.key, layouts.layout(names, [len(r) for r in call.raw], decoded))
+    return decoded
 
 
 def walk(message: bytes | memoryview) -> protobuf_walk.Split:

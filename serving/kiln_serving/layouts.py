@@ -1,80 +1,100 @@
-"""Binary-extension request headers, remembered once checked. A client sends the same JSON header with every
-request of one shape (tritonclient, perf_analyzer and KServe's client write it from the same tensors each time),
-and parsing and checking it was a fifth of the event loop's work per binary request: a header seen before maps
-straight to its layout, and only what varies (the tensors' bytes) is checked again."""
+"""Inference requests' descriptions, remembered once checked. A client sends the same description of its tensors
+with every request of one shape (tritonclient, perf_analyzer and KServe's clients build it from the same tensors
+each time): the JSON header of an HTTP request with binary tensors, or a gRPC ModelInferRequest less its
+raw_input_contents. Parsing and checking it was a fifth of the event loop's work per request; a description seen
+before maps straight to its layout, and only what varies, the tensors' bytes, is checked again."""
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kiln_serving import codec, protocol
 from kiln_serving.model import Model
 
-# Headers longer than this are not remembered (a header of a few tensors is a few hundred bytes), nor more than
+# Descriptions longer than this are not remembered (one of a few tensors is a few hundred bytes), nor more than
 # MAX_LAYOUTS of them: at most ~1 MB, the oldest forgotten first.
-MAX_HEADER_BYTES = 4096
+MAX_KEY_BYTES = 4096
 MAX_LAYOUTS = 256
 
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """What a checked header says: each input's name, datatype, shape and byte count in the binary section (in
-    order), the outputs asked for, and the request's id."""
+    """What a checked description says: each input's name, datatype, shape and byte count (in order), the outputs
+    asked for, and the request's id."""
 
     inputs: tuple[tuple[str, str, tuple[int, ...], int], ...]
     outputs: tuple[protocol.Wanted, ...]
     id: str | None
-    size: int  # the binary section's length
 
-    def request(self, model: Model, rest: memoryview, allow_non_finite: bool) -> protocol.Request:
-        """The request this header and these tensor bytes make, checked as protocol.from_json checks them."""
-        tensors: dict[str, codec.Array] = {}
-        offset = 0
-        for name, datatype, shape, size in self.inputs:
-            tensors[name] = codec.from_bytes(name, datatype, shape, rest[offset : offset + size])
+    def split(self, rest: memoryview) -> list[memoryview]:
+        """An HTTP request's binary section cut into its inputs' bytes; none unless it is exactly their length."""
+        parts, offset = [], 0
+        for *_, size in self.inputs:
+            parts.append(rest[offset : offset + size])
             offset += size
+        return parts if offset == len(rest) else []
+
+    def request(self, model: Model, parts: Sequence[memoryview], allow_non_finite: bool) -> protocol.Request | None:
+        """The request these inputs' bytes make with this description, checked as the first one was; None when
+        their count or sizes are not the description's (parse the request then, for its error)."""
+        if len(parts) != len(self.inputs) or any(len(p) != e[3] for p, e in zip(parts, self.inputs, strict=True)):
+            return None
+        tensors = {name: codec.from_bytes(name, datatype, shape, part)
+                   for (name, datatype, shape, _), part in zip(self.inputs, parts, strict=True)}  # fmt: skip
         return protocol.Request(protocol.complete(model, tensors, allow_non_finite), list(self.outputs), self.id)
 
 
-def layout(header: dict[str, Any], request: protocol.Request) -> Layout | None:
-    """The layout of a header protocol.from_json took (so every field in it is checked), if all of its inputs are
-    binary; None if any comes as JSON `data`, which is parsed anew each time."""
-    inputs = []
-    for raw in header["inputs"]:
-        size = (raw.get("parameters") or {}).get("binary_data_size")
-        if size is None:
-            return None
-        inputs.append((raw["name"], raw["datatype"], request.inputs[raw["name"]].shape, size))
-    return Layout(tuple(inputs), tuple(request.outputs), request.id, sum(entry[3] for entry in inputs))
+def layout(names: Sequence[tuple[str, str]], sizes: Sequence[int | None], request: protocol.Request) -> Layout | None:
+    """The layout of a request as checked (`request`): its inputs' (name, datatype) as the description gives them
+    and their byte counts, None for one whose values came in the description itself (JSON `data`, gRPC
+    `contents`), which is then not remembered: those are parsed anew each time."""
+    if any(size is None for size in sizes):
+        return None
+    inputs = tuple((name, datatype, request.inputs[name].shape, size)
+                   for (name, datatype), size in zip(names, sizes, strict=True) if size is not None)  # fmt: skip
+    return Layout(inputs, tuple(request.outputs), request.id)
+
+
+def json_layout(header: dict[str, Any], request: protocol.Request) -> Layout | None:
+    """The layout of a JSON header protocol.from_json took (so every field in it is checked)."""
+    inputs = header["inputs"]
+    sizes = [(raw.get("parameters") or {}).get("binary_data_size") for raw in inputs]
+    return layout([(raw["name"], raw["datatype"]) for raw in inputs], sizes, request)
 
 
 class Layouts:
-    """The layouts of headers seen before, by the header's bytes. Looked up from any thread without a lock (a dict
+    """The layouts of descriptions seen before, by their bytes. Looked up from any thread without a lock (a dict
     read holds the GIL); the rare insertions take one."""
 
     def __init__(self) -> None:
         self._known: dict[bytes, Layout] = {}
         self._adding = threading.Lock()
 
-    def get(self, body: bytes | memoryview, header_length: int | None) -> Layout | None:
-        """The layout of the body's header if it was seen and the binary section after it is as long as it says;
-        else None (parse it)."""
-        if header_length is None or not 0 < header_length <= min(len(body), MAX_HEADER_BYTES):
-            return None
-        found = self._known.get(bytes(body[:header_length]))
-        return found if found is not None and found.size == len(body) - header_length else None
+    def get(self, key: bytes | None) -> Layout | None:
+        return self._known.get(key) if key is not None else None
 
-    def remember(self, body: bytes | memoryview, header_length: int | None, found: Layout | None) -> None:
-        """The layout of the body's header, which protocol.from_json took."""
-        if found is None or header_length is None or header_length > MAX_HEADER_BYTES:
+    def remember(self, key: bytes | None, found: Layout | None) -> None:
+        if found is None or key is None or len(key) > MAX_KEY_BYTES:
             return
         with self._adding:
             if len(self._known) >= MAX_LAYOUTS:
                 del self._known[next(iter(self._known))]
-            self._known[bytes(body[:header_length])] = found
+            self._known[key] = found
 
     def __len__(self) -> int:
         return len(self._known)
 
-    def __contains__(self, header: bytes) -> bool:
-        return header in self._known
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._known
+
+
+# Keys start with the description's format, so that a JSON header never stands for a gRPC message's bytes.
+JSON, GRPC = b"J", b"G"
+
+
+def header_key(body: bytes | memoryview, header_length: int | None) -> bytes | None:
+    """An HTTP request's JSON header, as the key of its layout: None without binary tensors after it, or too long."""
+    if header_length is None or not 0 < header_length <= min(len(body), MAX_KEY_BYTES):
+        return None
+    return JSON + body[:header_length]
