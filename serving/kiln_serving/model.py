@@ -61,7 +61,8 @@ class Model(abc.ABC):
 
     @abc.abstractmethod
     def predict(self, inputs: Mapping[str, codec.Array]) -> dict[str, codec.Array]:
-        """Run one (possibly merged) batch; called from the batcher's worker thread only."""
+        """Run one (possibly merged) batch; called by the batcher one batch at a time, from its worker thread (or,
+        for a short full batch, the event loop's: batching.INLINE_SECONDS)."""
 
     @property
     def batchable(self) -> bool:

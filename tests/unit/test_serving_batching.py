@@ -2,6 +2,7 @@
 
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -182,3 +183,54 @@ def test_shutdown_stops_accepting_but_finishes_the_request_in_flight(
         else:
             got = binary_output(answer.content, int(header_length))
         assert np.abs(got - reference(folder / "models" / "model.onnx", {"input": x})["logits"]).max() <= 1e-5
+
+
+class ThreadNoting(OnnxModel):
+    """The real ONNX model, noting which thread ran each batch, each run held `seconds` longer."""
+
+    def __init__(self, cfg: ServingConfig, seconds: float = 0.0) -> None:
+        super().__init__(cfg)
+        self.seconds = seconds
+        self.threads: list[str] = []
+
+    def predict(self, inputs: Mapping[str, codec.Array]) -> dict[str, codec.Array]:
+        if self.ready:
+            self.threads.append(threading.current_thread().name)
+            time.sleep(self.seconds)
+        return super().predict(inputs)
+
+
+@pytest.mark.parametrize("delay", [0, 1000], ids=["batching off", "batching on"])
+def test_a_full_batch_of_a_short_run_runs_on_the_event_loop_thread_and_the_rest_on_the_worker(
+    tmp_path: Path, delay: int
+) -> None:
+    folder = trained_folder(tmp_path / "tiny")
+    cfg = config(folder, max_batch_size=4, max_queue_delay_microseconds=delay)
+    model = ThreadNoting(cfg)
+    with serving(cfg, model) as server:
+        for rows in (4, 4, 2, 8, 4):
+            x = images_batch(rows, seed=rows)
+            body, header_length = binary_body(x)
+            answer = httpx.post(f"{server.url}/v2/models/tiny/infer", content=body,
+                                headers={"Inference-Header-Content-Length": str(header_length)})  # fmt: skip
+            assert answer.status_code == 200, answer.text
+            output = binary_output(answer.content, int(answer.headers["inference-header-content-length"]))
+            expected = reference(folder / "models" / "model.onnx", {"input": x})["logits"]
+            np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)
+    # The first full batch has no run time to go by; a batch of 2 rows could have been joined by others.
+    first, loop, partial, eight, last = model.threads
+    assert (first, partial) == ("kiln-inference", "kiln-inference")
+    assert loop == eight == last != "kiln-inference"
+
+
+def test_a_full_batch_of_a_longer_run_stays_on_the_worker(tmp_path: Path) -> None:
+    folder = trained_folder(tmp_path / "tiny")
+    cfg = config(folder, max_batch_size=4, max_queue_delay_microseconds=0)
+    model = ThreadNoting(cfg, seconds=0.02)  # 5 ms a row, past batching.INLINE_SECONDS for 4 rows
+    with serving(cfg, model) as server:
+        body, header_length = binary_body(images_batch(4))
+        for _ in range(3):
+            answer = httpx.post(f"{server.url}/v2/models/tiny/infer", content=body,
+                                headers={"Inference-Header-Content-Length": str(header_length)})  # fmt: skip
+            assert answer.status_code == 200, answer.text
+    assert model.threads == ["kiln-inference"] * 3
