@@ -68,7 +68,7 @@ class Routes:
 
     async def instrumented(
         self, path: str, name: str, version: str | None, declared: int | None,
-        handle: Callable[[], Awaitable[Answer]], hang_up: asyncio.Future[int | None] | None,
+        handle: Callable[[], Awaitable[Answer]], hang_up: asyncio.Future[int | None] | None, admitted: bool = False,
     ) -> Answer:  # fmt: skip
         """Count, time and gauge one inference request, and turn errors into answers. `hang_up` is the
         connection's (connections.py), whose result is the status the server answered if it, not the client, ended
@@ -77,7 +77,7 @@ class Routes:
         started = time.perf_counter()
         self.model_metrics.in_flight.inc()
         try:
-            async with self.dataplane.admit(declared):
+            async with self.dataplane.admit(declared, admitted):
                 with self.dataplane.batcher.arriving():
                     answer = await handle()
         except (errors.ClientClosed, ClientDisconnect):
@@ -153,7 +153,8 @@ class Routes:
         def handle() -> Awaitable[Answer]:
             return self._infer(call.name, call.version, read, lambda work: unless_gone(call.hang_up, work))
 
-        return await self.instrumented(call.path, call.name, call.version, call.length, handle, call.hang_up)
+        return await self.instrumented(call.path, call.name, call.version, call.length, handle, call.hang_up,
+                                       call.admitted)  # fmt: skip
 
     async def _infer(
         self, name: str, version: str | None,
@@ -289,7 +290,9 @@ class App(Starlette):
         # The inference routes' own patterns (their parameters are plain strings): one place says the paths.
         self.infer_paths = [r.path_regex for r in self.routes if isinstance(r, Route) and r.endpoint == routes.infer]
         # What kiln's HTTP protocol answers without ASGI at all (direct.py; other ASGI servers never use it).
-        self.direct = direct.Route(self.infer_paths, routes.infer_direct, routes.config.max_body_bytes)
+        self.direct = direct.Route(
+            self.infer_paths, routes.infer_direct, routes.config.max_body_bytes, routes.dataplane.admit_now
+        )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":

@@ -358,6 +358,7 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 header_length=header_length, hang_up=self._hang_up, close=self._close,
             )  # fmt: skip
             if existing is None or existing.response_complete:
+                self.cycle.admit_now()  # its task starts now, and gives the place back whatever happens
                 self._start_asgi_task(self.cycle, self.app)
             else:  # pipelined behind a request still being answered, as uvicorn queues them
                 self.flow.pause_reading()

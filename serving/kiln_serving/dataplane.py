@@ -25,7 +25,19 @@ from prometheus_client import CollectorRegistry
 
 import kiln
 from kiln import api
-from kiln_serving import batching, binary, codec, errors, images, jsontext, jsonwrite, layouts, metrics, protocol
+from kiln_serving import (
+    admission,
+    batching,
+    binary,
+    codec,
+    errors,
+    images,
+    jsontext,
+    jsonwrite,
+    layouts,
+    metrics,
+    protocol,
+)
 from kiln_serving.config import ServingConfig
 from kiln_serving.model import Model, OnnxModel, TensorInfo
 
@@ -80,7 +92,7 @@ class DataPlane:
         self.loaded = threading.Event()
         self.shutting_down = False
         self._codec = ThreadPoolExecutor(config.max_concurrent_large_requests, thread_name_prefix="kiln-codec")
-        self._large: asyncio.Semaphore | None = None
+        self._places = admission.Places(config.max_concurrent_large_requests)
         self.layouts = layouts.Layouts()  # HTTP and gRPC requests' descriptions seen before, checked
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -103,14 +115,18 @@ class DataPlane:
 
     # -- heavy work -----------------------------------------------------------------------------------------
 
-    def admit(self, size: int | None) -> AbstractAsyncContextManager[None]:
-        """One of the large-request places, held while a body of `size` bytes (None: unknown) is handled; a small
-        body needs none, and enters nothing that costs (this is every request's path)."""
+    def admit(self, size: int | None, taken: bool = False) -> AbstractAsyncContextManager[None]:
+        """One of the large-request places, held while a body of `size` bytes (None: unknown) is handled (`taken`:
+        by admit_now already); a small body needs none, and enters nothing that costs (this is every request's
+        path)."""
         if not large(size):
             return contextlib.nullcontext()
-        if self._large is None:
-            self._large = asyncio.Semaphore(self.config.max_concurrent_large_requests)
-        return self._large
+        return self._places.held(taken)
+
+    def admit_now(self, size: int) -> bool:
+        """Whether a body of `size` bytes may be read at once: it is small, or a large-request place was free and
+        is now taken, for admit(size, taken=True) to give back."""
+        return not large(size) or self._places.take_now()
 
     async def offload(self, size: int, work: Callable[..., T], *args: Any) -> T:
         """work(*args), on a codec thread when `size` bytes make it heavy, else right here."""

@@ -11,6 +11,7 @@ shutdown, the access log) stays uvicorn's and connections.py's, and every other 
 """
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class InferCall:
     header_length: int  # Inference-Header-Content-Length
     body: Callable[[], Awaitable[memoryview]]  # the whole body, once it has arrived
     hang_up: asyncio.Future[int | None]  # done once the connection is lost (see connections.py)
+    admitted: bool = False  # holds its place already (DataPlane.admit_now), taken while its head was parsed
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Route:
     paths: Sequence[re.Pattern[str]]
     handler: Callable[[InferCall], Awaitable[Answer]]
     max_body_bytes: int
+    admit_now: Callable[[int], bool]  # DataPlane.admit_now
 
     def wanted(
         self, method: bytes, path: str, headers: list[tuple[bytes, bytes]]
@@ -104,20 +107,28 @@ class DirectCycle(RequestResponseCycle):
         super().__init__(*args, **kwargs)
         self.close = close  # the connection's (lingering) close
         self.length, self.header_length = length, header_length
-        self.buffer: memoryview | None = None  # allocated once the handler asks for the body (see feed)
+        self.buffer: memoryview | None = None  # allocated when the request is admitted (admit_now, _body)
         self.filled = 0
         self.early: list[bytes] = []  # the body's pieces that came before the buffer
         self.early_bytes = 0
         self.call = InferCall(self.scope["path"], params["name"], params.get("version"), length, header_length,
                               self._body, hang_up)  # fmt: skip
-        self.handler = route.handler
+        self.handler, self._admit_now = route.handler, route.admit_now
+
+    def admit_now(self) -> None:
+        """Take the request's place now if one is free (its task is about to start): its body then goes into its
+        buffer as it arrives, never held back (see feed)."""
+        if self._admit_now(self.length):
+            self.buffer = binary.aligned_buffer(self.length, self.header_length)
+            self.call = dataclasses.replace(self.call, admitted=True)
 
     def feed(self, chunk: bytes) -> None:
         """A piece of the body from the parser, which frames it by Content-Length: it never runs past the end.
 
-        Until the handler asks for the body (after it admitted the request: DataPlane.admit bounds how many large
-        bodies are read at once) the pieces wait as uvicorn keeps them, reading paused past HIGH_WATER_LIMIT; so
-        a crowd of clients declaring large bodies costs no more memory than it would through ASGI."""
+        Until the request is admitted (DataPlane.admit bounds how many large bodies are read at once: at once by
+        admit_now if a place is free, else when the handler's turn comes) the pieces wait as uvicorn keeps them,
+        reading paused past HIGH_WATER_LIMIT; so a crowd of clients declaring large bodies costs no more memory
+        than it would through ASGI."""
         if self.response_complete:
             return
         if self.buffer is None:  # kept as the parser made them: one copy, into the buffer, later
@@ -131,7 +142,8 @@ class DirectCycle(RequestResponseCycle):
         self.filled = end
 
     async def _body(self) -> memoryview:
-        self.buffer = binary.aligned_buffer(self.length, self.header_length)
+        if self.buffer is None:
+            self.buffer = binary.aligned_buffer(self.length, self.header_length)
         for piece in self.early:
             self.buffer[self.filled : self.filled + len(piece)] = piece
             self.filled += len(piece)

@@ -158,3 +158,24 @@ def test_bodies_waiting_to_be_admitted_are_held_no_further_than_through_asgi(fol
             for sock in waiting:
                 sock.close()
         wait_until(lambda: statuses(server).get("499", 0) == 6, "the six that left counted as 499")
+
+
+def test_a_large_body_with_a_place_free_is_read_straight_into_its_buffer_and_gives_the_place_back(
+    folder: Path,
+) -> None:
+    """Its place taken while its head was parsed, none of its body is held back; the place comes back when it
+    is answered and when its client leaves, so the next one is read at once too."""
+    whole = binary_request(images_batch(2000))  # 1.5 MB of body, past LARGE_BYTES
+    cfg = config(folder, max_concurrent_large_requests=1, header_timeout_seconds=PATIENCE,
+                 body_timeout_seconds=PATIENCE)  # fmt: skip
+    with serving(cfg) as server:
+        for leaves in (False, True, False):
+            with connect(server) as sock:
+                sock.sendall(whole[: len(whole) // 2])
+                wait_until(lambda: [c.filled > READ_BYTES for c in open_cycles(server)] == [True], "half the body in")
+                (cycle,) = open_cycles(server)
+                assert cycle.call.admitted and cycle.early_bytes == 0
+                if not leaves:
+                    sock.sendall(whole[len(whole) // 2 :])
+                    assert Answers(sock).next()[0] == b"HTTP/1.1 200 OK"
+            wait_until(lambda: not open_cycles(server), "the connection closed")

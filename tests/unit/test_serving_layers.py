@@ -12,9 +12,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "serving" / "kiln_serving"
 
 # Lower layers first; a module may import only modules listed before it.
 LAYERS = ["errors", "config", "providers", "jsontext", "jsonwrite", "codec", "binary", "images", "metrics", "model",
-          "protocol", "layouts", "batching", "dataplane", "direct", "transport_views", "http_heads", "connections",
-          "http_body", "http2_wire", "http2_answers", "http2_bodies", "http2", "http2_server", "grpc_wire",
-          "protobuf_walk", "grpc_tensors", "grpc_service", "app", "server", "serve_cli", "__main__",
+          "protocol", "layouts", "batching", "admission", "dataplane", "direct", "transport_views", "http_heads",
+          "connections", "http_body", "http2_wire", "http2_answers", "http2_bodies", "http2", "http2_server",
+          "grpc_wire", "protobuf_walk", "grpc_tensors", "grpc_service", "app", "server", "serve_cli", "__main__",
           "__init__"]  # fmt: skip
 FORBIDDEN = ("torch", "torchvision", "kiln_trainer", "kiln_operator", "kopf", "fastapi")
 
