@@ -93,8 +93,9 @@ def test_a_large_string_tensor_never_holds_the_event_loop(folder: Path, tmp_path
     # Reference: onnxruntime turning the strings into its own, in one run holding the GIL, as the server's one run
     # did while probes waited (numpy gathering and freeing them, and protobuf parsing them, held it too).
     # Measured before and after the server's turn, the longer counting: load that comes and goes meanwhile slows both.
-    # The server's turn is taken twice and its quieter one counts: a stall of the server's shows in both, a burst of
-    # other work on the machine (a CI run's control plane, say) in one at most.
+    # The server's turn is taken three times and its quietest one counts: a stall of the server's shows in each, a
+    # burst of other work on the machine (a CI run's control plane, say) in one or two (one CI run, with two turns:
+    # 0.077 s in the quieter, against 0.016-0.023 s on a quiet machine).
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     feed = {"text": np.array(PERIOD * (COUNT // len(PERIOD)), dtype=np.object_)}
     reference_seconds = longest_hold(lambda: session.run(None, feed))
@@ -116,7 +117,7 @@ def test_a_large_string_tensor_never_holds_the_event_loop(folder: Path, tmp_path
             def call() -> None:
                 answers.append(first_output(subprocess.run(command, capture_output=True, check=True).stdout))
 
-        longest = min(longest_health_wait(server.url, call) for _ in range(2))
+        longest = min(longest_health_wait(server.url, call) for _ in range(3))
         reference_seconds = max(reference_seconds, longest_hold(lambda: session.run(None, feed)))
         feed.clear()
         # And no transparent huge pages: where the kernel compacts memory for one, the thread touching it waits,
@@ -125,7 +126,7 @@ def test_a_large_string_tensor_never_holds_the_event_loop(folder: Path, tmp_path
     assert longest < reference_seconds / 2, f"a probe waited {longest:.3f}s; one run held {reference_seconds:.3f}s"
     assert re.search(r"^AnonHugePages:\s+0 kB$", rollup, re.MULTILINE), rollup
     expected = np.tile(np.arange(len(PERIOD), dtype=np.float32), COUNT // len(PERIOD))
-    assert len(answers) == 2 and all(np.array_equal(answer.reshape(-1), expected) for answer in answers)
+    assert len(answers) == 3 and all(np.array_equal(answer.reshape(-1), expected) for answer in answers)
 
 
 def counter_model(path: Path) -> Path:
