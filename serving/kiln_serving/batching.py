@@ -11,8 +11,8 @@ bounded: when full, submit raises ServerBusy at once instead of letting latency 
 Everything here except `_execute` runs on the event loop thread; the loop and the worker meet once per batch.
 One exception: a request that fills a batch by itself, of a model whose last full batch ran under INLINE_SECONDS,
 runs on the event loop thread (`_runs_inline`): nothing could join it, and handing it to the worker and its answer
-back cost more than the loop is held (batch 32, four clients: +7% throughput). Health checks wait for it at most
-that long.
+back cost more than the loop is held (batch 32, four clients: +7% throughput). A health check may wait for one
+such run; should one take longer than that, it is timed too, and the next full batch goes to the worker.
 """
 
 import asyncio
