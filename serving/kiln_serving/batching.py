@@ -18,6 +18,7 @@ such run; should one take longer than that, it is timed too, and the next full b
 import asyncio
 import contextlib
 import contextvars
+import functools
 import itertools
 import logging
 import queue
@@ -197,12 +198,10 @@ class Batcher:
             self.metrics.queued(started - r.enqueued)
         self._running = True
         if self._runs_inline(batch):
-            results = self._execute(batch)
-            codec.release(first.inputs.values())
-            self._finished(batch, results, inline=True)
+            self._work(batch, functools.partial(self._finished, batch, inline=True))
             return
         assert self._worker is not None
-        self._worker.submit(self._work, batch, asyncio.get_running_loop())
+        self._worker.submit(self._work, batch, functools.partial(self._hand_back, asyncio.get_running_loop(), batch))
 
     def _runs_inline(self, batch: list[_Request]) -> bool:
         """Whether this batch runs here, on the event loop thread (see the module docstring)."""
@@ -243,10 +242,9 @@ class Batcher:
 
     # -- inference (worker thread) ---------------------------------------------------------------------------
 
-    def _work(self, batch: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
-        """Run the batch, let go of the strings its inputs hold here (codec.release), not on the loop, and hand the
-        results to the loop with one call_soon_threadsafe: run_in_executor's chain of futures cost the loop two
-        more turns per batch, each on caches the run has just cooled."""
+    def _work(self, batch: list[_Request], finish: Callable[[list[Result]], None]) -> None:
+        """Run the batch, let go of the strings its inputs hold where it ran (codec.release: on the worker, not the
+        loop, unless it ran inline), and give the results to `finish`."""
         try:
             results = self._execute(batch)
         except Exception as err:  # _execute catches everything; this is a safety net
@@ -255,8 +253,13 @@ class Batcher:
             for request in batch:
                 codec.release(request.inputs.values())
         finally:  # whatever happens here, the loop learns the batch ended (else no other batch would start)
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits for these results
-                loop.call_soon_threadsafe(self._finished, batch, results)
+            finish(results)
+
+    def _hand_back(self, loop: asyncio.AbstractEventLoop, batch: list[_Request], results: list[Result]) -> None:
+        """From the worker: the results to the loop with one call_soon_threadsafe (run_in_executor's chain of
+        futures cost the loop two more turns per batch, each on caches the run has just cooled)."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits for these results
+            loop.call_soon_threadsafe(self._finished, batch, results)
 
     def _execute(self, batch: list[_Request]) -> list[Result]:
         if len(batch) == 1:
