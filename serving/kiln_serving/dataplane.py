@@ -207,12 +207,10 @@ class DataPlane:
 
     def _decode_json(self, model: Model, body: bytes | memoryview, header_length: int | None) -> protocol.Request:
         key = layouts.header_key(body, header_length)
-        known = self.layouts.get(key)
+        binary_part = lambda found: found.split(memoryview(body)[header_length or 0 :])  # noqa: E731
+        known = self.layouts.request(key, binary_part, model, self.config.allow_non_finite)
         if known is not None:
-            parts = known.split(memoryview(body)[header_length or 0 :])
-            request = known.request(model, parts, self.config.allow_non_finite)
-            if request is not None:
-                return request
+            return known
         header, rest = binary.split(body, header_length)
         request = protocol.from_json(model, header, binary.Reader(rest), self.config.allow_non_finite)
         self.layouts.remember(key, layouts.json_layout(header, request))

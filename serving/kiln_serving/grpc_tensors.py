@@ -177,11 +177,9 @@ def _describes(key: bytes, request: Any) -> bool:
 def decode_known(model: Model, call: InferCall, allow_non_finite: bool, known: layouts.Layouts) -> protocol.Request:
     """decode, for a small message whose description (`call.key`) was seen before straight from its layout: only
     its raw contents are checked again."""
-    found = known.get(call.key)
-    if found is not None:
-        request = found.request(model, [memoryview(r) for r in call.raw], allow_non_finite)
-        if request is not None:
-            return request
+    request = known.request(call.key, lambda _: [memoryview(r) for r in call.raw], model, allow_non_finite)
+    if request is not None:
+        return request
     decoded = decode(model, call, allow_non_finite)
     if call.key is not None and _describes(call.key, call.request):
         names = [(tensor.name, tensor.datatype) for tensor in call.request.inputs]

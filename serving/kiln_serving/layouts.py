@@ -5,7 +5,7 @@ raw_input_contents. Parsing and checking it was a fifth of the event loop's work
 before maps straight to its layout, and only what varies, the tensors' bytes, is checked again."""
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,14 @@ class Layouts:
 
     def get(self, key: bytes | None) -> Layout | None:
         return self._known.get(key) if key is not None else None
+
+    def request(
+        self, key: bytes | None, parts: Callable[[Layout], Sequence[memoryview]], model: Model, allow_non_finite: bool
+    ) -> protocol.Request | None:
+        """The request of a description seen before (`key`) and its inputs' bytes (`parts`, cut by its layout);
+        None if it was not seen, or the bytes are not what it says: then the request is parsed in full."""
+        found = self.get(key)
+        return found.request(model, parts(found), allow_non_finite) if found is not None else None
 
     def remember(self, key: bytes | None, found: Layout | None) -> None:
         if found is None or key is None or len(key) > MAX_KEY_BYTES:
