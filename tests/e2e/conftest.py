@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import clusterops
 import pytest
 
 from kiln_cluster import binaries, chart
@@ -27,6 +26,8 @@ from kiln_cluster import prometheus as prom
 from kiln_cluster.cluster import Cluster
 from kiln_cluster.rest import Kube
 from kiln_cluster.waiting import wait_until
+
+from . import clusterops
 
 ROOT = Path(__file__).resolve().parents[2]
 

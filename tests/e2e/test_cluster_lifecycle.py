@@ -10,12 +10,13 @@ import os
 import subprocess
 import sys
 
-import clusterops
 import pytest
 
 from kiln_cluster import binaries, images
 from kiln_cluster.cluster import EXPORT_DIR
 from kiln_cluster.footprint import Footprint
+
+from . import clusterops
 
 # The first test of the tier builds and imports images and brings the node up: well past the default limit.
 pytestmark = pytest.mark.timeout(2400)

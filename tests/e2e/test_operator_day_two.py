@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import clusterops
 import pytest
 import trainingjobs as tj
 
@@ -16,6 +15,8 @@ from kiln.api import constants
 from kiln_cluster.cluster import Cluster
 from kiln_cluster.rest import Kube
 from kiln_cluster.waiting import wait_until
+
+from . import clusterops
 
 Obj = dict[str, Any]
 # A test may be the first of the tier (it then builds images and brings the node up).

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import clusterops
 import numpy as np
 import pytest
 import trainingjobs as tj
@@ -23,6 +22,8 @@ from kiln_cluster.cluster import Cluster
 from kiln_cluster.prometheus import Prometheus
 from kiln_cluster.rest import ApiError, Kube
 from kiln_cluster.waiting import wait_until
+
+from . import clusterops
 
 Obj = dict[str, Any]
 # The first test of the tier builds and imports images and brings the node up: well past the default limit.

@@ -10,7 +10,6 @@ import os
 import signal
 from typing import Any
 
-import clusterops
 import pytest
 import trainingjobs as tj
 
@@ -18,6 +17,8 @@ from kiln.api import constants
 from kiln_cluster.cluster import Cluster
 from kiln_cluster.rest import Kube
 from kiln_cluster.waiting import wait_until
+
+from . import clusterops
 
 Obj = dict[str, Any]
 # The first test of the tier builds and imports images and brings the node up: well past the default limit.

@@ -1,4 +1,4 @@
-"""Fixtures for the integration tier: one real control plane (API server and controllers, no node) per session.
+"""Fixtures for the integration tier: one real control plane (API server and controllers, no node) per tier.
 
 Everything that needs running pods lives in the e2e tier (tests/e2e), on a real node.
 
@@ -12,7 +12,8 @@ Everything that needs running pods lives in the e2e tier (tests/e2e), on a real 
 - `kiln_chart`: `helm template` of charts/kiln (skips when the chart or helm is missing).
 - `kiln_operator`: `kiln operator` as the chart's ServiceAccount, with the chart's RBAC (kiln_cluster/chart.py).
 - `workload_namespace`: a fresh namespace with the chart's artifacts claim, for TrainingJobs.
-Everything started here is stopped at session end, and kiln_cluster/procs.py's atexit hook kills stragglers.
+Everything started here is stopped when the tier ends (see __init__.py), and kiln_cluster/procs.py's atexit hook
+kills stragglers.
 """
 
 import json
@@ -59,7 +60,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"control plane startup: {timings} (logs: {plane.logs})")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     try:
         binaries.control_plane()
@@ -74,7 +75,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         plane.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def kube(control_plane: ControlPlane) -> Kube:
     return control_plane.kube
 
@@ -105,7 +106,7 @@ def install_crd(kube: Kube, crd: dict[str, Any]) -> None:
     wait_until(served, 60, f"{plural}.{group}/{version} to be served")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def trainingjob_crd(kube: Kube) -> dict[str, Any]:
     crd: dict[str, Any] = yaml.safe_load(CRD_FILE.read_text())
     install_crd(kube, crd)
@@ -149,7 +150,7 @@ def describe_namespace(kube: Kube, namespace: str, request: pytest.FixtureReques
     return "\n".join(out)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def kiln_chart() -> list[dict[str, Any]]:
     reason = chart.skip_reason()
     if reason:
@@ -157,7 +158,7 @@ def kiln_chart() -> list[dict[str, Any]]:
     return chart.render()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def kiln_operator(
     control_plane: ControlPlane,
     trainingjob_crd: dict[str, Any],

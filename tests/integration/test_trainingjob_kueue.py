@@ -7,10 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import kueue
 import pytest
 import trainingjobs as tj
-from conftest import install_crd
 
 from kiln.api import constants
 from kiln_cluster import chart
@@ -18,6 +16,9 @@ from kiln_cluster.chart import KilnOperator
 from kiln_cluster.controlplane import ControlPlane
 from kiln_cluster.rest import Kube
 from kiln_cluster.waiting import wait_until
+
+from . import kueue
+from .conftest import install_crd
 
 Obj = dict[str, Any]
 TIMEOUT = 180.0
