@@ -4,7 +4,10 @@ Goal 3b (HTTP overhead ≤ 10% at batch 32) compares `kiln serve` with onnxrunti
 adds a third column: a floor server of ~40 lines (uvloop, one asyncio Protocol, the Open Inference Protocol's
 binary request parsed by hand, the session run on one thread, no limits, metrics or error handling), so the
 overhead splits into what any Python HTTP server on these cores pays (kernel, client, hand-off) and what kiln's
-own layers (uvicorn/ASGI, Starlette, the data plane, the batcher, metrics) add. Not a server to ship.
+own layers (uvicorn/ASGI, Starlette, the data plane, the batcher, metrics) add. Not a server to ship. A fourth
+column runs the same floor server with onnxruntime on its event-loop thread (no hand-off to a worker thread and
+back, as kiln runs a full batch): the least any Python server on these cores can add to a batch-32 run, with no
+parsing beyond the two lengths, no checks, limits or metrics.
 
     python bench/http_floor.py [--seconds 3] [--rounds 3]
 """
@@ -38,8 +41,8 @@ from kiln_serving import binary
 from kiln_serving.config import cpu_quota
 
 
-def serve_floor(model: Path, port: int) -> None:
-    """The floor server: blocking, until killed."""
+def serve_floor(model: Path, port: int, inline: bool) -> None:
+    """The floor server: blocking, until killed; `inline` runs the session on the event-loop thread."""
     import onnxruntime as ort
     import uvloop
 
@@ -77,6 +80,9 @@ def serve_floor(model: Path, port: int) -> None:
             shape = json.loads(bytes(body[: self.json]))["inputs"][0]["shape"]
             x = np.frombuffer(body[self.json :], np.float32).reshape(shape)
             self.buffer, self.end = bytearray(), 0
+            if inline:
+                self.answer(session.run(None, {"input": x})[0])
+                return
             run = asyncio.get_running_loop().run_in_executor(worker, session.run, None, {"input": x})
             run.add_done_callback(lambda done: self.answer(done.result()[0]))
 
@@ -96,9 +102,9 @@ def serve_floor(model: Path, port: int) -> None:
     uvloop.run(main())
 
 
-def floor_server(model: Path, log: Path) -> contextlib.AbstractContextManager[Running]:
+def floor_server(model: Path, log: Path, inline: bool = False) -> contextlib.AbstractContextManager[Running]:
     port = free_port()
-    command = [sys.executable, __file__, "--serve-floor", str(model), "--port", str(port)]
+    command = [sys.executable, __file__, "--serve-floor", str(model), "--port", str(port), *(["--inline"] * inline)]
     floor: contextlib.AbstractContextManager[Running] = process(command, port, log, "/")
     return floor
 
@@ -112,12 +118,14 @@ def main(seconds: float, rounds: int) -> str:
         x = np.random.default_rng(2).normal(size=(32, 3, IMAGE, IMAGE)).astype(np.float32)
         request = infer_request(x, True)
         with (floor_server(fp32 / constants.MODEL_FILE, work / "floor.log") as floor,
+              floor_server(fp32 / constants.MODEL_FILE, work / "inline.log", inline=True) as inline,
               kiln_server(fp32, False, work / "kiln.log") as kiln):  # fmt: skip
             for _ in range(rounds):
                 for concurrency in (1, 4):
                     local = [in_process("in-process onnxruntime", fp32, 32, seconds / 2)]
                     served = [closed_loop(name, running, request, concurrency, 32, seconds)
-                              for name, running in (("kiln serve", kiln), ("floor server", floor))]  # fmt: skip
+                              for name, running in (("kiln serve", kiln), ("floor server", floor),
+                                                    ("floor server, run inline", inline))]  # fmt: skip
                     local.append(in_process("in-process onnxruntime", fp32, 32, seconds / 2))
                     baseline = pooled(local)
                     rows += [baseline, *served]
@@ -146,8 +154,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--serve-floor", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--inline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_floor is not None:
-        serve_floor(args.serve_floor, args.port)
+        serve_floor(args.serve_floor, args.port, args.inline)
     else:
         print(main(args.seconds, args.rounds))
