@@ -7,7 +7,8 @@
   half-sent request is answered 408 and closed, so idle sockets do not pile up and fill the connection cap.
 - Past max_connections (capped below the process's file-descriptor limit) a new connection is answered 503
   at once and closed, so the server stays reachable for probes as soon as any connection ends.
-Idle keep-alive connections are closed by uvicorn after keep_alive_timeout_seconds.
+An idle keep-alive connection is closed after keep_alive_timeout_seconds, timed by the same timer (uvicorn
+set a new one after every answer).
 - A response's head and body leave in one send (transport_views.HeadWithBody). A request sent with `Expect:
   100-continue` waits for its body with no timeout until the server asks for it (100 Continue); answered without
   asking, it closes the connection (its client may never send the body, so the next request's start is unknown).
@@ -86,7 +87,8 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
             super().__init__(*args, **kwargs)
             self._head_bytes = 0
             self._in_head = True  # between requests the next bytes start a head
-            self._timeout = transport_views.Timeout(self.loop, self._expire)  # the head's or the body's
+            self._idle = False  # answered, nothing pipelined: the timeout is the keep-alive's until a byte comes
+            self._timeout = transport_views.Timeout(self.loop, self._expire)  # the head's, the body's or the idle's
             # Done once the connection is lost: None when its client left, else the status the server answered
             # when it closed the connection (a timeout's 408), which the request metrics then record.
             self._hang_up: asyncio.Future[int | None] = self.loop.create_future()
@@ -112,6 +114,9 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 self._timeout.arm(config.header_timeout_seconds)
 
         def _expire(self) -> None:
+            if self._idle:  # a keep-alive connection nobody used: closed without an answer, as uvicorn closes it
+                self.transport.close()
+                return
             self._close_at_once = True  # its client went quiet
             if self._in_head:
                 self._refuse_head(408, "Request Timeout")
@@ -121,13 +126,14 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
         def _refuse_read(self, status: int, reason: str, message: str | None = None) -> None:
             """_refuse, for the request being read: the app, if it already reads it, records `status` (the server
             ended it), not a client hang-up."""
-            if not self._hang_up.done() and self.cycle is not None and not self.cycle.response_started:
-                self._hang_up.set_result(status)
-            self._refuse(status, reason, message)
-
-        def _refuse(self, status: int, reason: str, message: str | None = None) -> None:
-            """Answer `status` and close the connection; a request already answered gets no second answer."""
             answered = self.cycle is not None and self.cycle.response_started
+            if not self._hang_up.done() and self.cycle is not None and not answered:
+                self._hang_up.set_result(status)
+            self._refuse(status, reason, message, answered)
+
+        def _refuse(self, status: int, reason: str, message: str | None = None, answered: bool = False) -> None:
+            """Answer `status` and close the connection; a request `answered` already gets no second answer. (A head
+            refused has no answer yet: self.cycle is still the request before it, answered or not.)"""
             if not self._hang_up.done():
                 self._hang_up.set_result(None)
             self._hang_up_cycles()  # the app, if it already runs, sees a disconnect
@@ -152,10 +158,17 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
                 self.flow.resume_reading()
 
         def on_response_complete(self) -> None:
-            if self._lingering is not None:  # answered and closing: nothing pipelined is started
-                self.server_state.total_requests += 1
+            """uvicorn's, but the keep-alive wait is timed by the connection's one timer."""
+            self.server_state.total_requests += 1
+            if self._lingering is not None or self.transport.is_closing():  # nothing pipelined is started
                 return
-            super().on_response_complete()
+            self.flow.resume_reading()
+            if self.pipeline:
+                cycle, app = self.pipeline.pop()
+                self._start_asgi_task(cycle, app)
+            elif self._in_head and not self._head_bytes:  # else a head or body being read is timed already
+                self._idle = True
+                self._timeout.arm(self.timeout_keep_alive)
             if self._held:  # the queue is a request shorter: parse on, a turn later
                 self.loop.call_soon(self._parse_held)
 
@@ -269,7 +282,8 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
 
         def _parse(self, data: bytes) -> None:
             if self._in_head:
-                if self._head_bytes == 0 and not self._timeout.armed:
+                if self._head_bytes == 0 and (self._idle or not self._timeout.armed):
+                    self._idle = False
                     self._timeout.arm(config.header_timeout_seconds)  # the whole head within this, however slow
                 self._head_bytes += len(data)
                 if self._head_bytes > config.max_header_bytes and not self._head_done(data):

@@ -11,7 +11,6 @@ shutdown, the access log) stays uvicorn's and connections.py's, and every other 
 """
 
 import asyncio
-import dataclasses
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,9 +48,10 @@ class Answer:
     headers: Mapping[str, str] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InferCall:
-    """What the direct path knows of an inference request, for the routes' handler."""
+    """What the direct path knows of an inference request, for the routes' handler (`admitted` is set in place once
+    its place is taken: dataclasses.replace took 1.5 us of every request, measured warm)."""
 
     path: str
     name: str
@@ -120,7 +120,7 @@ class DirectCycle(RequestResponseCycle):
         buffer as it arrives, never held back (see feed)."""
         if self._admit_now(self.length):
             self.buffer = binary.aligned_buffer(self.length, self.header_length)
-            self.call = dataclasses.replace(self.call, admitted=True)
+            self.call.admitted = True
 
     def feed(self, chunk: bytes) -> None:
         """A piece of the body from the parser, which frames it by Content-Length: it never runs past the end.

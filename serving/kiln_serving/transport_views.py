@@ -21,7 +21,8 @@ def response(status: int, reason: str, message: str | None = None) -> bytes:
 
 
 class Timeout:
-    """A connection's read timeout (the head's, or the body's next chunk): arm(seconds) from now, or disarm. One
+    """A connection's read timeout (the head's, the body's next chunk, or the keep-alive wait between requests):
+    arm(seconds) from now, or disarm. One
     timer set for no later than the deadline stays and looks at the deadline when it fires: a new timer each time
     it is re-armed, per request and per body chunk, was ~2 us of every read."""
 

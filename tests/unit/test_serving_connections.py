@@ -124,7 +124,32 @@ def test_a_read_timeout_fires_at_its_newest_deadline_and_never_once_disarmed() -
 def test_an_idle_keep_alive_connection_is_closed_after_its_answer(server: Server) -> None:
     with connect(server) as sock:
         sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert until_closed(sock).startswith(b"HTTP/1.1 200 ")
+        received = until_closed(sock)
+    assert received.startswith(b"HTTP/1.1 200 ") and received.count(b"HTTP/1.1 ") == 1  # closed, not answered 408
+
+
+@pytest.mark.parametrize(
+    ("second", "status"),
+    [
+        (b"GET /v2/health/live HTTP/1.1\r\n", b"408"),
+        (b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 20_000 + b"\r\n\r\n", b"431"),
+        (b"GET /v2/health/live HTTP/1.1\r\n\r\n", b"400"),
+    ],
+    ids=["a head that stops halfway", "a head too large", "no Host"],
+)
+def test_a_second_request_refused_for_its_head_on_a_kept_alive_connection_is_answered(
+    server: Server, second: bytes, status: bytes
+) -> None:
+    """The request before it was answered; its own refusal still goes out before the connection closes (they
+    were closed without a word, the answered request before them taken for theirs). After an answer the
+    connection's one timer waits out the keep-alive; the next request's first byte hands it to the head's."""
+    with connect(server) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b'{"live":true}'):
+            answer += sock.recv(65536)
+        sock.sendall(second)
+        assert until_closed(sock).startswith(b"HTTP/1.1 " + status + b" ")
 
 
 def test_past_the_connection_cap_new_connections_get_503_at_once_and_the_server_stays_reachable(
