@@ -22,9 +22,8 @@ def response(status: int, reason: str, message: str | None = None) -> bytes:
 
 class Timeout:
     """A connection's read timeout (the head's, the body's next chunk, or the keep-alive wait between requests):
-    arm(seconds) from now, or disarm. One
-    timer set for no later than the deadline stays and looks at the deadline when it fires: a new timer each time
-    it is re-armed, per request and per body chunk, was ~2 us of every read."""
+    arm(seconds) from now, or disarm. One timer set for no later than the deadline stays and looks at the deadline
+    when it fires: a new timer each time it is re-armed, per request and per body chunk, was ~2 us of every read."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, expire: Callable[[], None]) -> None:
         self._loop, self._expire = loop, expire
