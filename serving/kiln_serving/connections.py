@@ -297,7 +297,6 @@ def protocol(config: ServingConfig, route: direct.Route | None = None) -> type[H
         def _feed(self, data: bytes) -> None:
             """uvicorn's data_received, but a parse error's 400 says what the parser found ("Content-Length can't be
             present with Transfer-Encoding"), where uvicorn's says only "Invalid HTTP request received."."""
-            self._unset_keepalive_if_required()
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as err:
